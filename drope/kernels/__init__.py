@@ -1,0 +1,1 @@
+"""Triton kernels. Imports torch and triton only, never transformers."""

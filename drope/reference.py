@@ -1,0 +1,188 @@
+"""Pure-PyTorch oracle of the kernels: same signatures, same semantics, any float dtype, CPU or GPU.
+
+Arithmetic is float32 for 16/32-bit inputs and float64 for float64 inputs. It materialises the
+full (Sq, Sk) logits: it is the reference for tests and the CPU fallback of the Hugging Face layer,
+not a fast path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .validation import check_attention, check_decode, scale_rows
+
+__all__ = ["attention", "decode_attention", "rms_norm", "apply_rope", "rope_tables"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm over the last dim: ``x * rsqrt(mean(x^2) + eps) * w``.
+
+    ``x`` (B, H, S, D); ``weight`` (D,) shared by all heads or (H, D). Computes in ``x``'s dtype.
+    """
+    w = weight.to(x.dtype)
+    if w.dim() == 2:
+        w = w[None, :, None, :]
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF Llama convention): ``[x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin]``.
+
+    ``x`` (..., S, D); ``cos``/``sin`` (S, D/2) for the S rows of ``x``.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def rope_tables(seq_len: int, head_dim: int, *, base: float = 10000.0, device=None,
+                dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Standard RoPE angle tables ``(cos, sin)`` of shape (seq_len, head_dim/2) for positions 0..seq_len-1."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    angles = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _attend(q, k, v, scale, visible):
+    """softmax(q k^T * scale, masked by ``visible``) @ v with zeros for rows that see nothing.
+
+    ``q`` (B, Hq, Sq, D); ``k``/``v`` (B, Hq, Sk, D); ``scale`` broadcastable to (B, Hq, Sq, 1);
+    ``visible`` broadcastable bool (.., Sq, Sk). Returns (out, lse) with lse = -inf on empty rows.
+    """
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if visible is not None:
+        logits = logits.masked_fill(~visible, torch.finfo(logits.dtype).min)
+        any_visible = visible.any(-1, keepdim=True)
+    else:
+        any_visible = None
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = torch.exp(logits - lse)
+    if any_visible is not None:
+        # finite fill keeps gradients NaN-free; the row is then zeroed explicitly
+        p = p * any_visible
+        lse = lse.masked_fill(~any_visible, float("-inf"))
+    return torch.matmul(p, v), lse.squeeze(-1)
+
+
+def _prepare_qk(q, k, rope, q_norm_weight, k_norm_weight, norm_eps, q_pos0: int):
+    if q_norm_weight is not None:
+        q = rms_norm(q, q_norm_weight, norm_eps)
+    if k_norm_weight is not None:
+        k = rms_norm(k, k_norm_weight, norm_eps)
+    if rope is not None:
+        cos, sin = rope
+        SQ, SK = q.shape[-2], k.shape[-2]
+        q = apply_rope(q, cos[q_pos0:q_pos0 + SQ], sin[q_pos0:q_pos0 + SQ])
+        k = apply_rope(k, cos[:SK], sin[:SK])
+    return q, k
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+              softmax_scale=None, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+              q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None,
+              norm_eps: float = 1e-6, cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """Reference of :func:`drope.kernels.attention` (see shared/DESIGN.md for the contract).
+
+    Args:
+        q: (B, Hq, Sq, D). k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA, query head h reads
+            KV head h // (Hq // Hkv)).
+        causal: bottom-right aligned causal mask: key j visible to row i iff j <= Sk - Sq + i.
+        softmax_scale: None (D**-0.5), a float, or a (Sq,) / (B, Sq) tensor of per-row scales.
+        rope: optional (cos, sin) tables (>= Sk, D/2); query row i is at position Sk - Sq + i.
+        q_norm_weight, k_norm_weight: optional per-head RMSNorm weights, (D,) or (H, D).
+        norm_eps: RMSNorm epsilon.
+        cu_seqlens: optional (N+1,) boundaries of documents packed along S (B must be 1, Sq == Sk);
+            each document is attended alone, positions restarting at 0.
+        return_lse: also return the natural-log log-sum-exp of the scaled logits, (B, Hq, Sq),
+            -inf on rows with no visible key.
+
+    Returns:
+        out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
+
+    Raises:
+        ValueError: on any input outside the contract, naming the argument.
+    """
+    shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
+                            q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
+                            cu_seqlens=cu_seqlens, kernel=False)
+    B, HQ, SQ, SK, D, G = shape.B, shape.HQ, shape.SQ, shape.SK, shape.D, shape.G
+    ct = _compute_dtype(q.dtype)
+    const, rows = scale_rows(softmax_scale, B, SQ, D, q.device, ct)
+    scale = const if rows is None else rows[:, None, :, None]
+    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
+
+    if cu_seqlens is None:
+        qf, kf = _prepare_qk(qf, kf, rope, q_norm_weight, k_norm_weight, norm_eps, SK - SQ)
+        kf, vf = _repeat_kv(kf, G), _repeat_kv(vf, G)
+        visible = None
+        if causal:
+            i = torch.arange(SQ, device=q.device)[:, None]
+            j = torch.arange(SK, device=q.device)[None, :]
+            visible = j <= (SK - SQ) + i
+        out, lse = _attend(qf, kf, vf, scale, visible)
+    else:
+        outs, lses = [], []
+        bounds = cu_seqlens.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            qd, kd = _prepare_qk(qf[:, :, a:b], kf[:, :, a:b], rope, q_norm_weight, k_norm_weight, norm_eps, 0)
+            kd, vd = _repeat_kv(kd, G), _repeat_kv(vf[:, :, a:b], G)
+            n = b - a
+            visible = None
+            if causal:
+                visible = torch.arange(n, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None]
+            sd = scale if rows is None else scale[:, :, a:b]
+            o, l = _attend(qd, kd, vd, sd, visible)
+            outs.append(o)
+            lses.append(l)
+        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _repeat_kv(x: torch.Tensor, G: int) -> torch.Tensor:
+    """(B, Hkv, S, D) -> (B, Hkv*G, S, D): query head h reads KV head h // G."""
+    return x if G == 1 else x.repeat_interleave(G, dim=1)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                     cache_seqlens: Optional[torch.Tensor] = None, softmax_scale=None,
+                     num_splits: Optional[int] = None, return_lse: bool = False):
+    """Reference of :func:`drope.kernels.decode_attention` (NoPE attention of a few queries to a cache).
+
+    Args:
+        q: (B, Hq, Sq, D), the Sq newest tokens. k_cache, v_cache: (B, Hkv, Smax, D).
+        cache_seqlens: (B,) int32/int64 valid lengths including the Sq new tokens (None: all Smax).
+            Query row i of batch b sits at position cache_seqlens[b] - Sq + i and sees keys 0..that.
+        softmax_scale: None (D**-0.5), a float, or a (B, Sq) tensor of per-row scales.
+        num_splits: accepted for signature parity; the reference does not split.
+        return_lse: also return the natural-log log-sum-exp (B, Hq, Sq).
+
+    Returns:
+        out (B, Hq, Sq, D) in q's dtype (or ``(out, lse)``).
+
+    Raises:
+        ValueError: on any input outside the contract, naming the argument.
+    """
+    shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
+                         num_splits=num_splits, kernel=False)
+    B, HQ, SQ, SMAX, D, G = shape.B, shape.HQ, shape.SQ, shape.SK, shape.D, shape.G
+    ct = _compute_dtype(q.dtype)
+    const, rows = scale_rows(softmax_scale, B, SQ, D, q.device, ct)
+    scale = const if rows is None else rows[:, None, :, None]
+    kf, vf = _repeat_kv(k_cache.to(ct), G), _repeat_kv(v_cache.to(ct), G)
+    if cache_seqlens is None:
+        lens = torch.full((B,), SMAX, device=q.device, dtype=torch.int64)
+    else:
+        lens = cache_seqlens.to(device=q.device, dtype=torch.int64)
+    pos = lens[:, None] - SQ + torch.arange(SQ, device=q.device)[None, :]  # (B, Sq)
+    visible = torch.arange(SMAX, device=q.device)[None, None, :] <= pos[:, :, None]  # (B, Sq, Smax)
+    out, lse = _attend(q.to(ct), kf, vf, scale, visible[:, None])
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,238 @@
+"""Argument checks shared by the kernels and the reference.
+
+Every check raises ``ValueError`` naming the argument and what is accepted, so the kernels and
+``drope.reference`` reject exactly the same inputs. Pure PyTorch: no Triton, no transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from numbers import Real
+from typing import Optional, Tuple
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+class DeviceError(ValueError, RuntimeError):
+    """A kernel was called on tensors it cannot run on (CPU tensors without the interpreter)."""
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    B: int
+    HQ: int
+    HKV: int
+    SQ: int
+    SK: int
+    D: int
+
+    @property
+    def G(self) -> int:
+        return self.HQ // self.HKV
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {_shape(t)}")
+
+
+def _check_same_device(ref: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {ref.device}; all tensors must share one device")
+
+
+def check_qkv(q, k, v, *, kernel: bool) -> AttentionShape:
+    """Shapes, dtypes and devices of q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D)."""
+    _check_tensor("q", q, 4, "(B, Hq, Sq, D)")
+    _check_tensor("k", k, 4, "(B, Hkv, Sk, D)")
+    _check_tensor("v", v, 4, "(B, Hkv, Sk, D)")
+    B, HQ, SQ, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, Sk, D), got k {_shape(k)} and v {_shape(v)}")
+    if k.shape[0] != B:
+        raise ValueError(f"k/v batch size {k.shape[0]} does not match q's batch size {B}")
+    HKV, SK = k.shape[1], k.shape[2]
+    if k.shape[3] != D:
+        raise ValueError(f"k/v head dim {k.shape[3]} does not match q's head dim {D}; D must be the same for q, k, v")
+    if HKV == 0 or HQ % HKV != 0:
+        raise ValueError(f"the number of query heads Hq={HQ} must be a multiple of the number of key/value heads Hkv={HKV}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if kernel:
+        if q.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"q/k/v dtype {q.dtype} is not supported; accepted: float16, bfloat16, float32")
+        if D not in KERNEL_HEAD_DIMS:
+            raise ValueError(f"head dim D={D} is not supported; accepted: {', '.join(map(str, KERNEL_HEAD_DIMS))}")
+    elif not q.dtype.is_floating_point:
+        raise ValueError(f"q/k/v must be floating point, got {q.dtype}")
+    _check_same_device(q, k=k, v=v)
+    return AttentionShape(B, HQ, HKV, SQ, SK, D)
+
+
+def check_norm_weight(name: str, w, heads: int, D: int, q: torch.Tensor) -> None:
+    if w is None:
+        return
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) not in ((D,), (heads, D)):
+        got = _shape(w) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"{name} must have shape ({D},) or ({heads}, {D}), got {got}")
+    if not w.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point, got {w.dtype}")
+    _check_same_device(q, **{name: w})
+
+
+def check_rope(rope, SK: int, D: int, q: torch.Tensor) -> None:
+    if rope is None:
+        return
+    if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+        raise ValueError("rope must be None or a pair (cos, sin) of tensors of shape (Sk, D/2)")
+    for name, t in zip(("rope cos", "rope sin"), rope):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] * 2 != D:
+            got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} table must have shape (Sk, D/2) = ({SK}, {D // 2}) or longer, got {got}")
+        if t.shape[0] < SK:
+            raise ValueError(f"{name} table has {t.shape[0]} rows, shorter than Sk={SK}; it must cover positions 0..Sk-1")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} table must be floating point, got {t.dtype}")
+        _check_same_device(q, **{name: t})
+
+
+def check_scale(softmax_scale, B: int, SQ: int, q: torch.Tensor, *, rows_name: str = "Sq") -> None:
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, torch.Tensor):
+        if tuple(softmax_scale.shape) not in ((SQ,), (B, SQ)):
+            raise ValueError(
+                f"softmax_scale tensor must have shape ({SQ},) or ({B}, {SQ}) = ({rows_name},) or (B, {rows_name}), "
+                f"got {_shape(softmax_scale)}"
+            )
+        if not softmax_scale.dtype.is_floating_point:
+            raise ValueError(f"softmax_scale tensor must be floating point, got {softmax_scale.dtype}")
+        _check_same_device(q, softmax_scale=softmax_scale)
+        return
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, Real):
+        raise ValueError(f"softmax_scale must be None, a float, or a tensor of shape ({rows_name},) or (B, {rows_name}); got {type(softmax_scale).__name__}")
+
+
+def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor) -> int:
+    """Packed-sequence boundaries: int32 (N+1,), 0 = c[0] < c[1] < ... < c[N] = total. Returns N.
+
+    Reads the boundaries on the host (one small copy): packed batches are a training-time input.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor of N+1 document boundaries (N >= 1)")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 (int64 accepted), got {cu_seqlens.dtype}")
+    _check_same_device(q, cu_seqlens=cu_seqlens)
+    if shape.B != 1:
+        raise ValueError(f"with cu_seqlens, q/k/v must be packed as (1, H, total, D); got batch size {shape.B}")
+    if shape.SQ != shape.SK:
+        raise ValueError(f"with cu_seqlens, q and k must hold the same packed tokens; got Sq={shape.SQ}, Sk={shape.SK}")
+    c = cu_seqlens.tolist()
+    if c[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {c[0]}")
+    if any(b <= a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {c}")
+    if c[-1] != shape.SQ:
+        raise ValueError(f"cu_seqlens must end at the total packed length {shape.SQ}, got {c[-1]}")
+    return len(c) - 1
+
+
+def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_norm_weight, norm_eps, cu_seqlens=None,
+                    kernel: bool) -> AttentionShape:
+    """Every check of the ``attention`` contract; returns the problem's sizes."""
+    shape = check_qkv(q, k, v, kernel=kernel)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and shape.SQ > shape.SK:
+        raise ValueError(
+            f"causal attention needs Sq <= Sk (queries are the last Sq of the Sk positions), got Sq={shape.SQ} > Sk={shape.SK}"
+        )
+    if rope is not None and shape.D % 2:
+        raise ValueError(f"rope needs an even head dim, got D={shape.D}")
+    check_rope(rope, shape.SK, shape.D, q)
+    check_norm_weight("q_norm_weight", q_norm_weight, shape.HQ, shape.D, q)
+    check_norm_weight("k_norm_weight", k_norm_weight, shape.HKV, shape.D, q)
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, Real) or not norm_eps >= 0:
+        raise ValueError(f"norm_eps must be a non-negative float, got {norm_eps!r}")
+    check_scale(softmax_scale, shape.B, shape.SQ, q)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, shape, q)
+    return shape
+
+
+def scale_rows(softmax_scale, B: int, SQ: int, D: int, device,
+               dtype: torch.dtype = torch.float32) -> Tuple[float, Optional[torch.Tensor]]:
+    """Split ``softmax_scale`` into a constant and an optional (B, Sq) per-row tensor of ``dtype``.
+
+    A (Sq,) tensor comes back as a stride-0 (B, Sq) view, never copied when already of ``dtype``.
+    """
+    if softmax_scale is None:
+        return D ** -0.5, None
+    if isinstance(softmax_scale, torch.Tensor):
+        rows = softmax_scale.to(device=device, dtype=dtype)
+        if rows.dim() == 1:
+            rows = rows.unsqueeze(0).expand(B, SQ)
+        return 1.0, rows
+    return float(softmax_scale), None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_kernel_device(q: torch.Tensor, op: str) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter; never a silent fallback."""
+    if q.device.type == "cuda":
+        return
+    if q.device.type == "cpu" and interpreter_enabled():
+        return
+    if q.device.type == "cpu":
+        raise DeviceError(
+            f"drope.kernels.{op} got CPU tensors: move them to a CUDA GPU, or run Triton's interpreter by setting "
+            "TRITON_INTERPRET=1 in the environment before importing drope (slow; for tests), or call "
+            f"drope.reference.{op} for a pure-PyTorch path"
+        )
+    raise DeviceError(f"drope.kernels.{op} runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {q.device}")
+
+
+def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_splits, kernel: bool) -> AttentionShape:
+    """Every check of the ``decode_attention`` contract; returns sizes with SK = Smax (cache capacity).
+
+    Lengths in ``cache_seqlens`` are range-checked only when they live on the CPU (no device sync).
+    """
+    for name, t, layout in (("q", q, "(B, Hq, Sq, D)"), ("k_cache", k_cache, "(B, Hkv, Smax, D)"),
+                            ("v_cache", v_cache, "(B, Hkv, Smax, D)")):
+        _check_tensor(name, t, 4, layout)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {_shape(k_cache)} and {_shape(v_cache)}")
+    shape = check_qkv(q, k_cache, v_cache, kernel=kernel)
+    if cache_seqlens is not None:
+        if not isinstance(cache_seqlens, torch.Tensor) or tuple(cache_seqlens.shape) != (shape.B,):
+            got = _shape(cache_seqlens) if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__
+            raise ValueError(f"cache_seqlens must be a ({shape.B},) tensor of valid lengths, got {got}")
+        if cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+        _check_same_device(q, cache_seqlens=cache_seqlens)
+        if cache_seqlens.device.type == "cpu" and shape.B:
+            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+            if lo < shape.SQ:
+                raise ValueError(f"cache_seqlens holds a length {lo} < Sq={shape.SQ}; each length includes the Sq new tokens")
+            if hi > shape.SK:
+                raise ValueError(f"cache_seqlens holds a length {hi} > Smax={shape.SK}, the cache capacity")
+    elif shape.SQ > shape.SK:
+        raise ValueError(f"q has Sq={shape.SQ} rows but the cache holds only Smax={shape.SK} positions")
+    check_scale(softmax_scale, shape.B, shape.SQ, q)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    return shape
