@@ -1,0 +1,47 @@
+"""The ``drope`` console script: one subcommand per feature module.
+
+Each module named in ``COMMANDS`` defines ``add_arguments(parser)`` and ``run(args) -> int``;
+it is imported only when its subcommand runs, so ``drope --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from typing import Optional, Sequence
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "recalibrate": ("drope.hf.recalibrate", "convert a RoPE model to DroPE (if needed) and recalibrate it with the HF Trainer"),
+    "niah": ("drope.niah.cli", "needle-in-a-haystack accuracy and long-context profile of a local model"),
+}
+
+
+def _available():
+    found = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            found[name] = (module, help_text)
+    return found
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    commands = _available()
+    parser = argparse.ArgumentParser(prog="drope", description="DroPE models: fast attention, conversion, recalibration, NIAH.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in commands.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(commands[args.command][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"drope {args.command}", description=commands[args.command][1])
+    module.add_arguments(cmd_parser)
+    return int(module.run(cmd_parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
