@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from typing import Optional, Sequence
 
@@ -19,16 +18,8 @@ COMMANDS = {
 }
 
 
-def _available():
-    found = {}
-    for name, (module, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            found[name] = (module, help_text)
-    return found
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    commands = _available()
+    commands = COMMANDS
     parser = argparse.ArgumentParser(prog="drope", description="DroPE models: fast attention, conversion, recalibration, NIAH.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in commands.items():
