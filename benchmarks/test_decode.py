@@ -1,0 +1,37 @@
+"""Decode attention: one new token per sequence against a NoPE KV cache of 4k..128k, batch 1/4/16.
+
+Hq 32, Hkv 8, D 128, bf16. GB/s counts the K and V bytes read (``2*B*Hkv*S*D*2``); the record also
+holds tokens/s and the fraction of the measured copy bandwidth. A CPU smoke case runs the split-KV
+kernel in Triton's interpreter at a tiny fp32 shape.
+"""
+
+import pytest
+import torch
+
+from benchmarks import common
+
+PARAMS = [pytest.param(case, provider, id=f"{case.id}-{provider}",
+                       marks=[pytest.mark.gpu] + ([pytest.mark.quick] if case.quick else []))
+          for case in common.decode_cases() for provider in common.KERNEL_PROVIDERS]
+
+SMOKE = common.Case("decode", 2, 4, 2, 100, 32, dtype="float32")
+
+
+@pytest.mark.parametrize("case,provider", PARAMS)
+def test_decode(benchmark, bench_session, case, provider):
+    bench_session.run(benchmark, case, provider, lambda: common.build_attention(case, provider))
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("smoke_provider", ["drope_triton", "unfused"])
+def test_decode_smoke_cpu(benchmark, smoke_provider):
+    if torch.cuda.is_available():
+        pytest.skip("CPU smoke case: on a GPU the decode cases time these paths at full size")
+    try:
+        bound = common.build_attention(SMOKE, smoke_provider, "cpu", train_len=16)
+    except common.ProviderSkip as e:
+        pytest.skip(f"{smoke_provider}: {e}")
+    rel = bound["check"]()
+    assert rel <= 1e-4, f"{smoke_provider} smoke result differs from drope.reference: rel err {rel:.3e}"
+    benchmark.extra_info.update(op="decode_smoke", provider=smoke_provider, rel_err=rel)
+    benchmark.pedantic(bound["call"], args=(bound["sets"][0],), rounds=2, warmup_rounds=0)
