@@ -1,0 +1,191 @@
+"""Backward of the fused attention: every gradient against autograd through the float64 reference.
+
+The launcher tests feed ``attention_backward`` the reference's own output and LSE, so they check the
+backward alone; the end-to-end tests go through ``drope.kernels.attention`` and autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from drope import reference
+from drope.kernels.attention_bwd import attention_backward
+from drope.validation import scale_rows
+from helpers import noncontiguous, rel_err
+
+TOL = {torch.float32: 5e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
+NAMES = ("dq", "dk", "dv", "d_q_norm_weight", "d_k_norm_weight")
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    HQ: int
+    HKV: int
+    SQ: int
+    SK: int
+    D: int
+    causal: bool = True
+    rope: bool = False
+    norm: Optional[str] = None  # None, "shared" (D,) or "head" (H, D)
+    scale: Optional[str] = None  # None, "float", "rows1" (Sq,), "rows2" (B, Sq)
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.B}-Hq{self.HQ}-Hkv{self.HKV}-Sq{self.SQ}-Sk{self.SK}-D{self.D}"]
+        parts.append("causal" if self.causal else "full")
+        if self.rope:
+            parts.append("rope")
+        if self.norm:
+            parts.append(f"norm-{self.norm}")
+        if self.scale:
+            parts.append(f"scale-{self.scale}")
+        return "-".join(parts)
+
+
+def make_inputs(c: Case, device, *, packed_len: Optional[int] = None):
+    """Fresh float64 leaves (q, k, v, wq, wk) and the non-differentiable (scale, rope)."""
+    f64 = dict(device=device, dtype=torch.float64)
+    q = torch.randn(c.B, c.HQ, c.SQ, c.D, **f64)
+    k = torch.randn(c.B, c.HKV, c.SK, c.D, **f64)
+    v = torch.randn(c.B, c.HKV, c.SK, c.D, **f64)
+    wq = wk = None
+    if c.norm == "shared":
+        wq, wk = 1 + 0.3 * torch.randn(c.D, **f64), 1 + 0.3 * torch.randn(c.D, **f64)
+    elif c.norm == "head":
+        wq, wk = 1 + 0.3 * torch.randn(c.HQ, c.D, **f64), 1 + 0.3 * torch.randn(c.HKV, c.D, **f64)
+    scale = None
+    if c.scale == "float":
+        scale = 0.3 * c.D ** -0.5
+    elif c.scale == "rows1":
+        scale = (0.5 + torch.rand(c.SQ, **f64)) * c.D ** -0.5
+    elif c.scale == "rows2":
+        scale = (0.5 + torch.rand(c.B, c.SQ, **f64)) * c.D ** -0.5
+    rope = reference.rope_tables(c.SK + 5, c.D, device=device, dtype=torch.float32) if c.rope else None
+    return (q, k, v, wq, wk), scale, rope
+
+
+def reference_grads(leaves, scale, rope, do, *, causal, cu_seqlens=None, needs=(True,) * 5):
+    """(out, lse, grads) of the float64 reference; grads None where not needed or absent."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_(n) for x, n in zip(leaves, needs)]
+    q, k, v, wq, wk = leaves
+    rope64 = None if rope is None else tuple(t.double() for t in rope)
+    out, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale, rope=rope64, q_norm_weight=wq,
+                                   k_norm_weight=wk, cu_seqlens=cu_seqlens, return_lse=True)
+    wanted = [x for x in leaves if x is not None and x.requires_grad]
+    got = iter(torch.autograd.grad(out, wanted, do.double()))
+    grads = [next(got) if x is not None and x.requires_grad else None for x in leaves]
+    return out.detach(), lse.detach(), grads
+
+
+def check_grads(got, ref, tol, expect=None):
+    for name, g, r in zip(NAMES, got, ref):
+        if r is None:
+            assert g is None, f"{name} should be None"
+            continue
+        assert g is not None, f"{name} missing"
+        assert g.shape == r.shape, f"{name} shape {tuple(g.shape)} != {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{name} has NaN/inf (an unwritten element?)"
+        if expect is not None:
+            assert g.dtype == expect[name], f"{name} dtype {g.dtype}"
+        err = rel_err(g, r)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def run_launcher(c: Case, device, dtype, *, cu_seqlens=None, needs=(True,) * 5, strided=False, **blocks):
+    leaves, scale, rope = make_inputs(c, device)
+    do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
+    out, lse, ref = reference_grads(leaves, scale, rope, do, causal=c.causal, cu_seqlens=cu_seqlens, needs=needs)
+    q, k, v, wq, wk = [None if x is None else x.to(dtype) for x in leaves]
+    if strided:
+        q, k, v = noncontiguous(q), noncontiguous(k), noncontiguous(v)
+    if wq is not None:
+        wq, wk = wq.float(), wk.float()
+    const, rows = scale_rows(scale, c.B, c.SQ, c.D, device, torch.float32)
+    got = attention_backward(do.to(dtype), q, k, v, out.to(dtype), lse.float(), causal=c.causal, scale=const,
+                             scale_rows=rows, rope=rope, q_norm_weight=wq, k_norm_weight=wk, norm_eps=1e-6,
+                             cu_seqlens=cu_seqlens, needs_grad=needs, **blocks)
+    expect = dict(dq=dtype, dk=dtype, dv=dtype, d_q_norm_weight=torch.float32, d_k_norm_weight=torch.float32)
+    check_grads(got, ref, TOL[dtype], expect)
+
+
+LAUNCHER_CASES = [
+    (Case(1, 2, 2, 63, 63, 64), torch.float32),
+    (Case(2, 4, 2, 77, 100, 64, rope=True, norm="head", scale="rows2"), torch.float32),
+    (Case(1, 4, 1, 1, 63, 64, rope=True, norm="shared", scale="rows1"), torch.float32),
+    (Case(1, 8, 1, 33, 77, 64, norm="shared", scale="float"), torch.float16),
+    (Case(1, 8, 8, 17, 40, 32, causal=False, rope=True), torch.float32),
+    (Case(1, 2, 1, 100, 100, 128, rope=True, norm="head"), torch.float16),
+    (Case(1, 2, 1, 63, 70, 128, scale="rows2"), torch.float32),
+    (Case(2, 4, 4, 20, 45, 64, causal=False, norm="head", scale="rows1"), torch.float16),
+    (Case(1, 8, 2, 64, 64, 16, rope=True, norm="shared"), torch.float16),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case,dtype", LAUNCHER_CASES,
+                         ids=[f"{c.id}-{str(d)[6:]}" for c, d in LAUNCHER_CASES])
+def test_launcher_matches_reference(case, dtype, device):
+    run_launcher(case, device, dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_launcher_small_blocks_strided(causal, device):
+    """Forced 16/32 blocks: many loop iterations, blocks straddling the diagonal and the ragged edge."""
+    run_launcher(Case(1, 4, 2, 45, 77, 32, causal=causal, rope=True, norm="head", scale="rows2"), device,
+                 torch.float32, strided=True, block_m=16, block_n=32)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("needs", [
+    (True, False, False, False, False), (False, True, False, False, False), (False, False, True, False, False),
+    (False, False, False, True, False), (False, False, False, False, True), (True, False, True, False, True),
+], ids=["q", "k", "v", "wq", "wk", "q-v-wk"])
+def test_launcher_partial_needs(needs, device):
+    run_launcher(Case(1, 4, 2, 30, 41, 32, rope=True, norm="head", scale="rows1"), device, torch.float32, needs=needs)
+
+
+PACKS = [[0, 5, 30, 31, 77], [0, 77], [0, 1, 2, 40, 77]]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bounds", PACKS, ids=["-".join(map(str, b)) for b in PACKS])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_launcher_packed(bounds, causal, device):
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    run_launcher(Case(1, 2, 1, 77, 77, 32, causal=causal, rope=True, norm="head", scale="rows1"), device,
+                 torch.float32, cu_seqlens=cu, block_m=16, block_n=32)
+
+
+@pytest.mark.interpreter
+def test_launcher_deterministic(device):
+    c = Case(1, 4, 2, 50, 70, 32, rope=True, norm="shared", scale="rows2")
+    leaves, scale, rope = make_inputs(c, device)
+    q, k, v, wq, wk = [x.float() for x in leaves]
+    const, rows = scale_rows(scale, c.B, c.SQ, c.D, device, torch.float32)
+    out, lse = reference.attention(q, k, v, softmax_scale=scale, rope=rope, q_norm_weight=wq, k_norm_weight=wk,
+                                   return_lse=True)
+    do = torch.randn_like(out)
+    kw = dict(causal=True, scale=const, scale_rows=rows, rope=rope, q_norm_weight=wq, k_norm_weight=wk,
+              norm_eps=1e-6, cu_seqlens=None, block_m=32, block_n=32)
+    first = attention_backward(do, q, k, v, out, lse, **kw)
+    second = attention_backward(do, q, k, v, out, lse, **kw)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical calls"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [
+    Case(1, 8, 2, 2048, 2048, 128, rope=True, norm="head", scale="rows2"),
+    Case(1, 4, 1, 8192, 8192, 128, norm="shared", scale="rows1"),
+    Case(2, 8, 1, 1000, 3000, 64, rope=True),
+    Case(1, 4, 4, 777, 777, 256, causal=False, norm="head"),
+], ids=lambda c: c.id)
+def test_launcher_gpu(case, dtype):
+    run_launcher(case, "cuda", dtype)
