@@ -38,7 +38,7 @@ def _qk_prologue_kernel(
     X, Y, W, COS, SIN, POS,
     stride_xb, stride_xh, stride_xs, stride_xd,
     stride_yb, stride_yh, stride_ys, stride_yd,
-    stride_wh, stride_ts,
+    stride_wh, stride_cs, stride_cd, stride_ss, stride_sd,
     H, S, pos0, eps,
     HALF: tl.constexpr, BS: tl.constexpr,
     USE_NORM: tl.constexpr, USE_ROPE: tl.constexpr, PACKED: tl.constexpr,
@@ -63,9 +63,10 @@ def _qk_prologue_kernel(
             o_pos = tl.load(POS + o_s, mask=m_s, other=0).to(tl.int64)
         else:
             o_pos = o_s64 + pos0
-        p_t = o_pos[:, None] * stride_ts + o_d[None, :]
-        b_c = tl.load(COS + p_t, mask=m_s[:, None], other=0.0).to(tl.float32)
-        b_sn = tl.load(SIN + p_t, mask=m_s[:, None], other=0.0).to(tl.float32)
+        p_c = COS + o_pos[:, None] * stride_cs + o_d[None, :] * stride_cd
+        p_sn = SIN + o_pos[:, None] * stride_ss + o_d[None, :] * stride_sd
+        b_c = tl.load(p_c, mask=m_s[:, None], other=0.0).to(tl.float32)  # [BS, HALF]
+        b_sn = tl.load(p_sn, mask=m_s[:, None], other=0.0).to(tl.float32)
         b_y1 = b_x1 * b_c - b_x2 * b_sn
         b_y2 = b_x2 * b_c + b_x1 * b_sn
     else:
@@ -81,7 +82,7 @@ def _qk_epilogue_kernel(
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_xb, stride_xh, stride_xs, stride_xd,
     stride_dxb, stride_dxh, stride_dxs, stride_dxd,
-    stride_wh, stride_ts,
+    stride_wh, stride_cs, stride_cd, stride_ss, stride_sd,
     H, S, pos0, eps,
     HALF: tl.constexpr, BS: tl.constexpr,
     USE_NORM: tl.constexpr, USE_ROPE: tl.constexpr, PACKED: tl.constexpr,
@@ -101,9 +102,10 @@ def _qk_epilogue_kernel(
             o_pos = tl.load(POS + o_s, mask=m_s, other=0).to(tl.int64)
         else:
             o_pos = o_s64 + pos0
-        p_t = o_pos[:, None] * stride_ts + o_d[None, :]
-        b_c = tl.load(COS + p_t, mask=m_s[:, None], other=0.0).to(tl.float32)
-        b_sn = tl.load(SIN + p_t, mask=m_s[:, None], other=0.0).to(tl.float32)
+        p_c = COS + o_pos[:, None] * stride_cs + o_d[None, :] * stride_cd
+        p_sn = SIN + o_pos[:, None] * stride_ss + o_d[None, :] * stride_sd
+        b_c = tl.load(p_c, mask=m_s[:, None], other=0.0).to(tl.float32)  # [BS, HALF]
+        b_sn = tl.load(p_sn, mask=m_s[:, None], other=0.0).to(tl.float32)
         # RoPE^T: rotation by -theta
         b_t1 = b_g1 * b_c + b_g2 * b_sn
         b_g2 = b_g2 * b_c - b_g1 * b_sn
@@ -333,6 +335,20 @@ def _blocks(D: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional[
     return block_m or bm, block_n or bn, warps, stages
 
 
+def _table_strides(rope) -> dict:
+    if rope is None:
+        return dict(stride_cs=0, stride_cd=0, stride_ss=0, stride_sd=0)
+    cos, sin = rope
+    return dict(stride_cs=cos.stride(0), stride_cd=cos.stride(1), stride_ss=sin.stride(0), stride_sd=sin.stride(1))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # as the forward: fp32 inputs get exact fp32 products unless torch's TF32 switch allows TF32
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 def _row_block(S: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(S, 1))))
 
@@ -359,7 +375,7 @@ def _prologue(x, w, w_stride, rope, pos, pos0: int, eps: float) -> torch.Tensor:
         X=x, Y=y, W=w, COS=cos, SIN=sin, POS=pos,
         stride_xb=x.stride(0), stride_xh=x.stride(1), stride_xs=x.stride(2), stride_xd=x.stride(3),
         stride_yb=y.stride(0), stride_yh=y.stride(1), stride_ys=y.stride(2), stride_yd=y.stride(3),
-        stride_wh=w_stride, stride_ts=cos.stride(0) if cos is not None else 0,
+        stride_wh=w_stride, **_table_strides(rope),
         H=H, S=S, pos0=pos0, eps=eps,
         HALF=D // 2, BS=BS, USE_NORM=w is not None, USE_ROPE=rope is not None, PACKED=pos is not None,
     )
@@ -382,7 +398,7 @@ def _epilogue(gy, x, w, w_stride, w_orig, rope, pos, pos0: int, eps: float, need
         stride_xb=x.stride(0), stride_xh=x.stride(1), stride_xs=x.stride(2), stride_xd=x.stride(3),
         stride_dxb=dx.stride(0) if need_dx else 0, stride_dxh=dx.stride(1) if need_dx else 0,
         stride_dxs=dx.stride(2) if need_dx else 0, stride_dxd=dx.stride(3) if need_dx else 0,
-        stride_wh=w_stride, stride_ts=cos.stride(0) if cos is not None else 0,
+        stride_wh=w_stride, **_table_strides(rope),
         H=H, S=S, pos0=pos0, eps=eps,
         HALF=D // 2, BS=BS, USE_NORM=w is not None, USE_ROPE=rope is not None, PACKED=pos is not None,
         STORE_DX=need_dx, STORE_DW=need_dw,
@@ -410,6 +426,7 @@ def attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, *,
     causal: bool, scale: float, scale_rows: Optional[torch.Tensor], rope, q_norm_weight: Optional[torch.Tensor],
     k_norm_weight: Optional[torch.Tensor], norm_eps: float, cu_seqlens: Optional[torch.Tensor],
+    dlse: Optional[torch.Tensor] = None,
     needs_grad: Tuple[bool, bool, bool, bool, bool] = (True, True, True, True, True),
     block_m: Optional[int] = None, block_n: Optional[int] = None,
 ):
@@ -432,6 +449,8 @@ def attention_backward(
         q_norm_weight, k_norm_weight: None or (D,) / (H, D) RMSNorm weights.
         norm_eps: RMSNorm epsilon.
         cu_seqlens: None or (N+1,) int32/int64 document boundaries (B = 1, Sq = Sk).
+        dlse: None or the gradient of ``lse`` (B, Hq, Sq) when the caller differentiates the LSE
+            too (d lse_i / d s_ij = p_ij, so it only shifts ``delta``).
         needs_grad: which of (q, k, v, q_norm_weight, k_norm_weight) need a gradient; the others
             come back as None and their work is skipped.
         block_m, block_n: force the query / key block sizes (powers of two >= 16), for tests.
@@ -478,9 +497,11 @@ def attention_backward(
         stride_dob=do.stride(0), stride_doh=do.stride(1), stride_dos=do.stride(2), stride_dod=do.stride(3),
         H=HQ, S=SQ, D=D, BS=BS,
     )
+    if dlse is not None:
+        delta -= dlse.to(torch.float32)
 
     BM, BN, warps, stages = _blocks(D, SQ, SK, block_m, block_n)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = _dot_precision(q.dtype)
     has_rows = scale_rows is not None
     rows_strides = (scale_rows.stride(0), scale_rows.stride(1)) if has_rows else (0, 0)
     common = dict(
