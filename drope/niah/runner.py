@@ -1,0 +1,589 @@
+"""Run NIAH sweeps on a local model: loading, RoPE-scaling baselines, temperature, greedy decoding,
+per-request profiling, and incremental, resumable ``results.json``.
+
+RoPE scaling goes through transformers' own ``config.rope_parameters`` (``rope_type`` linear = PI,
+dynamic = NTK, yarn, longrope, llama3); nothing is re-implemented here. DroPE temperature goes
+through ``drope.hf.temperature.set_temperature``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import profile as prof
+from .tasks import DEFAULT_MAX_NEW_TOKENS, TASKS, PromptBuilder, Sample, score
+
+ATTN_IMPLEMENTATIONS = ("drope_triton", "sdpa", "eager", "flash_attention_2")
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+TEMPERATURE_MODES = ("none", "length", "position")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# fields that must agree between a results.json and a run that resumes it
+IDENTITY_FIELDS = ("model", "trials", "attn", "rope_scaling", "temperature", "haystack", "chat_template",
+                   "dtype", "max_new_tokens", "seed")
+
+
+class NIAHError(ValueError):
+    """Bad input or a run that cannot proceed; the message says what to change."""
+
+
+class SweepStopped(NIAHError):
+    """The sweep stopped part-way (out of memory); ``results`` holds what was finished and saved."""
+
+    def __init__(self, message: str, results: Dict[str, object]):
+        super().__init__(message)
+        self.results = results
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a sweep. Lengths in tokens, depths as fractions in [0, 1]."""
+
+    model: str
+    lengths: List[int]
+    tasks: List[str] = field(default_factory=lambda: list(TASKS))
+    depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 5
+    attn: str = "sdpa"
+    rope_scaling: Optional[str] = None
+    temperature: Optional[str] = None
+    haystack: str = "essay"
+    chat_template: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_new_tokens: Optional[int] = None
+    seed: int = 0
+    warmup: int = 1
+    trace: bool = False
+    memory_budget_mb: Optional[float] = None
+    label: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise NIAHError(f"trials must be a positive int, got {self.trials!r}")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise NIAHError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise NIAHError(f"warmup must be a non-negative int, got {self.warmup!r}")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise NIAHError(f"tasks: unknown task {', '.join(bad) or '(none)'}; accepted: {', '.join(TASKS)}")
+        if not self.lengths or any(not isinstance(n, int) or n < 1 for n in self.lengths):
+            raise NIAHError(f"lengths must be positive token counts, got {self.lengths!r}")
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise NIAHError(f"depths must be fractions in [0, 1], got {self.depths!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise NIAHError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.rope_scaling is not None:
+            parse_rope_scaling(self.rope_scaling)
+        if self.temperature is not None:
+            parse_temperature(self.temperature)
+
+    def identity(self) -> Dict[str, object]:
+        return {k: getattr(self, k) for k in IDENTITY_FIELDS}
+
+
+def parse_rope_scaling(spec: str) -> Dict[str, object]:
+    """``TYPE:FACTOR[:ORIGINAL_MAX_POSITIONS]`` or the path of a JSON file holding a full
+    ``rope_parameters`` dict (needed for longrope's per-frequency factors).
+
+    Returns:
+        A partial ``rope_parameters`` dict (``rope_type``, ``factor``, maybe
+        ``original_max_position_embeddings``, or the file's content).
+
+    Raises:
+        NIAHError: unknown type, a factor that is not a number >= 1, an unreadable file.
+    """
+    spec = str(spec)
+    if spec.endswith(".json"):
+        try:
+            params = json.loads(Path(spec).read_text())
+        except (OSError, ValueError) as e:
+            raise NIAHError(f"--rope-scaling: cannot read rope_parameters JSON {spec}: {e}") from None
+        if not isinstance(params, dict) or params.get("rope_type") not in ROPE_TYPES:
+            raise NIAHError(f"--rope-scaling: {spec} must hold a dict with rope_type in {', '.join(ROPE_TYPES)}")
+        return params
+    parts = spec.split(":")
+    if parts[0] not in ROPE_TYPES or len(parts) not in (2, 3):
+        raise NIAHError(
+            f"--rope-scaling: {spec!r} is not TYPE:FACTOR[:ORIGINAL_MAX_POSITIONS] with TYPE in "
+            f"{', '.join(ROPE_TYPES)} (linear = PI, dynamic = NTK), nor a .json file of rope_parameters"
+        )
+    try:
+        factor = float(parts[1])
+        orig = int(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        raise NIAHError(f"--rope-scaling: factor and original length in {spec!r} must be numbers") from None
+    if not factor >= 1.0 or (orig is not None and orig < 1):
+        raise NIAHError(f"--rope-scaling: factor must be >= 1 and the original length positive, got {spec!r}")
+    params: Dict[str, object] = {"rope_type": parts[0], "factor": factor}
+    if orig is not None:
+        params["original_max_position_embeddings"] = orig
+    return params
+
+
+def apply_rope_scaling(config, spec: str) -> Dict[str, object]:
+    """Set ``config.rope_parameters`` for a RoPE-scaling baseline (transformers computes the rest).
+
+    Args:
+        config: the model's config, modified in place before the model is built.
+        spec: see :func:`parse_rope_scaling`.
+
+    Returns:
+        The new ``rope_parameters``.
+
+    Raises:
+        NIAHError: the model has no RoPE parameters (NoPE/DroPE models), per-layer RoPE, missing
+            longrope factors, or parameters transformers rejects.
+    """
+    params = parse_rope_scaling(spec)
+    base = getattr(config, "rope_parameters", None)
+    if not base or "rope_theta" not in base:
+        raise NIAHError(
+            "--rope-scaling applies to RoPE models; this model's config has no rope_parameters with rope_theta "
+            "(a NoPE/DroPE model has nothing to scale)"
+        )
+    rope_type = params["rope_type"]
+    new = {"rope_theta": base["rope_theta"]}
+    if "partial_rotary_factor" in base:
+        new["partial_rotary_factor"] = base["partial_rotary_factor"]
+    original = base.get("original_max_position_embeddings") or config.max_position_embeddings
+    if rope_type in ("yarn", "longrope", "llama3"):
+        new["original_max_position_embeddings"] = original
+    if rope_type == "llama3":
+        new.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    if rope_type == "longrope" and "long_factor" not in params:
+        if base.get("rope_type") != "longrope":
+            raise NIAHError(
+                "--rope-scaling longrope needs per-frequency short_factor/long_factor lists; pass a .json file "
+                "with the full rope_parameters (or use a model whose config already has them)"
+            )
+        new.update(short_factor=base["short_factor"], long_factor=base["long_factor"])
+    new.update(params)
+    if rope_type == "dynamic" and "original_max_position_embeddings" in params:
+        # transformers' dynamic NTK takes the original length from max_position_embeddings
+        config.max_position_embeddings = int(new.pop("original_max_position_embeddings"))
+    config.rope_parameters = new
+    try:
+        if hasattr(config, "validate_rope"):
+            config.validate_rope()
+    except (KeyError, ValueError, TypeError) as e:
+        raise NIAHError(f"--rope-scaling {spec!r}: transformers rejects rope_parameters {new}: {e}") from None
+    return new
+
+
+def parse_temperature(spec: str) -> Dict[str, object]:
+    """``none``, or ``MODE:COEF:TRAIN_LENGTH`` with MODE ``length`` or ``position``.
+
+    Returns:
+        The dict ``drope.hf.temperature.set_temperature`` takes: ``{"mode", "coef", "train_length"}``.
+
+    Raises:
+        NIAHError: an unknown mode or malformed numbers.
+    """
+    parts = str(spec).split(":")
+    if parts == ["none"]:
+        return {"mode": "none", "coef": 0.0, "train_length": 1}
+    if parts[0] not in TEMPERATURE_MODES[1:] or len(parts) != 3:
+        raise NIAHError(
+            f"--temperature: {spec!r} is not none or MODE:COEF:TRAIN_LENGTH with MODE length or position "
+            "(e.g. position:0.103:2048)"
+        )
+    try:
+        coef, train_length = float(parts[1]), int(parts[2])
+    except ValueError:
+        raise NIAHError(f"--temperature: COEF must be a number and TRAIN_LENGTH an int in {spec!r}") from None
+    if not math.isfinite(coef) or train_length < 1:
+        raise NIAHError(f"--temperature: COEF must be finite and TRAIN_LENGTH positive in {spec!r}")
+    return {"mode": parts[0], "coef": coef, "train_length": train_length}
+
+
+def available_attn_implementations() -> Dict[str, str]:
+    """Each implementation this harness knows, mapped to "" when usable or to why it is not."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    out = {"eager": "", "sdpa": ""}
+    try:
+        from transformers.utils import is_flash_attn_2_available
+
+        out["flash_attention_2"] = "" if is_flash_attn_2_available() else "the flash-attn package is not installed"
+    except ImportError:
+        out["flash_attention_2"] = "transformers cannot check for flash-attn"
+    why = ""
+    try:
+        importlib.import_module("drope.hf")
+    except ImportError as e:
+        why = f"drope.hf cannot be imported ({e})"
+    out["drope_triton"] = "" if "drope_triton" in ALL_ATTENTION_FUNCTIONS else (
+        why or "importing drope did not register it with transformers' AttentionInterface")
+    for name in ALL_ATTENTION_FUNCTIONS:
+        out.setdefault(name, "")
+    return out
+
+
+def check_attn(attn: str) -> None:
+    """Raise :class:`NIAHError` when ``attn`` is unknown or not usable here."""
+    avail = available_attn_implementations()
+    if attn not in avail:
+        raise NIAHError(f"--attn: unknown attention implementation {attn!r}; accepted: {', '.join(avail)}")
+    if avail[attn]:
+        raise NIAHError(f"--attn {attn} is not available: {avail[attn]}")
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise NIAHError(f"--device: {spec!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NIAHError(f"--device {spec}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[spec]
+
+
+def load_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
+    """Model and tokenizer from a local directory, with the run's attention, RoPE scaling, temperature.
+
+    Returns:
+        ``(model, tokenizer, effective_rope_parameters)``.
+
+    Raises:
+        NIAHError: missing path, config or tokenizer; unusable attention; rejected RoPE scaling;
+            temperature requested without ``drope.hf.temperature``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.model)
+    if not path.exists():
+        raise NIAHError(
+            f"--model: {path} does not exist; a local directory written by save_pretrained (config.json, "
+            "weights, tokenizer files) is expected, nothing is downloaded"
+        )
+    if not (path / "config.json").is_file():
+        raise NIAHError(f"--model: {path} has no config.json; expected a directory written by save_pretrained")
+    check_attn(cfg.attn)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError or TypeError depending on what is missing
+        raise NIAHError(
+            f"--model: no usable tokenizer in {path} ({type(e).__name__}: {e}); save the tokenizer beside the "
+            "model with tokenizer.save_pretrained"
+        ) from None
+    if tokenizer is None or not callable(tokenizer):
+        raise NIAHError(f"--model: no usable tokenizer in {path}")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    rope = apply_rope_scaling(config, cfg.rope_scaling) if cfg.rope_scaling else getattr(config, "rope_parameters", None)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, attn_implementation=cfg.attn, local_files_only=True
+        )
+    except (ValueError, ImportError, KeyError) as e:
+        raise NIAHError(f"cannot load {path} with attn_implementation={cfg.attn!r}: {e}") from None
+    model.to(device).eval()
+    if cfg.temperature is not None:
+        spec = parse_temperature(cfg.temperature)
+        try:
+            from drope.hf.temperature import set_temperature
+        except ImportError as e:
+            raise NIAHError(
+                f"--temperature needs drope.hf.temperature.set_temperature, which this installation lacks ({e})"
+            ) from None
+        set_temperature(model, spec)
+    return model, tokenizer, rope
+
+
+def eos_token_ids(model, tokenizer) -> List[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    return sorted(ids)
+
+
+@dataclass
+class Generation:
+    """One greedy request: the new token ids and its profile."""
+
+    token_ids: List[int]
+    prefill_ms: float
+    decode_s: float
+    decode_steps: int
+    peak_mem_mb: Optional[float]
+    peak_mem_kind: str
+
+    @property
+    def decode_tok_s(self) -> Optional[float]:
+        return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else None
+
+
+@torch.inference_mode()
+def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int],
+                    device: torch.device) -> Generation:
+    """Greedy decoding with the KV cache: one timed prefill, then one timed forward per new token.
+
+    The prefill produces the first new token; ``decode_steps`` counts the forwards after it.
+    Only the last position's logits are computed (``logits_to_keep=1``) when the model supports it.
+    """
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+    n = ids.shape[1]
+    eos = set(eos_ids)
+    with prof.PeakMemory(device) as mem:
+        t0 = prof.now(device)
+        out = model(input_ids=ids, position_ids=torch.arange(n, device=device)[None], use_cache=True, **keep)
+        token = out.logits[:, -1].argmax(-1)
+        new = [int(token.item())]
+        t1 = prof.now(device)
+        past = out.past_key_values
+        del out
+        while len(new) < max_new_tokens and new[-1] not in eos:
+            pos = torch.tensor([[n + len(new) - 1]], device=device)
+            out = model(input_ids=token[:, None], position_ids=pos, past_key_values=past, use_cache=True, **keep)
+            token = out.logits[:, -1].argmax(-1)
+            past = out.past_key_values
+            new.append(int(token.item()))
+        t2 = prof.now(device)
+    return Generation(new, (t1 - t0) * 1e3, t2 - t1, len(new) - 1, mem.peak_mb, mem.kind)
+
+
+def _median(xs: Sequence[Optional[float]]) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def cell_key(row: Dict[str, object]) -> Tuple[str, int, float]:
+    return (str(row["task"]), int(row["length"]), round(float(row["depth"]), 6))
+
+
+def default_label(cfg: RunConfig) -> str:
+    parts = [Path(cfg.model).name or str(cfg.model), cfg.attn]
+    if cfg.rope_scaling:
+        parts.append(f"rope={Path(cfg.rope_scaling).name}")
+    if cfg.temperature:
+        parts.append(f"temp={cfg.temperature}")
+    return " ".join(parts)
+
+
+def load_results(out_dir: Path) -> Optional[Dict[str, object]]:
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise NIAHError(f"{path} is not valid JSON ({e}); move it away or pass --overwrite") from None
+    if not isinstance(data, dict) or "results" not in data or "config" not in data:
+        raise NIAHError(f"{path} is not a drope niah results file (no 'config' and 'results')")
+    return data
+
+
+def _memory_check(cfg: RunConfig, model, device: torch.device, dtype: torch.dtype) -> None:
+    avail = cfg.memory_budget_mb if cfg.memory_budget_mb is not None else prof.available_memory_mb(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / prof.MB
+    too_big = []
+    for length in cfg.lengths:
+        new = cfg.max_new_tokens or max(DEFAULT_MAX_NEW_TOKENS[t] for t in cfg.tasks)
+        est = prof.estimate_memory_mb(model.config, length, new, dtype, cfg.attn)
+        if est["total_mb"] > avail:
+            too_big.append(
+                f"  length {length}: needs ~{est['total_mb']:.0f} MiB (KV cache {est['kv_cache_mb']:.0f} MiB + "
+                f"activations {est['activations_mb']:.0f} MiB, +10 %)"
+            )
+    if too_big:
+        where = "--memory-budget-mb" if cfg.memory_budget_mb is not None else f"free on {device}"
+        raise NIAHError(
+            f"the model cannot fit these lengths with attn={cfg.attn} ({avail:.0f} MiB {where}, weights "
+            f"{weights:.0f} MiB already loaded):\n" + "\n".join(too_big) +
+            "\ndrop them from --lengths, use a fused attention (sdpa, drope_triton) or a larger device"
+        )
+
+
+def run(cfg: RunConfig, out_dir, *, resume: bool = False, overwrite: bool = False, progress: Optional[bool] = None,
+        on_request: Optional[Callable[[Sample, Generation], None]] = None) -> Dict[str, object]:
+    """Run the sweep, writing ``out_dir/results.json`` after every (task, length, depth) cell.
+
+    Cells are run length by length (all tasks and depths at 4k before 8k), so an interrupted sweep
+    keeps every shorter length; ``resume=True`` skips the cells already in results.json.
+
+    Args:
+        cfg: the sweep.
+        out_dir: output directory (created).
+        resume: continue an existing results.json written with the same model/settings.
+        overwrite: discard an existing results.json.
+        progress: show a tqdm bar (None: only on a terminal).
+        on_request: called after each measured request (tests use it to count or interrupt).
+
+    Returns:
+        The results dict as written: ``{"config": {...}, "results": [row, ...], "errors": [...]}``.
+
+    Raises:
+        NIAHError: bad input (see :func:`load_model`), existing results without resume/overwrite,
+            resuming with different settings, lengths that cannot fit, lengths too short for a task.
+        SweepStopped: out of memory part-way; the finished cells are saved.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise NIAHError("--resume and --overwrite exclude each other")
+    previous = load_results(out_dir)
+    rows: List[Dict[str, object]] = []
+    if previous is not None and not overwrite:
+        if not resume:
+            raise NIAHError(
+                f"{out_dir / 'results.json'} already exists ({len(previous['results'])} results); pass --resume to "
+                "continue it or --overwrite to start over"
+            )
+        old = previous["config"].get("identity", {})
+        diff = [k for k in IDENTITY_FIELDS if old.get(k) != cfg.identity()[k]]
+        if diff:
+            raise NIAHError(
+                f"--resume: {out_dir / 'results.json'} was written with different settings: "
+                + ", ".join(f"{k}={old.get(k)!r} (now {cfg.identity()[k]!r})" for k in diff)
+            )
+        rows = list(previous["results"])
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tokenizer, rope = load_model(cfg, device, dtype)
+    try:
+        builder = PromptBuilder(tokenizer, haystack=cfg.haystack, chat_template=cfg.chat_template)
+    except ValueError as e:
+        raise NIAHError(str(e)) from None
+    for length in cfg.lengths:
+        for task in cfg.tasks:
+            try:
+                builder.build(task, length, 0.0, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+            except ValueError as e:
+                raise NIAHError(str(e)) from None
+    _memory_check(cfg, model, device, dtype)
+
+    import transformers
+
+    config_out = {
+        **dataclasses.asdict(cfg),
+        "label": cfg.label or default_label(cfg),
+        "identity": cfg.identity(),
+        "resolved_device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "resolved_dtype": str(dtype).replace("torch.", ""),
+        "attn_implementation": getattr(model.config, "_attn_implementation", cfg.attn),
+        "rope_parameters": rope,
+        "model_type": getattr(model.config, "model_type", None),
+        "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+        "chat_template_used": builder.use_chat,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+    }
+    errors: List[Dict[str, object]] = list(previous.get("errors", [])) if (previous and not overwrite) else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        (out_dir / "samples.jsonl").unlink(missing_ok=True)
+    results = {"config": config_out, "results": rows, "errors": errors}
+    _write_json(out_dir / "results.json", results)
+
+    done = {cell_key(r) for r in rows}
+    todo = [(L, t, d) for L in cfg.lengths for t in cfg.tasks for d in cfg.depths if (t, L, round(d, 6)) not in done]
+    eos = eos_token_ids(model, tokenizer)
+    bar = tqdm(total=len(todo) * cfg.trials, desc="niah", unit="req", disable=(not progress) if progress is not None else None)
+    warmed, traced = set(), set()
+    try:
+        for length, task, depth in todo:
+            bar.set_postfix_str(f"{task} {length} d={depth:g}")
+            samples = [builder.build(task, length, depth, seed=cfg.seed, trial=i, max_new_tokens=cfg.max_new_tokens)
+                       for i in range(cfg.trials)]
+            try:
+                if length not in warmed:
+                    for _ in range(cfg.warmup):
+                        greedy_generate(model, samples[0].input_ids, min(4, samples[0].max_new_tokens), eos, device)
+                    warmed.add(length)
+                gens = []
+                for s in samples:
+                    g = greedy_generate(model, s.input_ids, s.max_new_tokens, eos, device)
+                    gens.append(g)
+                    if on_request is not None:
+                        on_request(s, g)
+                    bar.update(1)
+                trace_path = None
+                if cfg.trace and (task, length) not in traced:
+                    trace_path = Path("traces") / f"{task}-{length}.json"
+                    with prof.chrome_trace(out_dir / trace_path, device):
+                        greedy_generate(model, samples[0].input_ids, samples[0].max_new_tokens, eos, device)
+                    traced.add((task, length))
+            except torch.OutOfMemoryError as e:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                errors.append({"task": task, "length": length, "depth": depth, "error": f"out of memory: {e}".splitlines()[0]})
+                _write_json(out_dir / "results.json", results)
+                raise SweepStopped(
+                    f"out of memory at length {length} ({task}, depth {depth:g}); the results of the cells before it "
+                    f"are in {out_dir / 'results.json'}; rerun without this length, or with --resume on a larger device",
+                    results,
+                ) from None
+            rows.append(_cell_row(task, length, depth, samples, gens, tokenizer, trace_path))
+            _append_samples(out_dir / "samples.jsonl", samples, gens, tokenizer)
+            _write_json(out_dir / "results.json", results)
+    finally:
+        bar.close()
+    return results
+
+
+def _cell_row(task, length, depth, samples, gens, tokenizer, trace_path) -> Dict[str, object]:
+    scores = [score(tokenizer.decode(g.token_ids, skip_special_tokens=True), s.answers) for s, g in zip(samples, gens)]
+    peaks = [g.peak_mem_mb for g in gens if g.peak_mem_mb is not None]
+    row = {
+        "task": task, "length": length, "depth": depth, "trials": len(samples),
+        "accuracy": statistics.fmean(a for a, _ in scores),
+        "partial": statistics.fmean(p for _, p in scores),
+        "prefill_ms": _median([g.prefill_ms for g in gens]),
+        "decode_tok_s": _median([g.decode_tok_s for g in gens]),
+        "peak_mem_mb": max(peaks) if peaks else None,
+        "peak_mem_kind": gens[0].peak_mem_kind,
+        "prefill_tok_s": length / (_median([g.prefill_ms for g in gens]) / 1e3),
+        "new_tokens": statistics.fmean(len(g.token_ids) for g in gens),
+        "needle_token_index": [s.needles[0].token_index for s in samples],
+    }
+    if trace_path is not None:
+        row["trace"] = str(trace_path)
+    return row
+
+
+def _append_samples(path: Path, samples: Sequence[Sample], gens: Sequence[Generation], tokenizer) -> None:
+    with open(path, "a") as f:
+        for s, g in zip(samples, gens):
+            pred = tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            acc, partial = score(pred, s.answers)
+            f.write(json.dumps({
+                "task": s.task, "length": s.length, "depth": s.depth, "trial": s.trial,
+                "query_keys": s.query_keys, "answers": s.answers, "prediction": pred,
+                "accuracy": acc, "partial": partial,
+                "needles": [dataclasses.asdict(n) for n in s.needles],
+                "prefill_ms": g.prefill_ms, "decode_tok_s": g.decode_tok_s, "peak_mem_mb": g.peak_mem_mb,
+            }) + "\n")
