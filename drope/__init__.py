@@ -1,6 +1,8 @@
 """drope: fast Triton attention and Hugging Face tooling for DroPE language models."""
 
 from . import reference
+from . import hf  # noqa: F401  (registers "drope_triton" and the DroPE model types)
+from .hf import get_temperature, set_temperature, to_drope, validate_temperature  # noqa: F401
 
 __version__ = "0.1.0"
 

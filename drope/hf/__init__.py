@@ -1,0 +1,33 @@
+"""Hugging Face integration: the "drope_triton" attention, DroPE model classes, conversion, temperature.
+
+Importing this package (``import drope`` does) registers ``"drope_triton"`` with transformers'
+``AttentionInterface`` / ``AttentionMaskInterface`` and the ``llama_drope`` / ``qwen2_drope`` /
+``qwen3_drope`` model types with the Auto classes.
+"""
+
+from . import attention, modeling
+from .attention import ATTN_IMPLEMENTATION, drope_attention_forward, drope_mask
+from .convert import to_drope
+from .modeling import (
+    DropeAttention,
+    LlamaDropeConfig,
+    LlamaDropeForCausalLM,
+    LlamaDropeModel,
+    Qwen2DropeConfig,
+    Qwen2DropeForCausalLM,
+    Qwen2DropeModel,
+    Qwen3DropeConfig,
+    Qwen3DropeForCausalLM,
+    Qwen3DropeModel,
+)
+from .temperature import get_temperature, set_temperature, temperature_rows, temperature_scale, validate_temperature
+
+attention.register()
+modeling.register()
+
+__all__ = [
+    "ATTN_IMPLEMENTATION", "drope_attention_forward", "drope_mask", "to_drope", "DropeAttention",
+    "LlamaDropeConfig", "LlamaDropeForCausalLM", "LlamaDropeModel", "Qwen2DropeConfig", "Qwen2DropeForCausalLM",
+    "Qwen2DropeModel", "Qwen3DropeConfig", "Qwen3DropeForCausalLM", "Qwen3DropeModel", "get_temperature",
+    "set_temperature", "temperature_rows", "temperature_scale", "validate_temperature",
+]
