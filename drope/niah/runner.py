@@ -307,7 +307,10 @@ def load_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
             raise NIAHError(
                 f"--temperature needs drope.hf.temperature.set_temperature, which this installation lacks ({e})"
             ) from None
-        set_temperature(model, spec)
+        try:
+            set_temperature(model, spec)
+        except ValueError as e:
+            raise NIAHError(f"--temperature {cfg.temperature}: {e}") from None
     return model, tokenizer, rope
 
 
@@ -498,6 +501,7 @@ def run(cfg: RunConfig, out_dir, *, resume: bool = False, overwrite: bool = Fals
         "attn_implementation": getattr(model.config, "_attn_implementation", cfg.attn),
         "rope_parameters": rope,
         "model_type": getattr(model.config, "model_type", None),
+        "drope_temperature": getattr(model.config, "drope_temperature", None),
         "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
         "chat_template_used": builder.use_chat,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
