@@ -240,6 +240,7 @@ class Prepared:
     call: Callable[[Dict[str, Any]], Any]
     output: Callable[[Dict[str, Any]], torch.Tensor]
     reference: Callable[[Dict[str, Any]], torch.Tensor]
+    wrt: Sequence[str] = ()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -271,7 +272,15 @@ def build_attention(case: Case, provider: str, device="cuda", *, train_len: int 
     check = None
     if checkable(case):
         def check():
-            return rel_err(prepared.output(sets[0]), prepared.reference(sets[0]))
+            """Worst relative error of the output (and, with backward, of every gradient) vs the reference."""
+            x = sets[0]
+            with torch.no_grad():
+                errs = [rel_err(prepared.output(x), prepared.reference(x))]
+            if prepared.wrt:
+                got = prepared.call(x)
+                want = torch.autograd.grad(prepared.reference(x), [x[n] for n in prepared.wrt], x["grad_out"].float())
+                errs += [rel_err(a, b) for a, b in zip(got, want)]
+            return float("nan") if any(math.isnan(e) for e in errs) else max(errs)
     return {"call": prepared.call, "sets": sets, "check": check, "prepared": prepared,
             "extra": {"G": case.G, "causal": not case.is_decode}}
 
@@ -346,20 +355,20 @@ def prepare_attention(case: Case, provider: str, shared: Dict[str, Any]) -> Prep
     D = case.D
 
     def ref_fused(x):  # QK-norm + per-row temperature
-        f = lambda t: t.detach().float()  # noqa: E731
+        f = lambda t: t.float()  # noqa: E731
         if decode:
             return reference.decode_attention(f(x["q"]), f(x["k"]), f(x["v"]), softmax_scale=shared["scale_rows"])
         return reference.attention(f(x["q"]), f(x["k"]), f(x["v"]), causal=True, softmax_scale=shared["scale_rows"],
                                    q_norm_weight=f(x["qw"]), k_norm_weight=f(x["kw"]), norm_eps=NORM_EPS)
 
     def ref_core(x):  # attention core, per-row temperature (same values as the length one in decode)
-        f = lambda t: t.detach().float()  # noqa: E731
+        f = lambda t: t.float()  # noqa: E731
         if decode:
             return reference.decode_attention(f(x["q"]), f(x["k"]), f(x["v"]), softmax_scale=shared["len_scale"])
         return reference.attention(f(x["q"]), f(x["k"]), f(x["v"]), causal=True, softmax_scale=shared["scale_rows"])
 
     def ref_core_len(x):
-        f = lambda t: t.detach().float()  # noqa: E731
+        f = lambda t: t.float()  # noqa: E731
         if decode:
             return reference.decode_attention(f(x["q"]), f(x["k"]), f(x["v"]), softmax_scale=shared["len_scale"])
         return reference.attention(f(x["q"]), f(x["k"]), f(x["v"]), causal=True, softmax_scale=shared["len_scale"])
@@ -433,14 +442,82 @@ def prepare_attention(case: Case, provider: str, shared: Dict[str, Any]) -> Prep
     else:
         raise ValueError(f"provider must be one of {', '.join(KERNEL_PROVIDERS)}, got {provider!r}")
 
+    wrt = ("q", "k", "v") + (("qw", "kw") if provider in ("drope_triton", "unfused") else ())
     if backward:
         def call(x):
-            out = fwd(x)
-            wrt = [x["q"], x["k"], x["v"]] + ([x["qw"], x["kw"]] if provider in ("drope_triton", "unfused") else [])
-            return torch.autograd.grad(out, wrt, x["grad_out"])
+            return torch.autograd.grad(fwd(x), [x[n] for n in wrt], x["grad_out"])
     else:
         call = fwd
-    return Prepared(call=call, output=fwd, reference=ref)
+    return Prepared(call=call, output=fwd, reference=ref, wrt=wrt if backward else ())
+
+
+def build_model(config_kwargs: Dict[str, Any], device, dtype: torch.dtype, *, seed: int = 0):
+    """A Llama-family causal LM of the given sizes with random weights, turned into a DroPE model.
+
+    ``drope.to_drope(model, qk_norm="head", temperature=position mode, c=0.103, L_train=2048)``.
+    Raises ProviderSkip when ``drope.to_drope`` is not importable.
+    """
+    import drope
+
+    to_drope = getattr(drope, "to_drope", None)
+    if to_drope is None:
+        raise ProviderSkip("drope.to_drope is not available (DroPE model conversion not importable)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**config_kwargs, max_position_embeddings=max(MODEL_DECODE_LENS + MODEL_PREFILL_LENS),
+                      rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(dtype)
+    temperature = {"mode": "position", "coef": TEMP_COEF, "train_length": TRAIN_LEN}
+    model = to_drope(model, qk_norm="head", temperature=temperature)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def eager_fits(case: Case, free_bytes: Optional[int]) -> Optional[str]:
+    """None when HF's eager attention fits, else the reason: it materialises (S x S) weights per layer."""
+    Sq = 1 if case.is_decode else case.S
+    need = case.B * case.H * Sq * case.S * (2 + 4 + 2)
+    if free_bytes is not None and need > 0.5 * free_bytes:
+        return (f"eager attention would materialise ~{need / 2**30:.1f} GiB of (S x S) weights per layer, "
+                f"{free_bytes / 2**30:.1f} GiB free")
+    return None
+
+
+def build_model_case(model, case: Case, provider: str, *, seed: int = 0) -> Dict[str, Any]:
+    """Bind a model op (prefill of S tokens / one decode step on S-1 cached ones) to an attention implementation."""
+    if provider not in MODEL_PROVIDERS:
+        raise ValueError(f"provider must be one of {', '.join(MODEL_PROVIDERS)}, got {provider!r}")
+    device = next(model.parameters()).device
+    if provider == "eager" and device.type == "cuda":
+        reason = eager_fits(case, torch.cuda.mem_get_info()[0])
+        if reason:
+            raise ProviderSkip(reason)
+    try:
+        model.set_attn_implementation(provider)
+    except Exception as e:  # transformers raises ValueError/ImportError for an implementation it cannot use
+        raise ProviderSkip(f"attn_implementation={provider!r} refused: {type(e).__name__}: {str(e)[:200]}")
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (case.B, case.S), generator=g, device=device)
+    extra = {"layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size}
+    if case.op == "model_prefill":
+        def call(x):
+            with torch.inference_mode():
+                return model(input_ids=x, use_cache=False, logits_to_keep=1).logits
+        return {"call": call, "sets": [ids], "check": None, "extra": extra}
+    if case.op != "model_decode":
+        raise ValueError(f"case.op must be model_prefill or model_decode, got {case.op!r}")
+    with torch.inference_mode():
+        cache = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+    keep = case.S - 1
+
+    def call(x):
+        with torch.inference_mode():
+            logits = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        cache.crop(keep)
+        return logits
+    return {"call": call, "sets": [ids[:, -1:]], "check": None, "extra": extra, "cache": cache}
 
 
 def sdpa_refusal(exc: BaseException, caught: Sequence[warnings.WarningMessage]) -> str:

@@ -161,12 +161,12 @@ class BenchSession:
             except torch.cuda.OutOfMemoryError as e:
                 bound.clear()
                 self.skip(case, provider, f"OOM: {str(e).splitlines()[0][:300]}")
-            except NotImplementedError as e:
-                self.skip(case, provider, f"not implemented: {e}")
             except Exception as e:
-                if isinstance(e, RuntimeError) and "No available kernel" in str(e):
-                    self.skip(case, provider, common.sdpa_refusal(e, caught))
                 first = (str(e).splitlines() or [""])[0][:300]
+                if isinstance(e, NotImplementedError) or "not implemented" in first.lower():
+                    self.skip(case, provider, f"not implemented: {first}")
+                if isinstance(e, RuntimeError) and ("No available kernel" in first or "No viable backend" in first):
+                    self.skip(case, provider, common.sdpa_refusal(e, caught))
                 self.fail(case, provider, f"raised {type(e).__name__}: {first}")
             check = bound.get("check")
             rel = None
