@@ -1,6 +1,7 @@
 """drope: fast Triton attention and Hugging Face tooling for DroPE language models."""
 
 from . import reference
+from . import kernels  # noqa: F401
 from . import hf  # noqa: F401  (registers "drope_triton" and the DroPE model types)
 from .hf import get_temperature, set_temperature, to_drope, validate_temperature  # noqa: F401
 

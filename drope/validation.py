@@ -161,6 +161,10 @@ def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_no
     if rope is not None and shape.D % 2:
         raise ValueError(f"rope needs an even head dim, got D={shape.D}")
     check_rope(rope, shape.SK, shape.D, q)
+    if rope is not None and shape.SQ > shape.SK:
+        raise ValueError(
+            f"rope needs Sq <= Sk: query row i sits at position Sk - Sq + i, negative for Sq={shape.SQ} > Sk={shape.SK}"
+        )
     check_norm_weight("q_norm_weight", q_norm_weight, shape.HQ, shape.D, q)
     check_norm_weight("k_norm_weight", k_norm_weight, shape.HKV, shape.D, q)
     if isinstance(norm_eps, bool) or not isinstance(norm_eps, Real) or not norm_eps >= 0:

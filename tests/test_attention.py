@@ -1,0 +1,335 @@
+"""drope.kernels.attention (forward) against drope.reference.attention run in float64."""
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from drope import reference
+from drope.kernels import attention
+from drope.kernels.attention import _attention_forward
+from drope.validation import DeviceError, scale_rows
+from helpers import noncontiguous, rel_err
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    HQ: int
+    HKV: int
+    SQ: int
+    SK: int
+    D: int
+    causal: bool = True
+    rope: bool = False
+    norm: str = "none"  # none | shared (D,) | head (H, D)
+    scale: str = "none"  # none | float | rows (Sq,) | batch_rows (B, Sq)
+    layout: str = "contig"  # contig | bshd: (B, H, S, D) views of (B, S, H, D) memory
+    dtype: torch.dtype = torch.float32
+    blocks: tuple = None  # forced (BM, BN); None = the default path
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.B}-Hq{self.HQ}-Hkv{self.HKV}-Sq{self.SQ}-Sk{self.SK}-D{self.D}", DTYPE_NAME[self.dtype]]
+        parts.append("causal" if self.causal else "full")
+        if self.rope:
+            parts.append("rope")
+        if self.norm != "none":
+            parts.append(f"norm_{self.norm}")
+        if self.scale != "none":
+            parts.append(f"scale_{self.scale}")
+        if self.layout != "contig":
+            parts.append(self.layout)
+        if self.blocks:
+            parts.append("blocks{}x{}".format(*self.blocks))
+        return "-".join(parts)
+
+
+def make_inputs(c: Case, device, packed_len=None):
+    """Fresh random q, k, v and keyword arguments for ``attention`` (kernel dtype) plus their float64 twins."""
+    q = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device).to(c.dtype)
+    k = torch.randn(c.B, c.HKV, c.SK, c.D, device=device).to(c.dtype)
+    v = torch.randn(c.B, c.HKV, c.SK, c.D, device=device).to(c.dtype)
+    if c.layout == "bshd":
+        q, k, v = noncontiguous(q), noncontiguous(k), noncontiguous(v)
+    kw = {"causal": c.causal}
+    if c.rope:
+        # longer than Sk, random angles: also checks the table is indexed by position, not by row
+        ang = torch.rand(c.SK + 7, c.D // 2, device=device, dtype=torch.float64) * 6.3
+        kw["rope"] = (ang.cos().float(), ang.sin().float())
+    if c.norm == "shared":
+        kw["q_norm_weight"] = torch.rand(c.D, device=device) + 0.5
+        kw["k_norm_weight"] = torch.rand(c.D, device=device) + 0.5
+    elif c.norm == "head":
+        kw["q_norm_weight"] = torch.rand(c.HQ, c.D, device=device) + 0.5
+        kw["k_norm_weight"] = torch.rand(c.HKV, c.D, device=device) + 0.5
+    if c.scale == "float":
+        kw["softmax_scale"] = 0.37
+    elif c.scale == "rows":
+        kw["softmax_scale"] = (torch.rand(c.SQ, device=device) + 0.5) * c.D ** -0.5
+    elif c.scale == "batch_rows":
+        kw["softmax_scale"] = (torch.rand(c.B, c.SQ, device=device) + 0.5) * c.D ** -0.5
+    kw64 = {}
+    for name, val in kw.items():
+        if isinstance(val, torch.Tensor):
+            val = val.double()
+        elif isinstance(val, tuple):
+            val = tuple(t.double() for t in val)
+        kw64[name] = val
+    return (q, k, v, kw), (q.double(), k.double(), v.double(), kw64)
+
+
+def run_kernel(q, k, v, kw, blocks):
+    """The public function, or the launcher with forced blocks and a NaN-poisoned output."""
+    if blocks is None:
+        return attention(q, k, v, return_lse=True, **kw)
+    B, HQ, SQ, D = q.shape
+    const, rows = scale_rows(kw.get("softmax_scale"), B, SQ, D, q.device)
+    out = torch.full((B, HQ, SQ, D), float("nan"), dtype=q.dtype, device=q.device)
+    return _attention_forward(q, k, v, causal=kw["causal"], scale=const, scale_rows=rows, rope=kw.get("rope"),
+                              q_norm_weight=kw.get("q_norm_weight"), k_norm_weight=kw.get("k_norm_weight"),
+                              norm_eps=1e-6, cu_seqlens=kw.get("cu_seqlens"), out=out, block_sizes=blocks)
+
+
+def check_case(c: Case, device):
+    (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(c, device)
+    out, lse = run_kernel(q, k, v, kw, c.blocks)
+    ref, ref_lse = reference.attention(q64, k64, v64, return_lse=True, **kw64)
+    assert out.shape == ref.shape and out.dtype == c.dtype
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite output elements"
+    err = rel_err(out, ref)
+    assert err < TOL[c.dtype], f"output rel err {err:.2e} >= {TOL[c.dtype]}"
+    assert lse.shape == (c.B, c.HQ, c.SQ) and lse.dtype == torch.float32 and lse.is_contiguous()
+    lse_err = rel_err(lse, ref_lse)
+    assert lse_err < TOL[c.dtype], f"lse rel err {lse_err:.2e}"
+
+
+INTERPRETER_CASES = [
+    Case(1, 2, 2, 1, 1, 64),
+    Case(2, 8, 2, 63, 63, 64, rope=True, norm="shared", scale="rows"),
+    Case(1, 4, 1, 77, 77, 64, rope=True, dtype=torch.float16),
+    Case(1, 8, 1, 100, 129, 64, norm="head", scale="batch_rows"),
+    Case(2, 2, 1, 1, 100, 64, rope=True, scale="float"),
+    Case(1, 2, 2, 129, 129, 64, rope=True, norm="head", layout="bshd", dtype=torch.float16),
+    Case(2, 4, 4, 63, 100, 32, rope=True, norm="shared", layout="bshd"),
+    Case(1, 4, 2, 63, 100, 64, causal=False, scale="rows"),
+    Case(1, 2, 1, 100, 40, 64, causal=False, norm="head", dtype=torch.float16),
+    Case(1, 4, 1, 77, 77, 16, rope=True, norm="head", scale="batch_rows"),
+    Case(1, 2, 2, 33, 40, 32, norm="shared"),
+    Case(1, 2, 1, 40, 65, 128, rope=True, norm="head", scale="rows"),
+    Case(1, 2, 2, 63, 63, 128, layout="bshd", dtype=torch.float16),
+    Case(1, 2, 1, 20, 33, 256, rope=True, norm="shared"),
+    Case(1, 8, 8, 63, 63, 64, rope=True, layout="bshd", scale="batch_rows"),
+    # a forced small-block launch (NaN-poisoned output): many diagonal and off-diagonal blocks
+    Case(1, 2, 1, 77, 100, 64, rope=True, norm="head", scale="rows", blocks=(16, 16)),
+    Case(1, 4, 1, 63, 63, 32, causal=False, rope=True, layout="bshd", blocks=(16, 32)),
+    Case(1, 2, 2, 100, 129, 64, dtype=torch.float16, blocks=(32, 16)),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("c", INTERPRETER_CASES, ids=lambda c: c.id)
+def test_matches_reference(c, device):
+    check_case(c, device)
+
+
+PACKED = [
+    # bounds, causal, blocks
+    ([0, 5, 6, 13], True, None),
+    ([0, 40, 41, 77, 100], True, (16, 16)),
+    ([0, 17, 50, 63], False, (16, 16)),
+    ([0, 1, 2, 3, 70], True, None),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bounds,causal,blocks", PACKED,
+                         ids=[f"docs{'_'.join(map(str, b))}-{'causal' if c else 'full'}-{'blocks' if bl else 'default'}"
+                              for b, c, bl in PACKED])
+def test_packed_documents(bounds, causal, blocks, device):
+    S = bounds[-1]
+    c = Case(1, 2, 1, S, S, 32, causal=causal, rope=True, norm="head", scale="rows", layout="bshd", blocks=blocks)
+    (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(c, device)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    out, lse = run_kernel(q, k, v, {**kw, "cu_seqlens": cu}, blocks)
+    ref, ref_lse = reference.attention(q64, k64, v64, cu_seqlens=cu, return_lse=True, **kw64)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[c.dtype] and rel_err(lse, ref_lse) < TOL[c.dtype]
+    # each document alone gives the same rows (positions restart at 0, per-row scales follow the rows)
+    rows = kw["softmax_scale"]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        alone = attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], **{**kw, "softmax_scale": rows[a:b]})
+        assert rel_err(out[:, :, a:b], alone) < TOL[c.dtype]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_packed_int64_boundaries(causal, device):
+    c = Case(1, 2, 1, 30, 30, 16, causal=causal, rope=True)
+    (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(c, device)
+    cu = torch.tensor([0, 11, 30], dtype=torch.int64, device=device)
+    out = attention(q, k, v, cu_seqlens=cu, **kw)
+    ref = reference.attention(q64, k64, v64, cu_seqlens=cu, **kw64)
+    assert rel_err(out, ref) < TOL[c.dtype]
+
+
+@pytest.mark.interpreter
+def test_no_visible_key_gives_zeros(device):
+    q = torch.randn(2, 4, 5, 64, device=device)
+    k = torch.randn(2, 2, 0, 64, device=device)
+    out, lse = attention(q, k, k, causal=False, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    out, lse = attention(q[:, :, :0], k, k, return_lse=True)
+    assert out.shape == (2, 4, 0, 64) and lse.shape == (2, 4, 0)
+
+
+@pytest.mark.interpreter
+def test_lse_not_computed_unless_asked(device):
+    (q, k, v, kw), _ = make_inputs(Case(1, 2, 1, 9, 9, 16), device)
+    out = attention(q, k, v, **kw)
+    assert isinstance(out, torch.Tensor)
+    o, lse = _attention_forward(q, k, v, causal=True, scale=0.25, scale_rows=None, rope=None, q_norm_weight=None,
+                                k_norm_weight=None, norm_eps=1e-6, cu_seqlens=None, return_lse=False)
+    assert lse is None and torch.equal(o, out)
+
+
+@pytest.mark.interpreter
+def test_gqa_equals_repeated_kv(device):
+    (q, k, v, kw), _ = make_inputs(Case(1, 4, 1, 33, 40, 32, rope=True, norm="shared"), device)
+    grouped = attention(q, k, v, **kw)
+    repeated = attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                         **{**kw, "k_norm_weight": kw["k_norm_weight"]})
+    assert rel_err(grouped, repeated) < 1e-6
+
+
+@pytest.mark.interpreter
+@settings(max_examples=10, deadline=None)
+@given(B=st.integers(1, 2), HKV=st.integers(1, 2), G=st.sampled_from([1, 2, 4]), SQ=st.integers(1, 40),
+       extra=st.integers(0, 30), D=st.sampled_from([16, 32, 64]), causal=st.booleans(), rope=st.booleans(),
+       norm=st.sampled_from(["none", "shared", "head"]), scale=st.sampled_from(["none", "float", "rows", "batch_rows"]),
+       layout=st.sampled_from(["contig", "bshd"]), blocks=st.sampled_from([None, (16, 16), (16, 32), (32, 16)]))
+def test_property_random_shapes(B, HKV, G, SQ, extra, D, causal, rope, norm, scale, layout, blocks):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_case(Case(B, HKV * G, HKV, SQ, SQ + extra, D, causal=causal, rope=rope, norm=norm, scale=scale,
+                    layout=layout, blocks=blocks), device)
+
+
+def _base():
+    return dict(q=torch.randn(1, 4, 8, 16), k=torch.randn(1, 2, 8, 16), v=torch.randn(1, 2, 8, 16))
+
+
+BAD = [
+    (dict(q=torch.randn(4, 8, 16)), "q must be 4-D"),
+    (dict(k=torch.randn(1, 2, 8), v=torch.randn(1, 2, 8)), "k must be 4-D"),
+    (dict(k=torch.randn(1, 3, 8, 16), v=torch.randn(1, 3, 8, 16)), "multiple of"),
+    (dict(k=torch.randn(1, 2, 8, 32), v=torch.randn(1, 2, 8, 32)), "head dim"),
+    (dict(q=torch.randn(1, 4, 8, 48), k=torch.randn(1, 2, 8, 48), v=torch.randn(1, 2, 8, 48)), "head dim D=48"),
+    (dict(q=torch.randn(1, 4, 8, 16).double(), k=torch.randn(1, 2, 8, 16).double(),
+          v=torch.randn(1, 2, 8, 16).double()), "dtype"),
+    (dict(v=torch.randn(1, 2, 8, 16).half()), "dtype"),
+    (dict(k=torch.randn(1, 2, 8, 16, device="meta"), v=torch.randn(1, 2, 8, 16, device="meta")), "device"),
+    (dict(q=torch.randn(1, 4, 9, 16)), "causal"),
+    (dict(q=torch.randn(1, 4, 9, 16), causal=False, rope=(torch.randn(9, 8), torch.randn(9, 8))), "rope needs Sq <= Sk"),
+    (dict(causal=1), "causal must be a bool"),
+    (dict(rope=(torch.randn(7, 8), torch.randn(7, 8))), "shorter than Sk"),
+    (dict(rope=(torch.randn(8, 16), torch.randn(8, 16))), "rope cos"),
+    (dict(rope=(torch.randn(8, 8), torch.randn(8, 4))), "rope sin"),
+    (dict(rope=torch.randn(8, 8)), "rope must be"),
+    (dict(q_norm_weight=torch.randn(3, 16)), "q_norm_weight"),
+    (dict(k_norm_weight=torch.randn(4, 16)), "k_norm_weight"),
+    (dict(k_norm_weight=torch.randn(15)), "k_norm_weight"),
+    (dict(norm_eps=-1.0), "norm_eps"),
+    (dict(softmax_scale=torch.randn(7)), "softmax_scale"),
+    (dict(softmax_scale=torch.randn(2, 8)), "softmax_scale"),
+    (dict(softmax_scale="x"), "softmax_scale"),
+    (dict(cu_seqlens=torch.tensor([1, 8], dtype=torch.int32)), "start at 0"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 5, 8], dtype=torch.int32)), "increasing"),
+    (dict(cu_seqlens=torch.tensor([0, 7], dtype=torch.int32)), "end at"),
+    (dict(cu_seqlens=torch.tensor([0, 8.0])), "int32"),
+    (dict(q=torch.randn(2, 4, 8, 16), k=torch.randn(2, 2, 8, 16), v=torch.randn(2, 2, 8, 16),
+          cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)), "batch size"),
+]
+
+
+@pytest.mark.parametrize("override,match", BAD, ids=[f"{i}-{m}" for i, (_, m) in enumerate(BAD)])
+def test_rejects_bad_input(override, match):
+    args = _base()
+    args.update(override)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, **args)
+
+
+def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = _base()
+    with pytest.raises(DeviceError, match="TRITON_INTERPRET=1"):
+        attention(args["q"], args["k"], args["v"])
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "q_norm_weight", "k_norm_weight"])
+def test_requires_grad_is_refused_until_backward_lands(which, device):
+    args = {name: t.to(device) for name, t in _base().items()}
+    args["q_norm_weight"] = torch.ones(16, device=device)
+    args["k_norm_weight"] = torch.ones(16, device=device)
+    args[which].requires_grad_()
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(RuntimeError, match="backward not implemented"):
+        attention(q, k, v, **args)
+
+
+@pytest.mark.interpreter
+def test_requires_grad_runs_under_no_grad(device):
+    (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(Case(1, 2, 1, 9, 9, 16), device)
+    q.requires_grad_()
+    with torch.no_grad():
+        out = attention(q, k, v, **kw)
+    assert not out.requires_grad
+    assert rel_err(out, reference.attention(q64.detach(), k64, v64, **kw64)) < TOL[torch.float32]
+
+
+GPU_CASES = [
+    replace(c, dtype=dt, layout=layout)
+    for dt in (torch.bfloat16, torch.float16)
+    for layout in ("contig", "bshd")
+    for c in [
+        Case(2, 8, 2, 63, 63, 64, rope=True, norm="shared", scale="rows"),
+        Case(1, 32, 8, 1000, 1000, 128, rope=True, norm="head"),
+        Case(2, 16, 2, 777, 2048, 64, scale="batch_rows"),
+        Case(1, 8, 1, 1, 4099, 128, rope=True, scale="float"),
+        Case(1, 4, 4, 513, 700, 128, causal=False, norm="head"),
+        Case(1, 4, 1, 300, 300, 256, rope=True, norm="shared"),
+        Case(1, 4, 2, 129, 129, 16, rope=True, norm="head"),
+        Case(1, 4, 2, 129, 257, 32, rope=True),
+        Case(1, 4, 1, 4096, 4096, 128, rope=True, norm="head", scale="rows"),
+        Case(1, 4, 1, 300, 300, 64, rope=True, norm="head", blocks=(16, 16)),
+    ]
+] + [
+    Case(1, 2, 1, 16384, 16384, 64, rope=True, norm="head", scale="rows", dtype=torch.bfloat16),
+    Case(1, 2, 2, 4096, 16384, 128, dtype=torch.float16, layout="bshd"),
+    Case(1, 4, 2, 1000, 1000, 64, rope=True, norm="head", dtype=torch.float32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", GPU_CASES, ids=lambda c: c.id)
+def test_matches_reference_gpu(c, device):
+    check_case(c, device)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_packed_documents_gpu(dtype, device):
+    bounds = [0, 1000, 1001, 3000, 3333, 8192]
+    S = bounds[-1]
+    c = Case(1, 8, 2, S, S, 128, rope=True, norm="head", scale="rows", layout="bshd", dtype=dtype)
+    (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(c, device)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    out, lse = attention(q, k, v, cu_seqlens=cu, return_lse=True, **kw)
+    ref, ref_lse = reference.attention(q64, k64, v64, cu_seqlens=cu, return_lse=True, **kw64)
+    assert rel_err(out, ref) < TOL[dtype] and rel_err(lse, ref_lse) < TOL[dtype]
