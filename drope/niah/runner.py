@@ -149,6 +149,11 @@ def apply_rope_scaling(config, spec: str) -> Dict[str, object]:
             longrope factors, or parameters transformers rejects.
     """
     params = parse_rope_scaling(spec)
+    if str(getattr(config, "model_type", "")).endswith("_drope"):
+        raise NIAHError(
+            f"--rope-scaling applies to RoPE models; this is a DroPE model (model_type {config.model_type!r}) "
+            "with no RoPE to scale: use --temperature instead"
+        )
     base = getattr(config, "rope_parameters", None)
     if not base or "rope_theta" not in base:
         raise NIAHError(
