@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 COMMANDS = {
     "recalibrate": ("drope.hf.recalibrate", "convert a RoPE model to DroPE (if needed) and recalibrate it with the HF Trainer"),
     "niah": ("drope.niah.cli", "needle-in-a-haystack accuracy and long-context profile of a local model"),
+    "demo": ("drope.demo.cli", "RoPE (and its scaling methods) vs NoPE vs DroPE on NIAH beyond the training length, with the shipped mini models"),
+    "train-mini": ("drope.demo.train", "train the shipped mini RoPE / NoPE / DroPE models from scratch (seeded recipe)"),
 }
 
 
