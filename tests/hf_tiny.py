@@ -1,0 +1,95 @@
+"""Tiny Hugging Face models and a locally trained tokenizer for the HF integration tests (no downloads)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import drope
+
+VOCAB = 96
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
+def tiny_config(family: str, **overrides):
+    """hidden 64, 4 query heads / 2 KV heads of D 16, 2 layers: small enough for the interpreter."""
+    config_cls, _ = FAMILIES[family]
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6,
+              tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return config_cls(**kw)
+
+
+def rope_model(family: str, seed: int = 0, **overrides):
+    """A randomly initialised RoPE causal LM of the family, fp32, eval mode, eager attention."""
+    torch.manual_seed(seed)
+    _, model_cls = FAMILIES[family]
+    config = tiny_config(family, **overrides)
+    config._attn_implementation = "eager"
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def perturb_norms(model, seed: int = 1):
+    """QK-norm weights away from one, so a test notices a norm applied without its weight."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return model
+
+
+def drope_model(family: str, qk_norm="auto", temperature=None, seed: int = 0, **overrides):
+    """A converted DroPE model with random weights and perturbed norm weights (fp32, eval)."""
+    model = drope.to_drope(rope_model(family, seed, **overrides), qk_norm=qk_norm, temperature=temperature)
+    return perturb_norms(model, seed + 1).eval()
+
+
+def logits(model, impl: str, input_ids, **kwargs) -> torch.Tensor:
+    """Logits of one forward under the attention implementation ``impl``."""
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(input_ids=input_ids, **kwargs).logits
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A BPE of at most VOCAB tokens trained in well under a second on a few sentences; left padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [
+        "the quick brown fox jumps over the lazy dog",
+        "a needle hides in a haystack of long context",
+        "dropping positional embeddings extends the context",
+        "rotary embeddings are removed and the model is recalibrated",
+    ] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.padding_side = "left"
+    assert len(fast) <= VOCAB
+    return fast

@@ -1,0 +1,241 @@
+"""DroPE model classes, to_drope, SakanaAI checkpoints: drope_triton against the eager path of the same model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel, StaticCache
+
+import drope
+from drope.hf import LlamaDropeConfig, LlamaDropeForCausalLM, Qwen2DropeForCausalLM, Qwen3DropeForCausalLM
+from helpers import rel_err
+from hf_tiny import VOCAB, drope_model, logits, rope_model, tiny_config, tiny_tokenizer
+
+TOL = 1e-3  # fp32 model, relative error of the logits
+POSITION_TEMP = {"mode": "position", "coef": 0.3, "train_length": 8}
+LENGTH_TEMP = {"mode": "length", "coef": 0.4, "train_length": 8}
+
+
+def _ids(B, S, seed=0):
+    return torch.randint(3, VOCAB, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family,qk_norm,temperature", [
+    ("llama", "full", None),
+    ("llama", "head", POSITION_TEMP),
+    ("llama", None, LENGTH_TEMP),
+    ("qwen2", "full", POSITION_TEMP),
+    ("qwen3", "head", LENGTH_TEMP),
+], ids=["llama-full", "llama-head-position", "llama-none-length", "qwen2-full-position", "qwen3-head-length"])
+def test_logits_match_eager_and_sdpa(family, qk_norm, temperature):
+    model = drope_model(family, qk_norm=qk_norm, temperature=temperature)
+    ids = _ids(2, 23)
+    ref = logits(model, "eager", ids)
+    assert rel_err(logits(model, "sdpa", ids), ref) < TOL
+    assert rel_err(logits(model, "drope_triton", ids), ref) < TOL
+
+
+def _prompts():
+    tok = tiny_tokenizer()
+    return tok(["the fox jumps", "a needle hides in the haystack of long context"], padding=True,
+               return_tensors="pt")
+
+
+def _generate(model, impl, batch, cache, new=4):
+    model.set_attn_implementation(impl)
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1)  # (B, new, V)
+
+
+@pytest.mark.parametrize("family,qk_norm,cache", [
+    ("llama", "full", "dynamic"),
+    ("llama", "head", "static"),
+    ("qwen2", "full", "static"),
+    ("qwen3", "head", "dynamic"),
+], ids=["llama-full-dynamic", "llama-head-static", "qwen2-full-static", "qwen3-head-dynamic"])
+def test_generate_left_padded_matches_eager_and_alone(family, qk_norm, cache):
+    model = drope_model(family, qk_norm=qk_norm, temperature={"mode": "position", "coef": 0.2, "train_length": 6})
+    batch = _prompts()
+    seq_ref, lg_ref = _generate(model, "eager", batch, cache)
+    seq, lg = _generate(model, "drope_triton", batch, cache)
+    assert torch.equal(seq, seq_ref)
+    assert rel_err(lg, lg_ref) < TOL
+    # each prompt alone (no padding) generates what its row of the padded batch generates
+    for b in range(2):
+        real = batch["attention_mask"][b].bool()
+        alone = {"input_ids": batch["input_ids"][b:b + 1, real], "attention_mask": batch["attention_mask"][b:b + 1, real]}
+        seq_b, lg_b = _generate(model, "drope_triton", alone, cache)
+        assert torch.equal(seq_b[0, -4:], seq[b, -4:])
+        assert rel_err(lg_b[0], lg[b]) < TOL
+
+
+def test_decode_with_static_and_dynamic_cache_equals_prefill():
+    model = drope_model("llama", qk_norm="head", temperature=POSITION_TEMP)
+    model.set_attn_implementation("drope_triton")
+    ids = _ids(2, 14, seed=3)
+    full = logits(model, "drope_triton", ids)
+    for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=20)):
+        steps = []
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :9], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            for t in range(9, 14):
+                out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits)
+        assert rel_err(torch.cat(steps, dim=1), full) < TOL, type(cache).__name__
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = drope_model("qwen2", qk_norm="head", temperature=LENGTH_TEMP)
+    ids = _ids(1, 17)
+    ref = logits(model, "eager", ids)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "qwen2_drope" and config["qk_norm_type"] == "head"
+    assert config["drope_temperature"] == LENGTH_TEMP
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="drope_triton").eval()
+    assert isinstance(loaded, Qwen2DropeForCausalLM)
+    assert loaded.config._attn_implementation == "drope_triton"
+    assert torch.equal(logits(loaded, "eager", ids), ref)
+    assert rel_err(logits(loaded, "drope_triton", ids), ref) < TOL
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _nope_forward(sd, cfg, ids, attention_type, qkv_bias):
+    """Plain float64 NoPE forward of a Llama/Qwen2 checkpoint, SakanaAI's QK-norm over all heads."""
+    sd = {k: v.double() for k, v in sd.items()}
+    eps, H, HKV, D = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    S = ids.shape[1]
+    h = sd["model.embed_tokens.weight"][ids]
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+
+        def lin(x, name, bias=False):
+            y = x @ sd[p + name + ".weight"].T
+            return y + sd[p + name + ".bias"] if bias else y
+
+        x = _rms(h, sd[p + "input_layernorm.weight"], eps)
+        q, k, v = (lin(x, f"self_attn.{n}_proj", qkv_bias) for n in "qkv")
+        if attention_type in ("qk_norm_nope", "q_norm_nope"):
+            q = _rms(q, sd[p + "self_attn.q_norm.weight"], eps)
+        if attention_type in ("qk_norm_nope", "k_norm_nope"):
+            k = _rms(k, sd[p + "self_attn.k_norm.weight"], eps)
+        q = q.view(1, S, H, D).transpose(1, 2)
+        k = k.view(1, S, HKV, D).transpose(1, 2).repeat_interleave(H // HKV, 1)
+        v = v.view(1, S, HKV, D).transpose(1, 2).repeat_interleave(H // HKV, 1)
+        s = (q @ k.transpose(-1, -2)) * D ** -0.5
+        a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1) @ v
+        h = h + lin(a.transpose(1, 2).reshape(1, S, H * D), "self_attn.o_proj")
+        x = _rms(h, sd[p + "post_attention_layernorm.weight"], eps)
+        gate, up = lin(x, "mlp.gate_proj"), lin(x, "mlp.up_proj")
+        h = h + lin(torch.nn.functional.silu(gate) * up, "mlp.down_proj")
+    return _rms(h, sd["model.norm.weight"], eps) @ sd["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("attention_type", ["nope", "qk_norm_nope", "q_norm_nope", "k_norm_nope"])
+def test_sakana_checkpoint_loads_with_its_semantics(tmp_path, family, attention_type):
+    base = rope_model(family, seed=5)
+    cfg = base.config.to_dict()
+    cfg.update(model_type=f"{family}_drope", attention_type=attention_type,
+               architectures=[f"DroPE{type(base).__name__}"],
+               auto_map={"AutoConfig": "drope.DroPEConfig", "AutoModelForCausalLM": "drope.DroPEModel"})
+    cfg.pop("_attn_implementation_autoset", None)
+    sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    H, HKV, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    for i in range(cfg["num_hidden_layers"]):
+        # SakanaAI's modules hold both norms for every *norm_nope type (only the named ones are used)
+        if attention_type != "nope":
+            sd[f"model.layers.{i}.self_attn.q_norm.weight"] = 0.5 + torch.rand(H * D, generator=g)
+            sd[f"model.layers.{i}.self_attn.k_norm.weight"] = 0.5 + torch.rand(HKV * D, generator=g)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(model).__name__ == f"{'Llama' if family == 'llama' else 'Qwen2'}DropeForCausalLM"
+    assert model.config.attention_type == attention_type and model.config.qk_norm_type == "full"
+    ids = _ids(1, 19, seed=2)
+    ref = _nope_forward(sd, cfg, ids, attention_type, qkv_bias=family == "qwen2")
+    assert rel_err(logits(model, "eager", ids), ref) < 1e-5
+    if attention_type == "qk_norm_nope":
+        assert rel_err(logits(model, "drope_triton", ids), ref) < TOL
+
+
+def test_converted_weights_are_kept_and_new_norms_start_at_one():
+    base = rope_model("llama", seed=4)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = drope.to_drope(base, qk_norm="full")
+    assert isinstance(model, LlamaDropeForCausalLM)
+    assert model.config.model_type == "llama_drope" and model.config.attention_type == "qk_norm_nope"
+    sd = model.state_dict()
+    for name, value in before.items():
+        assert torch.equal(sd[name], value), name
+    norms = [k for k in sd if k.endswith(("q_norm.weight", "k_norm.weight"))]
+    assert len(norms) == 4 and all(torch.equal(sd[k], torch.ones_like(sd[k])) for k in norms)
+    assert sd["model.layers.0.self_attn.q_norm.weight"].shape == (4 * 16,)
+    # with no norm, the converted model is the RoPE model's weights run without RoPE
+    plain = drope.to_drope(rope_model("llama", seed=4), qk_norm=None)
+    ids = _ids(1, 15)
+    cfg = plain.config.to_dict()
+    assert rel_err(logits(plain, "eager", ids), _nope_forward(before, cfg, ids, "nope", False)) < 1e-5
+
+
+def test_qwen3_keeps_its_per_head_norms():
+    base = rope_model("qwen3", seed=6)
+    with torch.no_grad():
+        base.model.layers[0].self_attn.q_norm.weight.uniform_(0.5, 1.5)
+    w = base.model.layers[0].self_attn.q_norm.weight.clone()
+    model = drope.to_drope(base)
+    assert isinstance(model, Qwen3DropeForCausalLM) and model.config.qk_norm_type == "head"
+    assert torch.equal(model.model.layers[0].self_attn.q_norm.weight, w)
+
+
+def _last_logits(model, impl, ids):
+    return logits(model, impl, ids)[0, -1]
+
+
+def test_no_positional_signal_prefix_permutation():
+    """One causal layer: the last position's output ignores the order of earlier tokens (no RoPE)."""
+    ids = _ids(1, 16, seed=9)
+    perm = torch.cat([torch.randperm(15, generator=torch.Generator().manual_seed(1)), torch.tensor([15])])
+    model = drope_model("llama", qk_norm="full", num_hidden_layers=1)
+    for impl in ("eager", "drope_triton"):
+        assert rel_err(_last_logits(model, impl, ids[:, perm]), _last_logits(model, impl, ids)) < 1e-5
+    rope = rope_model("llama", num_hidden_layers=1)
+    assert rel_err(_last_logits(rope, "eager", ids[:, perm]), _last_logits(rope, "eager", ids)) > 1e-3
+
+
+def test_to_drope_bad_input():
+    with pytest.raises(ValueError, match="model_type"):
+        drope.to_drope(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+    with pytest.raises(ValueError, match="qk_norm"):
+        drope.to_drope(rope_model("llama"), qk_norm="rms")
+    with pytest.raises(ValueError, match="per-head"):
+        drope.to_drope(rope_model("qwen3"), qk_norm="full")
+    with pytest.raises(ValueError, match="already a DroPE"):
+        drope.to_drope(drope_model("llama"))
+    with pytest.raises(ValueError, match="no attention layers"):
+        drope.to_drope(rope_model("llama", num_hidden_layers=0))
+    with pytest.raises(ValueError, match="mode"):
+        drope.to_drope(rope_model("llama"), temperature={"mode": "yarn", "coef": 0.1, "train_length": 8})
+
+
+def test_config_rejects_unknown_attention_type(tmp_path):
+    with pytest.raises(ValueError, match="attention_type"):
+        LlamaDropeConfig(attention_type="rope_nope")
+    with pytest.raises(ValueError, match="qk_norm_type"):
+        LlamaDropeConfig(qk_norm_type="layer")
+    cfg = tiny_config("llama").to_dict()
+    cfg.update(model_type="llama_drope", attention_type="qk_norm_rope")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="attention_type"):
+        AutoConfig.from_pretrained(tmp_path)
