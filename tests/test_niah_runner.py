@@ -207,17 +207,43 @@ def _drope_triton_or_skip():
 
 
 @pytest.mark.interpreter
-def test_drope_triton_matches_eager(model_dir):
+def test_runner_drope_triton_matches_eager(model_dir, tmp_path):
+    """The sweep with attn=drope_triton generates what eager generates (float32, same samples)."""
     _drope_triton_or_skip()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    s = PromptBuilder(tok).build("single", 128, 0.5)
-    outs = {}
+    preds = {}
     for attn in ("eager", "drope_triton"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn).eval()
-        outs[attn] = greedy_generate(model, s.input_ids, 4, [], torch.device("cpu")).token_ids
-    assert outs["drope_triton"] == outs["eager"]
+        out = tmp_path / attn
+        res = runner.run(_cfg(model_dir, lengths=[128], depths=[0.5], trials=1, attn=attn), out, progress=False)
+        assert res["config"]["attn_implementation"] == attn and res["results"][0]["decode_tok_s"] > 0
+        preds[attn] = [json.loads(x)["prediction"] for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert preds["drope_triton"] == preds["eager"]
+
+
+def test_out_of_memory_and_ctrl_c_keep_finished_cells(model_dir, tmp_path, monkeypatch, capsys):
+    real = runner.greedy_generate
+
+    def oom_at_256(model, input_ids, *args):
+        if len(input_ids) == 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, input_ids, *args)
+
+    monkeypatch.setattr(runner, "greedy_generate", oom_at_256)
+    out = tmp_path / "oom"
+    assert _niah("--model", model_dir, "--lengths", "128,256", "--tasks", "single", "--depths", "1", "--out", out,
+                 *FAST) == 1
+    assert "out of memory at length 256" in capsys.readouterr().err
+    data = report.load_run(out)
+    assert [r["length"] for r in data["results"]] == [128] and data["errors"][0]["length"] == 256
+    assert (out / "results.csv").is_file() and (out / "heatmap_single.png").is_file()
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "greedy_generate", interrupt)
+    assert _niah("--model", model_dir, "--lengths", "128,256", "--tasks", "single", "--depths", "1", "--out", out,
+                 "--resume", *FAST) == 130
+    assert "rerun with --resume" in capsys.readouterr().err
+    assert [r["length"] for r in report.load_run(out)["results"]] == [128]
 
 
 def test_temperature_on_a_drope_model(tmp_path):

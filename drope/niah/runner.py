@@ -92,7 +92,9 @@ class RunConfig:
             parse_temperature(self.temperature)
 
     def identity(self) -> Dict[str, object]:
-        return {k: getattr(self, k) for k in IDENTITY_FIELDS}
+        out = {k: getattr(self, k) for k in IDENTITY_FIELDS}
+        out["model"] = str(Path(self.model).resolve())
+        return out
 
 
 def parse_rope_scaling(spec: str) -> Dict[str, object]:
