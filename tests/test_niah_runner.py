@@ -191,6 +191,7 @@ def test_rope_scaling_run_records_parameters(model_dir, tmp_path, capsys):
                  "--rope-scaling", "yarn:2", "--out", out, *FAST) == 0
     cfg = report.load_run(out)["config"]
     assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["rope_parameters"]["factor"] == 2.0
+    assert cfg["rope_type_in_model"] == ["yarn"]
     # report-only mode: compare two runs without a model
     other = tmp_path / "base"
     assert _niah("--model", model_dir, "--lengths", "256", "--tasks", "single", "--depths", "1", "--out", other,

@@ -9,6 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .tasks import TASKS
+
 CSV_FIELDS = ("label", "task", "length", "depth", "trials", "accuracy", "partial", "prefill_ms", "prefill_tok_s",
               "decode_tok_s", "peak_mem_mb", "peak_mem_kind", "new_tokens")
 
@@ -157,7 +159,8 @@ def plot_accuracy_vs_length(runs: Sequence[Dict[str, object]], path, train_lengt
     if not runs or not any(r["results"] for r in runs):
         raise ValueError("plot_accuracy_vs_length needs at least one run with results")
     plt = _pyplot()
-    tasks = sorted({row["task"] for r in runs for row in r["results"]})
+    order = {t: i for i, t in enumerate(TASKS)}
+    tasks = sorted({row["task"] for r in runs for row in r["results"]}, key=lambda t: (order.get(t, len(order)), t))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
         for i, run in enumerate(runs):

@@ -507,13 +507,15 @@ def run(cfg: RunConfig, out_dir, *, resume: bool = False, overwrite: bool = Fals
         "resolved_dtype": str(dtype).replace("torch.", ""),
         "attn_implementation": getattr(model.config, "_attn_implementation", cfg.attn),
         "rope_parameters": rope,
+        "rope_type_in_model": sorted({str(m.rope_type) for m in model.modules() if hasattr(m, "rope_type")}),
         "model_type": getattr(model.config, "model_type", None),
         "drope_temperature": getattr(model.config, "drope_temperature", None),
         "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
         "chat_template_used": builder.use_chat,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     }
-    errors: List[Dict[str, object]] = list(previous.get("errors", [])) if (previous and not overwrite) else []
+    # errors of an earlier attempt are superseded by this one (a resumed cell runs again)
+    errors: List[Dict[str, object]] = []
     out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         (out_dir / "samples.jsonl").unlink(missing_ok=True)
