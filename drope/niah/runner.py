@@ -512,6 +512,8 @@ def run(cfg: RunConfig, out_dir, *, resume: bool = False, overwrite: bool = Fals
         "drope_temperature": getattr(model.config, "drope_temperature", None),
         "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
         "chat_template_used": builder.use_chat,
+        # on CPU, drope_triton runs Triton's interpreter when this is "1", else drope.reference (it warns)
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
     }
     # errors of an earlier attempt are superseded by this one (a resumed cell runs again)

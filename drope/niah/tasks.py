@@ -295,7 +295,8 @@ class PromptBuilder:
             if b < len(chunks):
                 ids.extend(chunks[b])
         ids.extend(tail)
-        assert len(ids) == length, (len(ids), length)
+        if len(ids) != length:
+            raise RuntimeError(f"internal error: built {len(ids)} tokens for length {length}")
 
         needles = [Needle(k, v, depths[n], placed[n], len(needle_ids[n])) for n, (k, v) in enumerate(pairs)]
         return Sample(
