@@ -12,7 +12,7 @@ from typing import Optional
 import pytest
 import torch
 
-from drope import reference
+from drope import kernels, reference
 from drope.kernels.attention_bwd import attention_backward
 from drope.validation import scale_rows
 from helpers import noncontiguous, rel_err
@@ -189,3 +189,142 @@ def test_launcher_deterministic(device):
 ], ids=lambda c: c.id)
 def test_launcher_gpu(case, dtype):
     run_launcher(case, "cuda", dtype)
+
+
+def kernel_grads(c: Case, leaves, scale, rope, do, dtype, *, cu_seqlens=None, needs=(True,) * 5, strided=False,
+                 use_lse=False):
+    """Gradients through ``drope.kernels.attention`` + autograd; leaves cast to ``dtype`` (weights fp32)."""
+    q, k, v, wq, wk = [None if x is None else x.detach().to(dtype if i < 3 else torch.float32)
+                       for i, x in enumerate(leaves)]
+    if strided:
+        q, k, v = noncontiguous(q), noncontiguous(k), noncontiguous(v)
+    ins = [None if x is None else x.requires_grad_(n) for x, n in zip((q, k, v, wq, wk), needs)]
+    out, lse = kernels.attention(*ins[:3], causal=c.causal, softmax_scale=scale, rope=rope, q_norm_weight=ins[3],
+                                 k_norm_weight=ins[4], cu_seqlens=cu_seqlens, return_lse=True)
+    loss = (out.double() * do).sum()
+    if use_lse:
+        loss = loss + (lse.double() * do[..., 0]).sum()
+    loss.backward()
+    return out, lse, [None if x is None else x.grad for x in ins]
+
+
+E2E_CASES = [
+    (Case(2, 4, 2, 63, 77, 64, rope=True, norm="head", scale="rows2"), torch.float32),
+    (Case(1, 8, 1, 40, 40, 64, norm="shared", scale="rows1"), torch.float16),
+    (Case(1, 4, 4, 1, 50, 128, causal=False, rope=True, scale="float"), torch.float32),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case,dtype", E2E_CASES, ids=[f"{c.id}-{str(d)[6:]}" for c, d in E2E_CASES])
+def test_autograd_matches_reference(case, dtype, device):
+    leaves, scale, rope = make_inputs(case, device)
+    do = torch.randn(case.B, case.HQ, case.SQ, case.D, device=device, dtype=torch.float64)
+    ref_out, _, ref = reference_grads(leaves, scale, rope, do, causal=case.causal)
+    out, _, got = kernel_grads(case, leaves, scale, rope, do, dtype, strided=True)
+    assert out.dtype == dtype and rel_err(out, ref_out) < TOL[dtype]
+    check_grads(got, ref, TOL[dtype])
+
+
+@pytest.mark.interpreter
+def test_autograd_through_lse(device):
+    """A loss that uses the returned LSE too: its gradient flows back (d lse / d s = p)."""
+    c = Case(1, 4, 2, 30, 45, 32, rope=True, norm="head", scale="rows1")
+    leaves, scale, rope = make_inputs(c, device)
+    do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
+    q, k, v, wq, wk = [x.detach().clone().requires_grad_() for x in leaves]
+    out, lse = reference.attention(q, k, v, softmax_scale=scale, rope=tuple(t.double() for t in rope),
+                                   q_norm_weight=wq, k_norm_weight=wk, return_lse=True)
+    ((out * do).sum() + (lse * do[..., 0]).sum()).backward()
+    ref = [x.grad for x in (q, k, v, wq, wk)]
+    _, _, got = kernel_grads(c, leaves, scale, rope, do, torch.float32, use_lse=True)
+    check_grads(got, ref, TOL[torch.float32])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("needs", [
+    (False, False, True, False, False), (True, True, False, False, False), (False, False, False, True, True),
+], ids=["v-only", "q-k", "weights-only"])
+def test_autograd_partial_requires_grad(needs, device):
+    """Inputs that do not require grad get None (and their gradient is not computed)."""
+    c = Case(1, 4, 2, 25, 25, 32, rope=True, norm="head")
+    leaves, scale, rope = make_inputs(c, device)
+    do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
+    _, _, ref = reference_grads(leaves, scale, rope, do, causal=True, needs=needs)
+    _, _, got = kernel_grads(c, leaves, scale, rope, do, torch.float32, needs=needs)
+    check_grads(got, ref, TOL[torch.float32])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_autograd_packed_equals_documents_alone(causal, device):
+    """Packed documents (cu_seqlens) give each document's own outputs and gradients."""
+    bounds = [0, 9, 10, 47, 64]
+    c = Case(1, 2, 1, 64, 64, 32, causal=causal, rope=True, norm="head", scale="rows1")
+    leaves, scale, rope = make_inputs(c, device)
+    do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    out, _, got = kernel_grads(c, leaves, scale, rope, do, torch.float32, cu_seqlens=cu)
+    q, k, v, wq, wk = leaves
+    dwq, dwk = torch.zeros_like(wq), torch.zeros_like(wk)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        n = b - a
+        doc = Case(1, 2, 1, n, n, 32, causal=causal)
+        parts = (q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], wq, wk)
+        o_doc, _, g_doc = kernel_grads(doc, parts, scale[a:b], rope, do[:, :, a:b], torch.float32)
+        # absolute slack: a one-token document has dq = dk = 0 up to rounding
+        assert torch.allclose(out[:, :, a:b], o_doc, rtol=1e-4, atol=1e-5), f"document {a}:{b} output"
+        for name, g, gd in zip(NAMES[:3], got[:3], g_doc[:3]):
+            assert torch.allclose(g[:, :, a:b], gd, rtol=1e-4, atol=1e-5), f"document {a}:{b} {name}"
+        dwq, dwk = dwq + g_doc[3].double(), dwk + g_doc[4].double()
+    assert rel_err(got[3], dwq) < 1e-5 and rel_err(got[4], dwk) < 1e-5
+    _, _, ref = reference_grads(leaves, scale, rope, do, causal=causal, cu_seqlens=cu)
+    check_grads(got, ref, TOL[torch.float32])
+
+
+@pytest.mark.interpreter
+def test_autocast_op(device):
+    """Under autocast q, k, v run in fp16; grads return in each leaf's dtype (fp32 here)."""
+    c = Case(1, 4, 2, 33, 40, 64, rope=True, norm="head", scale="rows2")
+    leaves, scale, rope = make_inputs(c, device)
+    do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
+    _, _, ref = reference_grads(leaves, scale, rope, do, causal=True)
+    q, k, v, wq, wk = [x.detach().float().requires_grad_() for x in leaves]
+    with torch.autocast(device_type=device, dtype=torch.float16):
+        out = kernels.attention(q, k, v, softmax_scale=scale, rope=rope, q_norm_weight=wq, k_norm_weight=wk)
+    assert out.dtype == torch.float16
+    (out.double() * do).sum().backward()
+    got = [x.grad for x in (q, k, v, wq, wk)]
+    check_grads(got, ref, TOL[torch.float16], {n: torch.float32 for n in NAMES})
+
+
+@pytest.mark.interpreter
+def test_grad_unsupported_dtype(device):
+    """float64 is not a kernel dtype (float16/bfloat16/float32 are): a ValueError names it."""
+    q = torch.randn(1, 2, 8, 32, device=device, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="q/k/v dtype"):
+        kernels.attention(q, q.detach(), q.detach())
+
+
+@pytest.mark.interpreter
+def test_grad_bad_cu_seqlens(device):
+    q = torch.randn(1, 2, 10, 32, device=device, requires_grad=True)
+    for bounds, match in (([1, 10], "start at 0"), ([0, 6, 4, 10], "increasing"), ([0, 5, 9], "end at")):
+        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+        with pytest.raises(ValueError, match=match):
+            kernels.attention(q, q, q, cu_seqlens=cu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    Case(1, 8, 2, 4096, 4096, 128, rope=True, norm="head", scale="rows2"),
+    Case(1, 4, 1, 8192, 8192, 128, norm="shared"),
+    Case(2, 8, 8, 1000, 1500, 64, causal=False, rope=True),
+], ids=lambda c: c.id)
+def test_autograd_gpu_bf16(case):
+    leaves, scale, rope = make_inputs(case, "cuda")
+    do = torch.randn(case.B, case.HQ, case.SQ, case.D, device="cuda", dtype=torch.float64)
+    ref_out, _, ref = reference_grads(leaves, scale, rope, do, causal=case.causal)
+    out, _, got = kernel_grads(case, leaves, scale, rope, do, torch.bfloat16, strided=True)
+    assert rel_err(out, ref_out) < TOL[torch.bfloat16]
+    check_grads(got, ref, TOL[torch.bfloat16])
