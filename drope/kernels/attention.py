@@ -54,7 +54,7 @@ def _fwd_inner(acc, b_l, b_m, b_q, b_q1, b_q2, p_k, p_v, stride_ks, stride_kd, s
                CU, N_DOCS, N_ITER, lo_i, hi_i, doc_lo, SK, n_start, n_end,
                D: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDH: tl.constexpr,
                MASKED: tl.constexpr, USE_ROPE: tl.constexpr, USE_KNORM: tl.constexpr,
-               PACKED: tl.constexpr, DOT_PREC: tl.constexpr):
+               PACKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Online-softmax update of one program's rows over key blocks [n_start, n_end), step BN.
 
     Unmasked (MASKED=False) blocks lie entirely inside every row's visible range [lo_i, hi_i)
@@ -94,6 +94,8 @@ def _fwd_inner(acc, b_l, b_m, b_q, b_q1, b_q2, p_k, p_v, stride_ks, stride_kd, s
             b_sin = tl.load(SIN + o_pk[:, None] * stride_ss + o_dh[None, :] * stride_sd, mask=m_k, other=0.0).to(tl.float32)
             b_r1 = (b_k1 * b_cos - b_k2 * b_sin).to(dtype)
             b_r2 = (b_k2 * b_cos + b_k1 * b_sin).to(dtype)
+            if UPCAST_DOT:
+                b_r1, b_r2 = b_r1.to(tl.float32), b_r2.to(tl.float32)
             b_s = tl.dot(b_q1, tl.trans(b_r1), input_precision=DOT_PREC)  # [BM, BN]
             b_s = tl.dot(b_q2, tl.trans(b_r2), b_s, input_precision=DOT_PREC)
         else:
@@ -106,6 +108,8 @@ def _fwd_inner(acc, b_l, b_m, b_q, b_q1, b_q2, p_k, p_v, stride_ks, stride_kd, s
                 b_kf = b_k.to(tl.float32)
                 b_r = _rms_scale(b_kf, b_kf, D, norm_eps, False)
                 b_k = (b_kf * b_r[:, None] * b_kw[None, :]).to(dtype)
+            if UPCAST_DOT:
+                b_k = b_k.to(tl.float32)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)  # [BM, BN]
         if MASKED:
             vis = (o_n[None, :] >= lo_i[:, None]) & (o_n[None, :] < hi_i[:, None])
@@ -124,13 +128,15 @@ def _fwd_inner(acc, b_l, b_m, b_q, b_q1, b_q2, p_k, p_v, stride_ks, stride_kd, s
             b_v = tl.load(p_vt, mask=m_n[:, None], other=0.0)  # [BN, BD]
         else:
             b_v = tl.load(p_vt)
+        if UPCAST_DOT:
+            b_v = b_v.to(tl.float32)
         acc = acc * b_alpha[:, None]
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)
         b_m = b_m_new
     return acc, b_l, b_m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SQ", "SK", "N_DOCS", "N_ITER"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, SCALE_ROWS, COS, SIN, QW, KW, CU,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -143,6 +149,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDH: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_ROPE: tl.constexpr, USE_QNORM: tl.constexpr, USE_KNORM: tl.constexpr,
     USE_SCALE_ROWS: tl.constexpr, PACKED: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     # longest causal rows first: better tail balance across SMs
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -212,6 +219,8 @@ def _attn_fwd_kernel(
         b_sin = tl.load(SIN + o_pq[:, None] * stride_ss + o_dh[None, :] * stride_sd, mask=m_q, other=0.0).to(tl.float32)
         b_q1 = ((b_x1 * b_cos - b_x2 * b_sin) * b_sc[:, None]).to(dtype)
         b_q2 = ((b_x2 * b_cos + b_x1 * b_sin) * b_sc[:, None]).to(dtype)
+        if UPCAST_DOT:
+            b_q1, b_q2 = b_q1.to(tl.float32), b_q2.to(tl.float32)
         b_q = b_q1
         if USE_KNORM:
             p_w = KW + i_hk64 * stride_kwh + o_dh * stride_kwd
@@ -228,6 +237,8 @@ def _attn_fwd_kernel(
             b_w = tl.load(QW + i_h64 * stride_qwh + o_d * stride_qwd).to(tl.float32)
             b_x = b_x * b_r[:, None] * b_w[None, :]
         b_q = (b_x * b_sc[:, None]).to(dtype)
+        if UPCAST_DOT:
+            b_q = b_q.to(tl.float32)
         b_q1 = b_q
         b_q2 = b_q
         if USE_KNORM:
@@ -252,19 +263,19 @@ def _attn_fwd_kernel(
         COS, SIN, stride_cs, stride_cd, stride_ss, stride_sd, b_kw, b_kw1, b_kw2, norm_eps,
         CU, N_DOCS, N_ITER, lo_i, hi_i, full_lo, SK, lo_blk, lo_blk + nb_a * BN,
         D=D, BN=BN, BD=D, BDH=BDH, MASKED=True, USE_ROPE=USE_ROPE, USE_KNORM=USE_KNORM,
-        PACKED=PACKED, DOT_PREC=DOT_PREC)
+        PACKED=PACKED, DOT_PREC=DOT_PREC, UPCAST_DOT=UPCAST_DOT)
     acc, b_l, b_m = _fwd_inner(
         acc, b_l, b_m, b_q, b_q1, b_q2, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd,
         COS, SIN, stride_cs, stride_cd, stride_ss, stride_sd, b_kw, b_kw1, b_kw2, norm_eps,
         CU, N_DOCS, N_ITER, lo_i, hi_i, full_lo, SK, lo_blk + nb_a * BN, lo_blk + nb_b * BN,
         D=D, BN=BN, BD=D, BDH=BDH, MASKED=False, USE_ROPE=USE_ROPE, USE_KNORM=USE_KNORM,
-        PACKED=PACKED, DOT_PREC=DOT_PREC)
+        PACKED=PACKED, DOT_PREC=DOT_PREC, UPCAST_DOT=UPCAST_DOT)
     acc, b_l, b_m = _fwd_inner(
         acc, b_l, b_m, b_q, b_q1, b_q2, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd,
         COS, SIN, stride_cs, stride_cd, stride_ss, stride_sd, b_kw, b_kw1, b_kw2, norm_eps,
         CU, N_DOCS, N_ITER, lo_i, hi_i, full_lo, SK, lo_blk + nb_b * BN, lo_blk + nb_all * BN,
         D=D, BN=BN, BD=D, BDH=BDH, MASKED=True, USE_ROPE=USE_ROPE, USE_KNORM=USE_KNORM,
-        PACKED=PACKED, DOT_PREC=DOT_PREC)
+        PACKED=PACKED, DOT_PREC=DOT_PREC, UPCAST_DOT=UPCAST_DOT)
 
     # rows that saw no key (l == 0) output zeros and lse = -inf
     empty = b_l == 0.0
@@ -375,6 +386,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
         IS_CAUSAL=bool(causal), USE_ROPE=rope is not None, USE_QNORM=q_norm_weight is not None,
         USE_KNORM=k_norm_weight is not None, USE_SCALE_ROWS=scale_rows is not None,
         PACKED=cu_seqlens is not None, STORE_LSE=return_lse, DOT_PREC=_dot_precision(q.dtype),
+        UPCAST_DOT=q.dtype == torch.bfloat16 and interpreter_enabled(),
     )
     if block_sizes is None and q.device.type == "cuda" and not interpreter_enabled():
         grid = lambda meta: (triton.cdiv(SQ, meta["BM"]), B * HQ)  # noqa: E731
