@@ -1,0 +1,140 @@
+"""Softmax temperature of DroPE models: the config dict, the formulas, cached decoding equals prefill."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import drope
+from drope.hf import temperature_rows, temperature_scale, validate_temperature
+from helpers import rel_err
+from hf_tiny import VOCAB, drope_model, logits, rope_model
+
+TOL = 1e-3
+
+
+@pytest.mark.parametrize("bad,field", [
+    ("length", "dict"),
+    ({"coef": 0.1, "train_length": 8}, "mode"),
+    ({"mode": "yarn", "coef": 0.1, "train_length": 8}, "mode"),
+    ({"mode": "length", "train_length": 8}, "coef"),
+    ({"mode": "position", "coef": 0.1}, "train_length"),
+    ({"mode": "length", "coef": -0.1, "train_length": 8}, "coef"),
+    ({"mode": "length", "coef": float("nan"), "train_length": 8}, "coef"),
+    ({"mode": "length", "coef": 0.1, "train_length": 0}, "train_length"),
+    ({"mode": "length", "coef": 0.1, "train_length": 8.5}, "train_length"),
+    ({"mode": "length", "coef": 0.1, "train_length": 8, "scale": 2}, "unknown key"),
+], ids=["not-dict", "no-mode", "bad-mode", "no-coef", "no-train-length", "negative-coef", "nan-coef",
+        "zero-length", "float-length", "unknown-key"])
+def test_validate_rejects(bad, field):
+    with pytest.raises(ValueError, match=field):
+        validate_temperature(bad)
+
+
+def test_validate_normalises():
+    assert validate_temperature(None) == {"mode": "none", "coef": 0.0, "train_length": None}
+    assert validate_temperature({"mode": "none"}) == {"mode": "none", "coef": 0.0, "train_length": None}
+    assert validate_temperature({"mode": "length", "coef": 1, "train_length": 2048}) == {
+        "mode": "length", "coef": 1.0, "train_length": 2048}
+
+
+def test_scale_formulas():
+    t_len = {"mode": "length", "coef": 0.103, "train_length": 2048}
+    t_pos = {"mode": "position", "coef": 0.412, "train_length": 100}
+    assert temperature_scale(t_len, total_length=2048) == 1.0
+    assert temperature_scale(t_len, total_length=1000) == 1.0
+    assert temperature_scale(t_len, total_length=8192) == pytest.approx(1 + 0.103 * math.log(4))
+    assert temperature_scale(t_pos, positions=99) == 1.0
+    assert temperature_scale(t_pos, positions=399) == pytest.approx(1 + 0.412 * math.log(4))
+    p = torch.arange(500)
+    expected = torch.tensor([1 + 0.412 * math.log((i + 1) / 100) if i + 1 > 100 else 1.0 for i in range(500)])
+    assert torch.allclose(temperature_scale(t_pos, positions=p), expected.float(), rtol=1e-6)
+    assert temperature_scale(None, positions=p).eq(1).all()
+    with pytest.raises(ValueError, match="total_length"):
+        temperature_scale(t_len, positions=p)
+
+
+def test_rows_length_per_sequence_and_document():
+    t = {"mode": "length", "coef": 0.5, "train_length": 4}
+    # row 0: left padding (positions 0,0,0) then 0..5; row 1: two packed documents of 3 and 6 tokens
+    pos = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2, 3, 4, 5]])
+    rows = temperature_rows(t, pos)
+    f6, f3 = 1 + 0.5 * math.log(6 / 4), 1.0
+    assert torch.allclose(rows[0, 3:], torch.full((6,), f6))
+    assert torch.allclose(rows[1], torch.tensor([f3] * 3 + [f6] * 6))
+    # decoding: one new token at position 11 -> L_total = 12
+    assert temperature_rows(t, torch.tensor([[11]])).item() == pytest.approx(1 + 0.5 * math.log(3))
+    assert temperature_rows(None, pos) is None
+    assert temperature_rows({"mode": "position", "coef": 0.0, "train_length": 4}, pos) is None
+
+
+def _manual_layer_output(model, ids, mult):
+    """Layer 0's attention output by hand (full QK-norm), logits multiplied by ``mult`` (S,)."""
+    attn = model.model.layers[0].self_attn
+    S, D = ids.shape[1], attn.head_dim
+    with torch.no_grad():
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        q = attn.q_norm(attn.q_proj(h)).view(1, S, -1, D).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(h)).view(1, S, -1, D).transpose(1, 2)
+        v = attn.v_proj(h).view(1, S, -1, D).transpose(1, 2)
+        out = drope.reference.attention(q.double(), k.double(), v.double(), softmax_scale=mult.double() * D ** -0.5)
+        return attn.o_proj(out.float().transpose(1, 2).reshape(1, S, -1))
+
+
+@pytest.mark.parametrize("mode", ["length", "position"])
+def test_model_applies_the_formula(mode):
+    t = {"mode": mode, "coef": 0.6, "train_length": 5}
+    model = drope_model("llama", qk_norm="full", temperature=t)
+    ids = torch.randint(3, VOCAB, (1, 13), generator=torch.Generator().manual_seed(1))
+    p = torch.arange(13)
+    mult = temperature_scale(t, positions=p) if mode == "position" else torch.full((13,), temperature_scale(
+        t, total_length=13))
+    ref = _manual_layer_output(model, ids, mult)
+    captured = {}
+
+    def keep(module, args, output):
+        captured["o"] = output[0]
+
+    hook = model.model.layers[0].self_attn.register_forward_hook(keep)
+    for impl in ("eager", "drope_triton"):
+        captured.clear()
+        logits(model, impl, ids)
+        assert rel_err(captured["o"], ref) < TOL, impl
+    hook.remove()
+
+
+@pytest.mark.parametrize("mode", ["position", "length"])
+def test_cached_decoding_vs_prefill(mode):
+    """"position" is causal-consistent: decoding token by token equals prefill; "length" is not."""
+    t = {"mode": mode, "coef": 0.8, "train_length": 4}
+    model = drope_model("qwen3", temperature=t)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    full = logits(model, "drope_triton", ids)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        steps = [model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True).logits]
+        for i in range(6, 12):
+            steps.append(model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+    err = rel_err(torch.cat(steps, 1), full)
+    assert err < TOL if mode == "position" else err > 10 * TOL
+
+
+def test_set_temperature_takes_effect_on_next_forward():
+    model = drope_model("llama", qk_norm="head")
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    before = logits(model, "eager", ids)
+    t = {"mode": "position", "coef": 0.5, "train_length": 4}
+    assert drope.set_temperature(model, t) is model
+    assert model.config.drope_temperature == {"mode": "position", "coef": 0.5, "train_length": 4}
+    assert drope.get_temperature(model) == model.config.drope_temperature
+    changed = logits(model, "eager", ids)
+    assert rel_err(changed, before) > 1e-3
+    assert rel_err(logits(model, "drope_triton", ids), changed) < TOL
+    drope.set_temperature(model, None)
+    assert model.config.drope_temperature is None
+    assert torch.equal(logits(model, "eager", ids), before)
+    with pytest.raises(ValueError, match="coef"):
+        drope.set_temperature(model, {"mode": "length", "coef": -1, "train_length": 4})
+    with pytest.raises(ValueError, match="DroPE model"):
+        drope.set_temperature(rope_model("llama"), t)
