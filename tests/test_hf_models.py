@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GPT2Con
 import drope
 from drope.hf import LlamaDropeConfig, LlamaDropeForCausalLM, Qwen2DropeForCausalLM, Qwen3DropeForCausalLM
 from helpers import rel_err
-from hf_tiny import VOCAB, drope_model, logits, rope_model, tiny_config, tiny_tokenizer
+from hf_tiny import VOCAB, drope_model, logits, perturb_norms, rope_model, tiny_config, tiny_tokenizer
 
 TOL = 1e-3  # fp32 model, relative error of the logits
 POSITION_TEMP = {"mode": "position", "coef": 0.3, "train_length": 8}
@@ -239,3 +239,31 @@ def test_config_rejects_unknown_attention_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="attention_type"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+SMOLLM_360M = dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                   num_attention_heads=15, num_key_value_heads=5, head_dim=64, max_position_embeddings=2048,
+                   rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [4096, 8192, 16384, 32768], ids=lambda s: f"S{s}")
+def test_smollm_360m_shaped_prefill_long_context(S):
+    """Random-weight SmolLM-360M-shaped DroPE model, bf16: drope_triton's last logits against sdpa's,
+    both measured against the fp32 sdpa model (flash-attention's rule: at most 2x sdpa-bf16's error)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = LlamaForCausalLM(LlamaConfig(**SMOLLM_360M)).eval()
+    model = drope.to_drope(base, qk_norm="full", temperature={"mode": "length", "coef": 0.103, "train_length": 2048})
+    perturb_norms(model)
+    ids = torch.randint(0, SMOLLM_360M["vocab_size"], (1, S), device="cuda")
+    keep = 64
+    ref = logits(model, "sdpa", ids, logits_to_keep=keep).double()
+    model.to(torch.bfloat16)
+    sdpa = logits(model, "sdpa", ids, logits_to_keep=keep)
+    ours = logits(model, "drope_triton", ids, logits_to_keep=keep)
+    assert torch.isfinite(ours).all()
+    assert rel_err(ours, ref) <= 2 * rel_err(sdpa, ref) + 1e-3, (rel_err(ours, ref), rel_err(sdpa, ref))
+
