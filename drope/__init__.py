@@ -7,4 +7,4 @@ from .hf import get_temperature, set_temperature, to_drope, validate_temperature
 
 __version__ = "0.1.0"
 
-__all__ = ["reference", "__version__"]
+__all__ = ["reference", "__version__", "to_drope", "set_temperature", "get_temperature", "validate_temperature"]
