@@ -172,6 +172,24 @@ def _visible(o_m, o_n, SQ, SK, DOC, CAUSAL: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _needs_mask(m0, n0, SQ, SK, DOC, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                PACKED: tl.constexpr):
+    """Whether the [BM, BN] block at (m0, n0) has any invisible pair (only such blocks pay for masking)."""
+    m_end = tl.minimum(m0 + BM, SQ)
+    n_end = tl.minimum(n0 + BN, SK)
+    ragged = (m_end - m0 < BM) | (n_end - n0 < BN)
+    if PACKED:
+        d = tl.load(DOC + m0)
+        one_doc = (tl.load(DOC + m_end - 1) == d) & (tl.load(DOC + n0) == d) & (tl.load(DOC + n_end - 1) == d)
+        ragged = ragged | (one_doc == 0)
+        if CAUSAL:
+            ragged = ragged | (n0 + BN - 1 > m0)
+    elif CAUSAL:
+        ragged = ragged | (n0 + BN - 1 > m0 + (SK - SQ))
+    return ragged
+
+
+@triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, ROWS, DK, DV, DOC, DSTART, DEND,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -235,7 +253,8 @@ def _dkdv_kernel(
                 b_rows = tl.full([BM], 1.0, tl.float32) * scale
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
             b_p = tl.exp2(b_s * (b_rows * 1.4426950408889634)[:, None] - b_lse2[:, None])
-            b_p = tl.where(_visible(o_m, o_n, SQ, SK, DOC, CAUSAL, PACKED), b_p, 0.0)
+            if _needs_mask(m0, n0, SQ, SK, DOC, BM, BN, CAUSAL, PACKED):
+                b_p = tl.where(_visible(o_m, o_n, SQ, SK, DOC, CAUSAL, PACKED), b_p, 0.0)
             if COMPUTE_DV:
                 b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
             if COMPUTE_DK:
@@ -309,7 +328,8 @@ def _dq_kernel(
         b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)  # [BN, D]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
         b_p = tl.exp2(b_s * (b_rows * 1.4426950408889634)[:, None] - b_lse2[:, None])
-        b_p = tl.where(_visible(o_m, o_n, SQ, SK, DOC, CAUSAL, PACKED), b_p, 0.0)
+        if _needs_mask(m0, n0, SQ, SK, DOC, BM, BN, CAUSAL, PACKED):
+            b_p = tl.where(_visible(o_m, o_n, SQ, SK, DOC, CAUSAL, PACKED), b_p, 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None]) * b_rows[:, None]
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
