@@ -171,10 +171,10 @@ def test_packed_documents(bounds, causal, blocks, device):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_packed_int64_boundaries(causal, device):
+def test_packed_int64_strided_boundaries(causal, device):
     c = Case(1, 2, 1, 30, 30, 16, causal=causal, rope=True)
     (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(c, device)
-    cu = torch.tensor([0, 11, 30], dtype=torch.int64, device=device)
+    cu = torch.tensor([0, -1, 11, -1, 30], dtype=torch.int64, device=device)[::2]
     out = attention(q, k, v, cu_seqlens=cu, **kw)
     ref = reference.attention(q64, k64, v64, cu_seqlens=cu, **kw64)
     assert rel_err(out, ref) < TOL[c.dtype]
