@@ -62,8 +62,8 @@ def pytest_collection_modifyitems(config, items):
         (keep if ok else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-    # cheap providers of every op first, compiled FlexAttention last, models at the end: a run cut
-    # short by its time budget still holds complete comparisons of the other providers
+    # every op with the other providers first, compiled FlexAttention (a compile per shape) last:
+    # a run cut short by its time budget still holds complete comparisons of the rest
     order = {op: i for i, op in enumerate(("smoke",) + common.OPS)}
 
     def key(pair):
@@ -72,7 +72,7 @@ def pytest_collection_modifyitems(config, items):
         params = params.params if params else {}
         case = params.get("case")
         op = case.op if case is not None else "smoke"
-        return (order.get(op, len(order)), params.get("provider") == "flex", i)
+        return (params.get("provider") == "flex", order.get(op, len(order)), i)
     items[:] = [item for _, item in sorted(enumerate(keep), key=key)]
     if not HAS_CUDA:
         for item in items:
@@ -132,13 +132,16 @@ class BenchSession:
         pytest.fail(f"{provider}: {reason}", pytrace=False)
 
     def run(self, benchmark, case: common.Case, provider: str,
-            build: Callable[[], Dict[str, Any]], *, tol: float = 2e-2) -> Dict[str, Any]:
+            build: Callable[[], Dict[str, Any]], *, tol: Optional[float] = None) -> Dict[str, Any]:
         """Build, check, measure memory and time one (case, provider); append the result to the record.
 
         ``build()`` returns ``{"call": fn(x), "sets": [x, ...], "check": None | fn() -> rel_err,
         "extra": {...}}`` or raises ``common.ProviderSkip``. Skips state their reason; a result that
-        disagrees with the reference fails the test and is kept out of ``results``.
+        disagrees with the reference (relative error above ``tol``: default 2e-2, 5e-2 with gradients;
+        meant to catch broken results, the tests grade precision) fails and is kept out of ``results``.
         """
+        if tol is None:
+            tol = 5e-2 if case.op == "prefill_fwd_bwd" else 2e-2
         if not HAS_CUDA:
             pytest.skip(NO_GPU)
         if self.budget_s is not None and time.monotonic() - self.start > self.budget_s:
@@ -147,6 +150,7 @@ class BenchSession:
         self._ensure_record()
         torch.cuda.empty_cache()
         bound: Dict[str, Any] = {}
+        caught: list = []
         try:
             try:
                 bound = build()
@@ -171,8 +175,12 @@ class BenchSession:
             check = bound.get("check")
             rel = None
             if check is not None:
-                rel = check()
-                if not rel <= tol:
+                try:
+                    rel = check()
+                except torch.cuda.OutOfMemoryError:
+                    rel = None  # the float32 reference did not fit next to the inputs; time unchecked
+                    torch.cuda.empty_cache()
+                if rel is not None and not rel <= tol:
                     self.fail(case, provider, f"wrong result: rel err {rel:.3e} > {tol:g} vs drope.reference")
             try:
                 peak = common.peak_extra_mb(call, sets[0])
@@ -180,6 +188,8 @@ class BenchSession:
             except torch.cuda.OutOfMemoryError as e:
                 bound.clear()
                 self.skip(case, provider, f"OOM: {str(e).splitlines()[0][:300]}")
+            except Exception as e:
+                self.fail(case, provider, f"raised {type(e).__name__} while timed: {str(e)[:300]}")
             entry = common.result_entry(case, provider, times, peak_mem_mb=round(peak, 2),
                                         ceilings=self.record["ceilings"], rel_err=rel, input_sets=len(sets),
                                         **bound.get("extra", {}))
