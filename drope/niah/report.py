@@ -67,7 +67,8 @@ def summarize(run: Dict[str, object]) -> List[Dict[str, object]]:
         return statistics.median(xs) if xs else None
 
     out = []
-    for (task, length), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    order = {t: i for i, t in enumerate(TASKS)}
+    for (task, length), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], len(order)), kv[0][0])):
         out.append({
             "task": task, "length": length, "depths": len(rows),
             "accuracy": statistics.fmean(r["accuracy"] for r in rows),
