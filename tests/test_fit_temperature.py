@@ -1,0 +1,183 @@
+"""fit_temperature: recovers a planted coefficient, agrees with a brute-force grid, leaves the model set."""
+
+import math
+import random
+
+import pytest
+import torch
+
+import drope
+from drope.hf.fit import TemperatureFit, fit_temperature
+
+V, TRAIN_LEN, TARGET_LEN, N_SEQ = 64, 4, 24, 32
+
+
+def tiny_drope_model(seed: int):
+    """A tiny DroPE Llama whose predictions depend strongly on attention (sharp QK-norm weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=TRAIN_LEN)
+    cfg._attn_implementation = "sdpa"
+    model = drope.to_drope(LlamaForCausalLM(cfg), qk_norm="full").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(2.0)
+            elif "embed" in name or "lm_head" in name:
+                p.normal_(0, 1.0)
+            elif "proj" in name:
+                p.normal_(0, 0.15)
+    return model
+
+
+def sample(model, n: int, length: int) -> torch.Tensor:
+    """Draw n sequences from the model itself, token by token with its KV cache."""
+    from transformers import DynamicCache
+
+    x = torch.randint(0, V, (n, 1))
+    cache, step = DynamicCache(config=model.config), x
+    with torch.no_grad():
+        for _ in range(length - 1):
+            logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1].double()
+            step = torch.multinomial(torch.softmax(logits, -1), 1)
+            x = torch.cat([x, step], 1)
+    return x
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Data drawn from the model at a planted c*: by construction the expected NLL is smallest at c = c*.
+
+    E_{x ~ p_c*}[-log p_c(x)] = H(p_c*) + KL(p_c* || p_c), minimal at c = c* ("position" mode is
+    causal-consistent, so sampling with the cache draws from exactly the distribution scored at full
+    length). 32 sequences of 24 tokens pin c* to a few hundredths.
+    """
+    seed = random.randrange(2**31)
+    cstar = round(random.uniform(0.15, 0.5), 3)
+    model = tiny_drope_model(seed)
+    drope.set_temperature(model, {"mode": "position", "coef": cstar, "train_length": TRAIN_LEN})
+    ids = sample(model, N_SEQ, TARGET_LEN)
+    drope.set_temperature(model, None)
+    return model, ids, cstar, seed
+
+
+def nll_ppl(model, ids, temperature):
+    drope.set_temperature(model, temperature)
+    with torch.no_grad():
+        return math.exp(float(model(input_ids=ids, labels=ids, use_cache=False).loss))
+
+
+def test_recovers_the_planted_coefficient(planted):
+    model, ids, cstar, seed = planted
+    fit = fit_temperature(model, ids, target_length=TARGET_LEN, train_length=TRAIN_LEN, mode="position",
+                          grid=(0.0, 0.2, 0.4, 0.6, 0.8), refine_steps=6, batch_size=N_SEQ, show_progress=False)
+    assert isinstance(fit, TemperatureFit)
+    assert abs(fit.coef - cstar) < 0.06, (fit.coef, cstar, seed, fit.curve)
+    assert (fit.mode, fit.train_length, fit.target_length) == ("position", TRAIN_LEN, TARGET_LEN)
+    assert fit.tokens == N_SEQ * (TARGET_LEN - 1)
+    cs = [c for c, _ in fit.curve]
+    assert cs == sorted(cs) and len(cs) == 5 + 6
+    assert fit.perplexity == min(p for _, p in fit.curve) == dict(fit.curve)[fit.coef]
+    # the model is left set to the best c; each curve point is the perplexity the model gives there
+    assert model.config.drope_temperature == fit.temperature()
+    assert not model.training
+    c, p = fit.curve[2]
+    assert nll_ppl(model, ids, {"mode": "position", "coef": c, "train_length": TRAIN_LEN}) == pytest.approx(p, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["length", "position"])
+def test_golden_section_matches_a_brute_force_grid(planted, mode):
+    model, ids, _, seed = planted
+    fine = [round(0.05 * i, 2) for i in range(17)]
+    brute = {c: nll_ppl(model, ids, {"mode": mode, "coef": c, "train_length": TRAIN_LEN}) for c in fine}
+    best = min(brute, key=brute.get)
+    model.train()
+    fit = fit_temperature(model, ids.reshape(-1), target_length=TARGET_LEN, train_length=TRAIN_LEN, mode=mode,
+                          grid=(0.0, 0.2, 0.4, 0.6, 0.8), refine_steps=6, batch_size=16, show_progress=False)
+    assert model.training
+    # the refined optimum is within a grid step of the brute-force one and no worse than it
+    assert abs(fit.coef - best) <= 0.05 + 1e-9, (fit.coef, best, seed)
+    assert fit.perplexity <= brute[best] * (1 + 1e-6)
+    assert model.config.drope_temperature == {"mode": mode, "coef": fit.coef, "train_length": TRAIN_LEN}
+
+
+def test_defaults_read_the_config_and_show_a_progress_bar(planted, capsys):
+    model, ids, _, _ = planted
+    drope.set_temperature(model, {"mode": "none", "train_length": TRAIN_LEN})
+    fit = fit_temperature(model, ids[:4], target_length=TARGET_LEN, grid=[0.0, 0.5], refine_steps=2,
+                          max_windows=2, batch_size=2)
+    assert fit.train_length == TRAIN_LEN and fit.mode == "length" and fit.tokens == 2 * (TARGET_LEN - 1)
+    assert len(fit.curve) == 4
+    assert "fit temperature" in capsys.readouterr().err
+
+
+def test_an_error_restores_the_previous_temperature(planted, monkeypatch):
+    model, ids, _, _ = planted
+    before = {"mode": "length", "coef": 0.123, "train_length": TRAIN_LEN}
+    drope.set_temperature(model, before)
+    calls = []
+    forward = model.forward
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit_temperature(model, ids, target_length=TARGET_LEN, train_length=TRAIN_LEN, batch_size=N_SEQ,
+                        show_progress=False)
+    assert model.config.drope_temperature == before
+
+
+@pytest.mark.parametrize("case", ["target-le-train", "too-few-tokens", "empty-grid", "negative-grid", "nan-grid",
+                                  "mode", "float-ids", "out-of-vocab", "batch-size", "refine-steps", "3d-ids"])
+def test_bad_input(planted, case):
+    model, ids, _, _ = planted
+    kw = dict(target_length=TARGET_LEN, train_length=TRAIN_LEN, show_progress=False)
+    data = ids
+    if case == "target-le-train":
+        kw.update(target_length=TRAIN_LEN)
+        match = "target_length must be greater than train_length"
+    elif case == "too-few-tokens":
+        data, match = ids[:, : TARGET_LEN - 1], "too few for one window"
+    elif case == "empty-grid":
+        kw.update(grid=[])
+        match = "grid is empty"
+    elif case == "negative-grid":
+        kw.update(grid=[0.1, -0.2])
+        match = "c >= 0"
+    elif case == "nan-grid":
+        kw.update(grid=[float("nan")])
+        match = "finite"
+    elif case == "mode":
+        kw.update(mode="none")
+        match = "mode must be one of length, position"
+    elif case == "float-ids":
+        data, match = ids.float(), "integer token ids"
+    elif case == "out-of-vocab":
+        data, match = ids + V, "token ids in"
+    elif case == "batch-size":
+        kw.update(batch_size=0)
+        match = "batch_size must be a positive int"
+    elif case == "refine-steps":
+        kw.update(refine_steps=-1)
+        match = "refine_steps must be a non-negative int"
+    else:
+        data, match = ids[None], "1-D stream or a 2-D"
+    before = model.config.drope_temperature
+    with pytest.raises(ValueError, match=match):
+        fit_temperature(model, data, **kw)
+    assert model.config.drope_temperature == before
+
+
+def test_a_rope_model_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=8))
+    with pytest.raises(ValueError, match="DroPE model"):
+        fit_temperature(model, torch.randint(0, V, (40,)), target_length=16, show_progress=False)
