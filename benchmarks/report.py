@@ -1,7 +1,8 @@
 """Turn a benchmark record into a markdown report and PNG plots.
 
-``python -m benchmarks.report [record.json] [--out DIR]``: without a path, the newest record in
-``benchmarks/results/``. Writes ``<record>.md``, ``<record>-prefill.png`` and ``<record>-decode.png``
+``python -m benchmarks.report [record.json ...] [--out DIR]``: without a path, the newest record in
+``benchmarks/results/``; several records of one device (a full suite run in several commands) are
+merged into ``<first>-merged.json`` and reported together. Writes ``<record>.md``, ``<record>-prefill.png`` and ``<record>-decode.png``
 next to the record (or into ``--out``) and prints the markdown.
 
 Ratios are speedups, ``t_reference / t_provider`` (above 1: faster than the reference): against
@@ -241,19 +242,60 @@ def write_report(record_path: Path, out_dir: Optional[Path] = None) -> List[Path
     return [md] + written
 
 
+def merge_records(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One record from several runs on one device (a full suite split over several commands).
+
+    Environment and ceilings come from the first record; results, skips and failures are
+    concatenated (a later result of the same op, provider and shape replaces an earlier one).
+
+    Raises:
+        ValueError: when the records come from different devices.
+    """
+    if not records:
+        raise ValueError("records must hold at least one record")
+    devices = {r.get("device") for r in records}
+    if len(devices) > 1:
+        raise ValueError(f"records come from different devices {sorted(map(str, devices))}; compare them apart")
+    merged = dict(records[0])
+    merged["merged_from"] = [r.get("created_utc") for r in records]
+    merged["ceilings_per_run"] = [r.get("ceilings") for r in records]
+    by_key: Dict[Tuple, Dict[str, Any]] = {}
+    for r in records:
+        for entry in r.get("results", []):
+            by_key[_case_key(entry) + (entry["provider"],)] = entry
+    merged["results"] = list(by_key.values())
+    for kind in ("skipped", "failed"):
+        merged[kind] = [e for r in records for e in r.get(kind, [])]
+    return merged
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("record", nargs="?", type=Path, help="record JSON (default: the newest in benchmarks/results)")
+    parser.add_argument("records", nargs="*", type=Path,
+                        help="record JSON (default: the newest in benchmarks/results); several are merged "
+                             "into one report (same device)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the .md and .png (default: beside the record)")
     args = parser.parse_args(argv)
     try:
-        path = args.record or newest_record()
+        paths = args.records or [newest_record()]
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not path.is_file():
-        print(f"error: record {path} does not exist", file=sys.stderr)
-        return 2
+    for path in paths:
+        if not path.is_file():
+            print(f"error: record {path} does not exist", file=sys.stderr)
+            return 2
+    path = paths[0]
+    if len(paths) > 1:
+        try:
+            merged = merge_records([json.loads(p.read_text()) for p in paths])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        out_dir = args.out or path.parent
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(out_dir) / (path.stem + "-merged.json")
+        path.write_text(json.dumps(merged, indent=1) + "\n")
     written = write_report(path, args.out)
     print(written[0].read_text())
     print("\n".join(f"wrote {p}" for p in written), file=sys.stderr)

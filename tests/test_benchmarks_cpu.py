@@ -209,3 +209,21 @@ def test_suite_runs_on_cpu_and_exits_zero():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     if not torch.cuda.is_available():
         assert "needs a CUDA device" in proc.stdout and "passed" in proc.stdout
+
+
+def test_report_merges_runs_of_one_device(tmp_path, capsys):
+    a, b = _synthetic_record(), _synthetic_record()
+    b["created_utc"] = "2026-01-02T04:00:00Z"
+    b["results"] = [r for r in b["results"] if r["op"] == "decode"]
+    for r in b["results"]:
+        r["ms"] *= 2
+    pa, pb = common.write_record(a, tmp_path), common.write_record(b, tmp_path)
+    assert report.main([str(pa), str(pb), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / (pa.stem + "-merged.json")).read_text())
+    assert len(merged["results"]) == len(a["results"])
+    assert [r["ms"] for r in merged["results"] if r["op"] == "decode"] == [r["ms"] for r in b["results"]]
+    other = _synthetic_record()
+    other["device"] = "another SYNTHETIC device"
+    with pytest.raises(ValueError, match="different devices"):
+        report.merge_records([a, other])
+    capsys.readouterr()
