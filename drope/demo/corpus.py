@@ -1,0 +1,251 @@
+"""Locally generated training data for the mini models: a small BPE tokenizer and token rows.
+
+Everything is generated, nothing is downloaded:
+
+- text: the NIAH haystack essay shipped with :mod:`drope.niah` (generated, digit-free);
+- retrieval rows: NIAH prompts built by :class:`drope.niah.PromptBuilder` in the exact needle, question
+  and answer format of ``drope niah`` (single, multikey, multiquery, multivalue) followed by the
+  answer and EOS; training samples use seeds disjoint from the evaluation seeds;
+- key-value fact rows: eight needles (the same sentence format) in a short haystack, one key asked.
+
+The tokenizer is a byte-level BPE trained on that text with digits split one per token, so a
+7-digit value is always 7 tokens and can be copied digit by digit.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..niah import tasks as niah_tasks
+from ..niah.haystack import load_haystack
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+# training seeds live far from the evaluation seed (0 by default in drope niah / drope demo)
+TRAIN_SEED_OFFSET = 1_000_003
+# row kinds and their share of the training rows
+MIX = (("single", 0.2), ("multikey", 0.2), ("multiquery", 0.2), ("multivalue", 0.2), ("kv", 0.2))
+KV_NEEDLES = 8
+
+
+def _random_key(rng: random.Random) -> str:
+    return f"{rng.choice(niah_tasks._KEY_ADJ)}-{rng.choice(niah_tasks._KEY_NOUN)}"
+
+
+def _value(rng: random.Random) -> str:
+    return str(rng.randrange(1_000_000, 10_000_000))
+
+
+def answer_text(values: Sequence[str]) -> str:
+    """The completion a model is trained to produce after the NIAH answer prefix.
+
+    Args:
+        values: the expected values in order.
+
+    Returns:
+        ``" 1234567."`` for one value, ``" 1234567, 2345678, and 3456789."`` for several.
+
+    Raises:
+        ValueError: if ``values`` is empty.
+    """
+    if not values:
+        raise ValueError("values must contain at least one value")
+    return " " + niah_tasks._join_keys(list(values)) + "."
+
+
+def tokenizer_text(seed: int = 0, n_lines: int = 3000) -> List[str]:
+    """Lines of text the BPE is trained on: essay sentences, needles, questions and answers."""
+    rng = random.Random(f"tokenizer|{seed}")
+    lines = list(load_haystack("essay"))
+    # the fixed instructions are frequent in the data, so let the BPE merge them
+    lines += [niah_tasks.INTRO] * 200
+    for _ in range(n_lines):
+        keys = [_random_key(rng) for _ in range(2)]
+        lines.append(niah_tasks.NEEDLE.format(key=keys[0], value=_value(rng)))
+        lines.append(niah_tasks.QUESTION_ONE.format(key=keys[0]) + "\n" + niah_tasks.ANSWER_ONE.format(key=keys[0]))
+        lines.append(niah_tasks.QUESTION_ALL.format(key=keys[1]) + "\n" + niah_tasks.ANSWER_ALL.format(key=keys[1])
+                     + answer_text([_value(rng) for _ in range(3)]))
+    return lines
+
+
+def train_tokenizer(vocab_size: int = 1024, seed: int = 0):
+    """Train the byte-level BPE (digits one per token) and wrap it for transformers.
+
+    Args:
+        vocab_size: BPE vocabulary size including the 256 byte tokens and the 3 special tokens.
+        seed: seed of the generated training text.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` that prepends ``<s>`` and has ``</s>`` as EOS.
+
+    Raises:
+        ValueError: if ``vocab_size`` is below 300.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(vocab_size, int) or vocab_size < 300:
+        raise ValueError(f"vocab_size must be an int >= 300 (256 bytes + specials + merges), got {vocab_size!r}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(tokenizer_text(seed), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   model_max_length=1 << 20)
+
+
+class RowSampler:
+    """Seeded training rows of exactly ``length`` tokens (retrieval samples, answers, EOS).
+
+    Args:
+        tokenizer: the tokenizer of :func:`train_tokenizer`.
+        length: row length (L_train).
+        seed: seed; row ``i`` depends only on (seed, i), so any worker order gives the same data.
+    """
+
+    def __init__(self, tokenizer, length: int = 256, seed: int = 0):
+        if not isinstance(length, int) or length < 128:
+            raise ValueError(f"length must be an int >= 128 (room for 4 needles and the question), got {length!r}")
+        self.tokenizer = tokenizer
+        self.length = length
+        self.seed = seed
+        self.builder = niah_tasks.PromptBuilder(tokenizer, haystack="essay", chat_template="off")
+        self.eos = tokenizer.eos_token_id
+        self._kinds = [k for k, _ in MIX]
+        self._weights = [w for _, w in MIX]
+
+    def _encode(self, text: str) -> List[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _niah(self, task: str, length: int, rng: random.Random, index: int) -> Tuple[List[int], List[int]]:
+        # digits are one token each, so the answer's token count depends only on how many values it has
+        n_values = 1 if task in ("single", "multikey") else niah_tasks.NUM_NEEDLES
+        n_ans = len(self._encode(answer_text(["1000000"] * n_values))) + 1
+        sample = self.builder.build(task, length - n_ans, rng.random(), seed=TRAIN_SEED_OFFSET + self.seed,
+                                    trial=index)
+        ans = self._encode(answer_text(sample.answers)) + [self.eos]
+        if len(ans) != n_ans:
+            raise ValueError(f"the tokenizer does not split digits one per token (answer of {len(ans)} tokens)")
+        return sample.input_ids + ans, [0] * len(sample.input_ids) + [1] * len(ans)
+
+    def _kv(self, length: int, rng: random.Random) -> Tuple[List[int], List[int]]:
+        keys: List[str] = []
+        while len(keys) < KV_NEEDLES:
+            k = _random_key(rng)
+            if k.split("-")[0] not in {x.split("-")[0] for x in keys} and k.split("-")[1] not in {x.split("-")[1] for x in keys}:
+                keys.append(k)
+        values = [_value(rng) for _ in keys]
+        head = self.builder._special_prefix + self._encode(niah_tasks.INTRO)
+        needles = [self._encode(" " + niah_tasks.NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
+        ans_len = len(self._encode(answer_text([values[0]]))) + 1
+        fixed = len(head) + ans_len + len(self._encode("\n" + niah_tasks.QUESTION_ONE.format(key=keys[0]) + "\n"
+                                                       + niah_tasks.ANSWER_ONE.format(key=keys[0])))
+        while needles and fixed + sum(map(len, needles)) > length:
+            needles.pop()
+        if not needles:
+            raise ValueError(f"length {length} is too short for a key-value row")
+        asked = rng.randrange(len(needles))
+        tail = self._encode("\n" + niah_tasks.QUESTION_ONE.format(key=keys[asked]) + "\n"
+                            + niah_tasks.ANSWER_ONE.format(key=keys[asked]))
+        ans = self._encode(answer_text([values[asked]])) + [self.eos]
+        budget = length - len(head) - len(tail) - len(ans) - sum(map(len, needles))
+        sents = self.builder._sentence_ids
+        filler: List[List[int]] = []
+        i = rng.randrange(len(sents))
+        while budget > 0:
+            piece = sents[i % len(sents)][:budget]
+            filler.append(piece)
+            budget -= len(piece)
+            i += 1
+        pieces = needles + filler
+        rng.shuffle(pieces)
+        body = [t for p in pieces for t in p]
+        ids = head + body + tail + ans
+        return ids, [0] * (len(ids) - len(ans)) + [1] * len(ans)
+
+    def row(self, index: int) -> Tuple[List[int], List[int]]:
+        """Row ``index``: ``(input_ids, answer_mask)``, each exactly ``length`` long.
+
+        A row holds one sample of the full length, or (half the time) two samples splitting it, so
+        questions and needles are seen at many positions. ``answer_mask`` is 1 on answer tokens and EOS.
+        """
+        rng = random.Random(f"row|{self.seed}|{index}")
+        if rng.random() < 0.5:
+            lengths = [self.length]
+        else:
+            cut = rng.randint(self.length // 2 - self.length // 16, self.length // 2 + self.length // 16)
+            lengths = [cut, self.length - cut]
+        ids: List[int] = []
+        mask: List[int] = []
+        for j, n in enumerate(lengths):
+            kind = rng.choices(self._kinds, self._weights)[0]
+            if len(lengths) > 1 and kind in ("multiquery", "multivalue"):
+                kind = rng.choice(("single", "multikey", "kv"))
+            try:
+                if kind == "kv":
+                    a, m = self._kv(n, rng)
+                else:
+                    a, m = self._niah(kind, n, rng, index * 2 + j)
+            except ValueError:
+                a, m = self._niah("single", n, rng, index * 2 + j)
+            ids += a
+            mask += m
+        assert len(ids) == self.length, (len(ids), self.length)
+        return ids, mask
+
+    def batch(self, start: int, size: int) -> Dict[str, torch.Tensor]:
+        """Rows ``start .. start+size-1`` as ``{"input_ids", "answer_mask"}`` (long tensors (size, length))."""
+        rows = [self.row(i) for i in range(start, start + size)]
+        return {"input_ids": torch.tensor([r[0] for r in rows], dtype=torch.long),
+                "answer_mask": torch.tensor([r[1] for r in rows], dtype=torch.long)}
+
+
+def held_out_stream(tokenizer, n_tokens: int, seed: int = 0) -> torch.Tensor:
+    """Held-out retrieval text (rows of seed ``seed + 7919``, disjoint from training) as one 1-D stream,
+    for fitting the temperature at a target length.
+
+    Args:
+        tokenizer: the tokenizer.
+        n_tokens: how many tokens (at least).
+        seed: the training seed.
+
+    Returns:
+        A 1-D long tensor of at least ``n_tokens`` ids.
+    """
+    sampler = RowSampler(tokenizer, length=256, seed=seed + 7919)
+    out: List[int] = []
+    i = 0
+    while len(out) < n_tokens:
+        out += sampler.row(i)[0]
+        i += 1
+    return torch.tensor(out, dtype=torch.long)
+
+
+def niah_stream(tokenizer, target_length: int, n_windows: int, seed: int = 0,
+                tasks: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """Held-out NIAH prompts of exactly ``target_length`` tokens with their answers, (n_windows, target_length).
+
+    The temperature is fitted on these: long-context retrieval text of the target length.
+    """
+    tasks = list(tasks or niah_tasks.TASKS)
+    builder = niah_tasks.PromptBuilder(tokenizer, haystack="essay", chat_template="off")
+    rows = []
+    for i in range(n_windows):
+        task = tasks[i % len(tasks)]
+        rng = random.Random(f"fit|{seed}|{i}")
+        n_values = 1 if task in ("single", "multikey") else niah_tasks.NUM_NEEDLES
+        n_ans = len(tokenizer(answer_text(["1000000"] * n_values), add_special_tokens=False)["input_ids"]) + 1
+        s = builder.build(task, target_length - n_ans, rng.random(), seed=TRAIN_SEED_OFFSET + seed + 104729, trial=i)
+        ans = list(tokenizer(answer_text(s.answers), add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        rows.append(s.input_ids + ans)
+    return torch.tensor(rows, dtype=torch.long)
