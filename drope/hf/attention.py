@@ -251,6 +251,11 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
             "attn_implementation='sdpa' or 'eager'"
         )
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    # bf16 mixed-precision training: fp32 norm weights promote q/k to fp32 while v stays in the autocast
+    # dtype; run the kernel in the autocast dtype, as autocast does for SDPA
+    if torch.is_autocast_enabled(query.device.type):
+        dt = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     B, HQ, SQ, D = query.shape
     SK = key.shape[2]
     ops = _ops(query.device)
