@@ -515,9 +515,11 @@ def build_model_case(model, case: Case, provider: str, *, seed: int = 0) -> Dict
     def call(x):
         with torch.inference_mode():
             logits = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        cache.crop(keep)
+        extra_tokens = cache.get_seq_length() - keep
+        if extra_tokens > 0:  # a negative crop removes tokens in every transformers 4.4x-5.x
+            cache.crop(-extra_tokens)
         return logits
-    return {"call": call, "sets": [ids[:, -1:]], "check": None, "extra": extra, "cache": cache}
+    return {"call": call, "sets": [ids[:, -1:]], "check": None, "extra": extra, "cache": cache, "prefix": ids[:, :-1]}
 
 
 def sdpa_refusal(exc: BaseException, caught: Sequence[warnings.WarningMessage]) -> str:

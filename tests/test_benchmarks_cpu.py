@@ -227,3 +227,30 @@ def test_report_merges_runs_of_one_device(tmp_path, capsys):
     with pytest.raises(ValueError, match="different devices"):
         report.merge_records([a, other])
     capsys.readouterr()
+
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, vocab_size=101)
+
+
+@pytest.mark.parametrize("provider", ["sdpa", "eager", "drope_triton"])
+def test_model_cases_on_a_tiny_drope_model(provider):
+    """The model ops run end to end; a decode step crops its cache back, so repetitions are alike."""
+    try:
+        model = common.build_model(TINY, "cpu", torch.float32)
+    except common.ProviderSkip as e:
+        pytest.skip(str(e))
+    assert model.config.num_hidden_layers == 2
+    pre = common.build_model_case(model, common.Case("model_prefill", 2, 4, 2, 24, 16, dtype="float32"), provider)
+    logits = pre["call"](pre["sets"][0])
+    assert logits.shape == (2, 1, 101) and torch.isfinite(logits).all()
+    dec = common.build_model_case(model, common.Case("model_decode", 1, 4, 2, 40, 16, dtype="float32"), provider)
+    first = dec["call"](dec["sets"][0])
+    second = dec["call"](dec["sets"][0])
+    assert dec["cache"].get_seq_length() == 39
+    torch.testing.assert_close(first, second)
+    # the decode step's logits are the last row of a prefill of all 40 tokens
+    with torch.inference_mode():
+        ids = torch.cat([dec["prefix"], dec["sets"][0]], dim=1)
+        full = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+    assert common.rel_err(first, full) <= 1e-4
