@@ -181,3 +181,22 @@ def test_a_rope_model_is_refused():
                                          num_attention_heads=2, max_position_embeddings=8))
     with pytest.raises(ValueError, match="DroPE model"):
         fit_temperature(model, torch.randint(0, V, (40,)), target_length=16, show_progress=False)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mode", ["length", "position"])
+def test_the_kernel_gives_the_same_curve(planted, mode, device):
+    """The temperature reaches the Triton kernel as it reaches SDPA: same perplexity at every c."""
+    import copy
+
+    model, ids, _, _ = planted
+    model = copy.deepcopy(model).to(device)
+    kw = dict(target_length=TARGET_LEN, train_length=TRAIN_LEN, mode=mode, grid=[0.0, 0.3, 0.6], refine_steps=0,
+              batch_size=2, show_progress=False)
+    ref = fit_temperature(model, ids[:2], **kw)
+    model.set_attn_implementation("drope_triton")
+    ours = fit_temperature(model, ids[:2], **kw)
+    assert [c for c, _ in ours.curve] == [c for c, _ in ref.curve]
+    for (c, p), (_, q) in zip(ours.curve, ref.curve):
+        assert p == pytest.approx(q, rel=1e-4), c
+    assert ours.coef == ref.coef

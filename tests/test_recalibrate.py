@@ -145,17 +145,26 @@ def test_cli_end_to_end(workdir, tmp_path, capsys):
     np.save(tmp_path / "tokens.npy", np.random.default_rng().integers(4, 90, size=(20, 40)))
     rc = cli.main(["recalibrate", str(workdir / "model"), str(tmp_path / "tokens.npy"), str(workdir / "heldout.txt"),
                    "-o", str(tmp_path / "out"), "--max-steps", "3", "--save-steps", "2", "--batch-size", "2",
-                   "--seq-len", "16", "--warmup", "1", "--no-progress", "--qk-norm", "head"])
+                   "--seq-len", "16", "--warmup", "1", "--no-progress", "--qk-norm", "head",
+                   "--trainer-arg", "lr_scheduler_type=constant_with_warmup", "--trainer-arg", "save_total_limit=1"])
     assert rc == 0
     assert "model saved to" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["model_type"] == "llama_drope"
-    assert (tmp_path / "out" / "checkpoint-2").is_dir() and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-3"]  # save_total_limit=1
+    args = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+    assert args.lr_scheduler_type == "constant_with_warmup" and (args.adam_beta1, args.adam_beta2) == (0.9, 0.95)
+    assert cfg["drope_temperature"] == {"mode": "none", "coef": 0.0, "train_length": 16}
     rc = cli.main(["recalibrate", str(workdir / "model"), str(tmp_path / "tokens.npy"), "-o", str(tmp_path / "out"),
                    "--max-steps", "4", "--save-steps", "2", "--batch-size", "2", "--seq-len", "16", "--resume",
                    "--no-progress"])
     assert rc == 0
     assert (tmp_path / "out" / "checkpoint-4").is_dir()
+    rc = cli.main(["recalibrate", str(workdir / "model"), str(tmp_path / "tokens.npy"), "-o", str(tmp_path / "x"),
+                   "--trainer-arg", "no_such_field=1"])
+    assert rc == 2
+    assert "no_such_field" in capsys.readouterr().err
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert json.loads((tmp_path / "out" / "config.json").read_text())["qk_norm_type"] == "head"
@@ -225,3 +234,21 @@ def test_recalibrate_through_the_triton_kernel(workdir, tmp_path):
     assert np.isfinite(a["loss"]) and np.isfinite(a["grad_norm"])
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_recalibrate_on_gpu_bf16_through_the_kernel(workdir, tmp_path):
+    """The GPU defaults: "drope_triton" attention, bf16 mixed precision, packed documents via cu_seqlens."""
+    from transformers import AutoModelForCausalLM
+
+    result = recalibrate(workdir / "model", workdir / "data", tmp_path, max_steps=12, save_steps=6, packed=True,
+                         **TRAIN)
+    args = torch.load(tmp_path / "training_args.bin", weights_only=False)
+    assert args.bf16
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.3, losses
+    ids = torch.randint(4, 90, (2, SEQ_LEN), device="cuda")
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="drope_triton").cuda()(ids).logits
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").cuda()(ids).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)

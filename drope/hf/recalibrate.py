@@ -121,7 +121,9 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
     one row with ``cu_seqlens`` boundaries (``DataCollatorWithFlattening``), so no token attends across
     documents (with ``"drope_triton"`` the kernel reads the boundaries directly). Checkpoints go to
     ``output_dir/checkpoint-<step>``; the final model and tokenizer to ``output_dir``, loadable with
-    ``AutoModelForCausalLM.from_pretrained(output_dir)`` after ``import drope``.
+    ``AutoModelForCausalLM.from_pretrained(output_dir)`` after ``import drope``. A converted model's
+    config records ``seq_len`` as the temperature's ``train_length`` (mode ``"none"``), which
+    :func:`drope.fit_temperature` then reads.
 
     The run is a plain ``transformers.Trainer``: launched with ``accelerate launch`` or ``torchrun`` it
     trains data-parallel; FSDP / DeepSpeed are set through ``training_args`` (e.g. ``{"fsdp": "full_shard"}``
@@ -170,9 +172,12 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
     Raises:
         ValueError: a model path that does not exist or holds no config, no tokenizer, no data files, an
             unsupported data file type, out-of-vocabulary token ids, too little data for one example, a
-            bad ``qk_norm`` or ``seq_len``, a resume checkpoint that does not exist.
+            bad ``qk_norm`` or ``seq_len``, a resume checkpoint that does not exist or was trained with
+            another QK-norm, an unknown ``training_args`` field.
     """
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    from .temperature import set_temperature
 
     model_path, output_dir = Path(model_path), Path(output_dir)
     if not model_path.is_dir():
@@ -205,6 +210,9 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
     model, converted = _load_model(model_path, qk_norm=qk_norm, attn_implementation=attn_implementation)
     if seq_len is None:
         seq_len = _default_seq_len(model.config)
+    if converted and getattr(model.config, "drope_temperature", None) is None:
+        # record the recalibration length: fit_temperature reads its L_train from here
+        set_temperature(model, {"mode": "none", "train_length": seq_len})
 
     docs = drope_data.load_documents(files, tokenizer, text_field=text_field, bin_dtype=bin_dtype,
                                      vocab_size=model.config.vocab_size)
@@ -230,6 +238,9 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
     ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
     args[ckpt] = gradient_checkpointing
     args[f"{ckpt}_kwargs"] = {"use_reentrant": False} if gradient_checkpointing else None
+    unknown = sorted(set(training_args or {}) - set(TrainingArguments.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"training_args has field(s) {unknown} that transformers.TrainingArguments does not know")
     args.update(training_args or {})
     trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=dataset, data_collator=collator,
                       processing_class=tokenizer)
@@ -274,12 +285,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl files")
     parser.add_argument("--bin-dtype", default="uint16", help="integer dtype of .bin token files (default: uint16)")
     parser.add_argument("--no-progress", dest="show_progress", action="store_false", help="hide progress bars")
+    parser.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra transformers.TrainingArguments field, VALUE parsed as JSON when it can be "
+                             "(repeatable; e.g. fsdp=full_shard, deepspeed=ds.json, save_only_model=true)")
+
+
+def _trainer_args(items: Sequence[str]) -> Dict[str, Any]:
+    import json
+
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--trainer-arg takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``drope recalibrate``; bad input prints one error line and returns 2."""
     warmup = int(args.warmup) if args.warmup >= 1 else args.warmup
     try:
+        extra = _trainer_args(args.trainer_arg)
         result = recalibrate(
             args.model, args.data, args.output_dir, seq_len=args.seq_len, qk_norm=args.qk_norm, packed=args.packed,
             learning_rate=args.lr, warmup_steps=warmup, weight_decay=args.weight_decay, num_train_epochs=args.epochs,
@@ -288,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume, attn_implementation=args.attn_implementation, bf16=args.bf16,
             gradient_checkpointing=args.gradient_checkpointing, max_grad_norm=args.max_grad_norm, seed=args.seed,
             text_field=args.text_field, bin_dtype=args.bin_dtype, show_progress=args.show_progress,
+            training_args=extra,
         )
     except ValueError as err:
         print(f"drope recalibrate: error: {err}", file=sys.stderr)
