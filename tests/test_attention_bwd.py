@@ -99,14 +99,17 @@ def check_grads(got, ref, tol, expect=None):
 def run_launcher(c: Case, device, dtype, *, cu_seqlens=None, needs=(True,) * 5, strided=False, **blocks):
     leaves, scale, rope = make_inputs(c, device)
     do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
-    out, lse, ref = reference_grads(leaves, scale, rope, do, causal=c.causal, cu_seqlens=cu_seqlens, needs=needs)
+    _, _, ref = reference_grads(leaves, scale, rope, do, causal=c.causal, cu_seqlens=cu_seqlens, needs=needs)
     q, k, v, wq, wk = [None if x is None else x.to(dtype) for x in leaves]
     if strided:
         q, k, v = noncontiguous(q), noncontiguous(k), noncontiguous(v)
     if wq is not None:
         wq, wk = wq.float(), wk.float()
+    # the forward's o and lse, as the kernel would save them: from the same rounded inputs, fp32 math
+    out, lse = reference.attention(q, k, v, causal=c.causal, softmax_scale=scale, rope=rope, q_norm_weight=wq,
+                                   k_norm_weight=wk, cu_seqlens=cu_seqlens, return_lse=True)
     const, rows = scale_rows(scale, c.B, c.SQ, c.D, device, torch.float32)
-    got = attention_backward(do.to(dtype), q, k, v, out.to(dtype), lse.float(), causal=c.causal, scale=const,
+    got = attention_backward(do.to(dtype), q, k, v, out, lse, causal=c.causal, scale=const,
                              scale_rows=rows, rope=rope, q_norm_weight=wq, k_norm_weight=wk, norm_eps=1e-6,
                              cu_seqlens=cu_seqlens, needs_grad=needs, **blocks)
     expect = dict(dq=dtype, dk=dtype, dv=dtype, d_q_norm_weight=torch.float32, d_k_norm_weight=torch.float32)
@@ -123,6 +126,8 @@ LAUNCHER_CASES = [
     (Case(1, 2, 1, 63, 70, 128, scale="rows2"), torch.float32),
     (Case(2, 4, 4, 20, 45, 64, causal=False, norm="head", scale="rows1"), torch.float16),
     (Case(1, 8, 2, 64, 64, 16, rope=True, norm="shared"), torch.float16),
+    # bf16 on CPU: the interpreter multiplies bf16-rounded operands in fp32 (its bf16 tl.dot is wrong)
+    (Case(1, 4, 2, 50, 64, 64, rope=True, norm="head", scale="rows2"), torch.bfloat16),
 ]
 
 
@@ -283,19 +288,20 @@ def test_autograd_packed_equals_documents_alone(causal, device):
 
 
 @pytest.mark.interpreter
-def test_autocast_op(device):
-    """Under autocast q, k, v run in fp16; grads return in each leaf's dtype (fp32 here)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_op(dtype, device):
+    """Under autocast q, k, v run in the autocast dtype; grads return in each leaf's dtype (fp32 here)."""
     c = Case(1, 4, 2, 33, 40, 64, rope=True, norm="head", scale="rows2")
     leaves, scale, rope = make_inputs(c, device)
     do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
     _, _, ref = reference_grads(leaves, scale, rope, do, causal=True)
     q, k, v, wq, wk = [x.detach().float().requires_grad_() for x in leaves]
-    with torch.autocast(device_type=device, dtype=torch.float16):
+    with torch.autocast(device_type=device, dtype=dtype):
         out = kernels.attention(q, k, v, softmax_scale=scale, rope=rope, q_norm_weight=wq, k_norm_weight=wk)
-    assert out.dtype == torch.float16
+    assert out.dtype == dtype
     (out.double() * do).sum().backward()
     got = [x.grad for x in (q, k, v, wq, wk)]
-    check_grads(got, ref, TOL[torch.float16], {n: torch.float32 for n in NAMES})
+    check_grads(got, ref, TOL[dtype], {n: torch.float32 for n in NAMES})
 
 
 @pytest.mark.interpreter

@@ -157,6 +157,22 @@ def _delta_kernel(
 
 
 @triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST multiplies (bf16-rounded) operands in fp32 (interpreter bf16)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _operand(x, dtype, UPCAST: tl.constexpr):
+    """x as a dot operand of ``dtype``; kept fp32 under UPCAST (the interpreter truncates fp32 -> bf16)."""
+    if UPCAST:
+        return x
+    return x.to(dtype)
+
+
+@triton.jit
 def _visible(o_m, o_n, SQ, SK, DOC, CAUSAL: tl.constexpr, PACKED: tl.constexpr):
     """[BM, BN] mask of (query row, key row) pairs that exist and may attend."""
     m = (o_m[:, None] < SQ) & (o_n[None, :] < SK)
@@ -203,7 +219,7 @@ def _dkdv_kernel(
     HKV, SQ, SK, scale,
     G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_ROWS: tl.constexpr,
-    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, PRECISION: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = (i_bh // HKV).to(tl.int64), (i_bh % HKV).to(tl.int64)
@@ -251,16 +267,16 @@ def _dkdv_kernel(
                 b_rows = tl.load(ROWS + i_b * stride_rb + o_m64 * stride_rs, mask=m_m, other=0.0).to(tl.float32) * scale
             else:
                 b_rows = tl.full([BM], 1.0, tl.float32) * scale
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
+            b_s = _mm(b_q, tl.trans(b_k), PRECISION, UPCAST)  # [BM, BN]
             b_p = tl.exp2(b_s * (b_rows * 1.4426950408889634)[:, None] - b_lse2[:, None])
             if _needs_mask(m0, n0, SQ, SK, DOC, BM, BN, CAUSAL, PACKED):
                 b_p = tl.where(_visible(o_m, o_n, SQ, SK, DOC, CAUSAL, PACKED), b_p, 0.0)
             if COMPUTE_DV:
-                b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
+                b_dv += _mm(tl.trans(_operand(b_p, b_do.dtype, UPCAST)), b_do, PRECISION, UPCAST)
             if COMPUTE_DK:
-                b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
+                b_dp = _mm(b_do, tl.trans(b_v), PRECISION, UPCAST)  # [BM, BN]
                 b_ds = b_p * (b_dp - b_delta[:, None]) * b_rows[:, None]
-                b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
+                b_dk += _mm(tl.trans(_operand(b_ds, b_q.dtype, UPCAST)), b_q, PRECISION, UPCAST)
     if COMPUTE_DK:
         p_dk = DK + i_b * stride_dkb + i_hk * stride_dkh + o_n64[:, None] * stride_dks + o_d[None, :] * stride_dkd
         tl.store(p_dk, b_dk.to(DK.dtype.element_ty), mask=m_n[:, None])
@@ -282,6 +298,7 @@ def _dq_kernel(
     HQ, SQ, SK, scale,
     G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // HQ).to(tl.int64), (i_bh % HQ).to(tl.int64)
@@ -326,13 +343,13 @@ def _dq_kernel(
         p_v = V + i_b * stride_vb + i_hk * stride_vh + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd
         b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)  # [BN, D]
         b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)  # [BN, D]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
+        b_s = _mm(b_q, tl.trans(b_k), PRECISION, UPCAST)  # [BM, BN]
         b_p = tl.exp2(b_s * (b_rows * 1.4426950408889634)[:, None] - b_lse2[:, None])
         if _needs_mask(m0, n0, SQ, SK, DOC, BM, BN, CAUSAL, PACKED):
             b_p = tl.where(_visible(o_m, o_n, SQ, SK, DOC, CAUSAL, PACKED), b_p, 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
+        b_dp = _mm(b_do, tl.trans(b_v), PRECISION, UPCAST)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None]) * b_rows[:, None]
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+        b_dq += _mm(_operand(b_ds, b_k.dtype, UPCAST), b_k, PRECISION, UPCAST)
     p_dq = DQ + i_b * stride_dqb + i_h * stride_dqh + o_m64[:, None] * stride_dqs + o_d[None, :] * stride_dqd
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_m[:, None])
 
@@ -385,10 +402,10 @@ def _norm_prep(w: Optional[torch.Tensor], H: int):
     return w, (w.stride(0) if w.dim() == 2 else 0)
 
 
-def _prologue(x, w, w_stride, rope, pos, pos0: int, eps: float) -> torch.Tensor:
-    """rope(norm(x)) of a (B, H, S, D) tensor into a new contiguous tensor of x's dtype."""
+def _prologue(x, w, w_stride, rope, pos, pos0: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """rope(norm(x)) of a (B, H, S, D) tensor into a new contiguous tensor of ``dtype``."""
     B, H, S, D = x.shape
-    y = torch.empty((B, H, S, D), device=x.device, dtype=x.dtype)
+    y = torch.empty((B, H, S, D), device=x.device, dtype=dtype)
     cos, sin = rope if rope is not None else (None, None)
     BS = _row_block(S)
     _qk_prologue_kernel[(triton.cdiv(S, BS), B * H)](
@@ -506,8 +523,16 @@ def attention_backward(
     wk, wk_stride = _norm_prep(k_norm_weight, HKV)
     q_tf = wq is not None or rope is not None
     k_tf = wk is not None or rope is not None
-    q_hat = _prologue(q, wq, wq_stride, rope, pos, q_pos0, norm_eps) if q_tf else q
-    k_hat = _prologue(k, wk, wk_stride, rope, pos, 0, norm_eps) if k_tf else k
+    # the interpreter's bf16 tl.dot is wrong and its fp32 -> bf16 cast truncates: there, bf16 problems
+    # multiply in fp32 (operands rounded once, on the host)
+    upcast = q.dtype == torch.bfloat16 and interpreter_enabled()
+    hat_dtype = torch.float32 if upcast else q.dtype
+    q_hat = _prologue(q, wq, wq_stride, rope, pos, q_pos0, norm_eps, hat_dtype) if q_tf else q
+    k_hat = _prologue(k, wk, wk_stride, rope, pos, 0, norm_eps, hat_dtype) if k_tf else k
+    if upcast and q_tf:
+        q_hat = q_hat.to(torch.bfloat16).to(torch.float32)
+    if upcast and k_tf:
+        k_hat = k_hat.to(torch.bfloat16).to(torch.float32)
 
     BS = _row_block(SQ)
     delta = torch.empty((B, HQ, SQ), device=dev, dtype=torch.float32)
@@ -534,6 +559,7 @@ def attention_backward(
         stride_rb=rows_strides[0], stride_rs=rows_strides[1],
         SQ=SQ, SK=SK, scale=float(scale), G=G, D=D, BM=BM, BN=BN,
         CAUSAL=causal, PACKED=packed, HAS_ROWS=has_rows, PRECISION=precision,
+        UPCAST=upcast,
         num_warps=warps, num_stages=stages,
     )
 
