@@ -17,6 +17,8 @@ from transformers import (
 import drope
 
 VOCAB = 96
+# CPU models run the kernels in Triton's interpreter; on a GPU machine the same tests run compiled on CUDA
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -34,8 +36,8 @@ def tiny_config(family: str, **overrides):
     return config_cls(**kw)
 
 
-def rope_model(family: str, seed: int = 0, **overrides):
-    """A randomly initialised RoPE causal LM of the family, fp32, eval mode, eager attention."""
+def rope_model(family: str, seed: int = 0, device: str = DEVICE, **overrides):
+    """A randomly initialised RoPE causal LM of the family, fp32, eval mode, eager attention, on ``device``."""
     torch.manual_seed(seed)
     _, model_cls = FAMILIES[family]
     config = tiny_config(family, **overrides)
@@ -45,7 +47,7 @@ def rope_model(family: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, 0.1)
-    return model
+    return model.to(device)
 
 
 def perturb_norms(model, seed: int = 1):
@@ -58,17 +60,23 @@ def perturb_norms(model, seed: int = 1):
     return model
 
 
-def drope_model(family: str, qk_norm="auto", temperature=None, seed: int = 0, **overrides):
+def drope_model(family: str, qk_norm="auto", temperature=None, seed: int = 0, device: str = DEVICE, **overrides):
     """A converted DroPE model with random weights and perturbed norm weights (fp32, eval)."""
-    model = drope.to_drope(rope_model(family, seed, **overrides), qk_norm=qk_norm, temperature=temperature)
+    model = drope.to_drope(rope_model(family, seed, device, **overrides), qk_norm=qk_norm, temperature=temperature)
     return perturb_norms(model, seed + 1).eval()
 
 
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors moved to ``device`` (other entries as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def logits(model, impl: str, input_ids, **kwargs) -> torch.Tensor:
-    """Logits of one forward under the attention implementation ``impl``."""
+    """Logits (on the CPU) of one forward under the attention implementation ``impl``."""
     model.set_attn_implementation(impl)
+    kwargs = to_device(kwargs, model.device)
     with torch.no_grad():
-        return model(input_ids=input_ids, **kwargs).logits
+        return model(input_ids=input_ids.to(model.device), **kwargs).logits.cpu()
 
 
 @functools.lru_cache(maxsize=1)

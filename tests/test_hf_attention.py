@@ -11,7 +11,7 @@ from transformers.masking_utils import AttentionMaskInterface
 import drope
 from drope.hf import attention as hfa
 from helpers import rel_err
-from hf_tiny import VOCAB, drope_model, logits, rope_model, tiny_tokenizer
+from hf_tiny import DEVICE, VOCAB, drope_model, logits, rope_model, tiny_tokenizer, to_device
 
 TOL = 1e-3
 MODULE = types.SimpleNamespace(is_causal=True, training=False)
@@ -70,18 +70,20 @@ def test_dispatch_paths_match_masked_oracle(monkeypatch, case, norm):
     q = torch.randn(B, SQ, HQ, D, generator=g).transpose(1, 2)  # HF's layout
     k = torch.randn(B, HKV, SK, D, generator=g)
     v = torch.randn(B, HKV, SK, D, generator=g)
+    w = (0.5 + torch.rand(D, generator=g)) if norm else None
+    rows = (0.8 + torch.rand(B, SQ, generator=g)) if norm else None
     L = past + SQ
     mask2d = torch.ones(B, L, dtype=torch.long)
     for b, p in enumerate(pads):
         mask2d[b, :p] = 0
-    mask = hfa.drope_mask(B, q_length=SQ, kv_length=SK, q_offset=past, attention_mask=mask2d)
+    mask = hfa.drope_mask(B, q_length=SQ, kv_length=SK, q_offset=past, attention_mask=mask2d.to(DEVICE))
     if SK == L and not any(pads):
         assert mask is None
-    w = (0.5 + torch.rand(D, generator=g)) if norm else None
-    rows = (0.8 + torch.rand(B, SQ, generator=g)) if norm else None
+    dev = [None if t is None else t.to(DEVICE) for t in (q, k, v, w, rows)]
     calls = _spy(monkeypatch)
-    out, weights = hfa.drope_attention_forward(MODULE, q, k, v, mask, scaling=0.3, drope_q_norm_weight=w,
-                                               drope_norm_eps=1e-6, drope_row_scale=rows)
+    out, weights = hfa.drope_attention_forward(MODULE, *dev[:3], mask, scaling=0.3, drope_q_norm_weight=dev[3],
+                                               drope_norm_eps=1e-6, drope_row_scale=dev[4])
+    out = out.cpu()
     assert weights is None and out.shape == (B, SQ, HQ, D) and out.is_contiguous()
     assert calls and calls[0] == expected and all(c == expected for c in calls)
     scale = 0.3 if rows is None else rows * 0.3
@@ -101,20 +103,19 @@ def test_registered_on_import():
 def test_rope_model_from_pretrained_with_drope_triton(tmp_path):
     model = rope_model("llama", seed=2)
     model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="drope_triton").eval()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="drope_triton").to(DEVICE).eval()
     assert loaded.config._attn_implementation == "drope_triton"
     tok = tiny_tokenizer()
     batch = tok(["the fox", "dropping positional embeddings"], padding=True, return_tensors="pt")
     ref = logits(model, "eager", batch["input_ids"], attention_mask=batch["attention_mask"])
-    with torch.no_grad():
-        out = loaded(**batch).logits
+    out = logits(loaded, "drope_triton", batch["input_ids"], attention_mask=batch["attention_mask"])
     real = batch["attention_mask"].bool()
     assert rel_err(out[real], ref[real]) < TOL
     gen = {}
     for impl, m in (("eager", model), ("drope_triton", loaded)):
         m.set_attn_implementation(impl)
         with torch.no_grad():
-            gen[impl] = m.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+            gen[impl] = m.generate(**to_device(batch, DEVICE), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(gen["eager"], gen["drope_triton"])
 
 
@@ -133,7 +134,7 @@ def test_packed_batch_equals_documents_alone(monkeypatch, flash_kwargs, kind):
     calls = _spy(monkeypatch)
     model.set_attn_implementation("drope_triton")
     with torch.no_grad():
-        out = model(**batch).logits[0]
+        out = model(**to_device(batch, model.device)).logits[0].cpu()
     assert calls and all(c == ("attention", True) for c in calls)
     ref = torch.cat([logits(model, "eager", d[None])[0] for d in docs])
     assert rel_err(out, ref) < TOL
@@ -142,7 +143,7 @@ def test_packed_batch_equals_documents_alone(monkeypatch, flash_kwargs, kind):
 def test_cpu_fallback_warns_once_and_matches(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setitem(hfa._warned, "fallback", False)
-    model = drope_model("qwen2", qk_norm="full")
+    model = drope_model("qwen2", qk_norm="full", device="cpu")
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
     ref = logits(model, "eager", ids)
     with warnings.catch_warnings(record=True) as caught:
@@ -190,7 +191,7 @@ def test_training_gradients_match_eager(layout):
         model.zero_grad()
         model.set_attn_implementation(impl)
         try:
-            loss = model(**batches[impl], use_cache=False).loss
+            loss = model(**to_device(batches[impl], model.device), use_cache=False).loss
             loss.backward()
         except RuntimeError as e:
             if "backward not implemented" in str(e):

@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GPT2Con
 import drope
 from drope.hf import LlamaDropeConfig, LlamaDropeForCausalLM, Qwen2DropeForCausalLM, Qwen3DropeForCausalLM
 from helpers import rel_err
-from hf_tiny import VOCAB, drope_model, logits, perturb_norms, rope_model, tiny_config, tiny_tokenizer
+from hf_tiny import (DEVICE, VOCAB, drope_model, logits, perturb_norms, rope_model, tiny_config, tiny_tokenizer,
+                     to_device)
 
 TOL = 1e-3  # fp32 model, relative error of the logits
 POSITION_TEMP = {"mode": "position", "coef": 0.3, "train_length": 8}
@@ -46,9 +47,9 @@ def _generate(model, impl, batch, cache, new=4):
     model.set_attn_implementation(impl)
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
+        out = model.generate(**to_device(batch, model.device), max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=0, **kwargs)
-    return out.sequences, torch.stack(out.logits, dim=1)  # (B, new, V)
+    return out.sequences.cpu(), torch.stack(out.logits, dim=1).cpu()  # (B, new, V)
 
 
 @pytest.mark.parametrize("family,qk_norm,cache", [
@@ -76,7 +77,7 @@ def test_generate_left_padded_matches_eager_and_alone(family, qk_norm, cache):
 def test_decode_with_static_and_dynamic_cache_equals_prefill():
     model = drope_model("llama", qk_norm="head", temperature=POSITION_TEMP)
     model.set_attn_implementation("drope_triton")
-    ids = _ids(2, 14, seed=3)
+    ids = _ids(2, 14, seed=3).to(model.device)
     full = logits(model, "drope_triton", ids)
     for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=20)):
         steps = []
@@ -86,7 +87,7 @@ def test_decode_with_static_and_dynamic_cache_equals_prefill():
             for t in range(9, 14):
                 out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
                 steps.append(out.logits)
-        assert rel_err(torch.cat(steps, dim=1), full) < TOL, type(cache).__name__
+        assert rel_err(torch.cat(steps, dim=1).cpu(), full) < TOL, type(cache).__name__
 
 
 def test_save_pretrained_round_trip(tmp_path):
@@ -97,7 +98,7 @@ def test_save_pretrained_round_trip(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "qwen2_drope" and config["qk_norm_type"] == "head"
     assert config["drope_temperature"] == LENGTH_TEMP
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="drope_triton").eval()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="drope_triton").to(DEVICE).eval()
     assert isinstance(loaded, Qwen2DropeForCausalLM)
     assert loaded.config._attn_implementation == "drope_triton"
     assert torch.equal(logits(loaded, "eager", ids), ref)
@@ -110,7 +111,7 @@ def _rms(x, w, eps):
 
 def _nope_forward(sd, cfg, ids, attention_type, qkv_bias):
     """Plain float64 NoPE forward of a Llama/Qwen2 checkpoint, SakanaAI's QK-norm over all heads."""
-    sd = {k: v.double() for k, v in sd.items()}
+    sd = {k: v.double().cpu() for k, v in sd.items()}
     eps, H, HKV, D = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     S = ids.shape[1]
     h = sd["model.embed_tokens.weight"][ids]
@@ -160,7 +161,7 @@ def test_sakana_checkpoint_loads_with_its_semantics(tmp_path, family, attention_
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
     assert type(model).__name__ == f"{'Llama' if family == 'llama' else 'Qwen2'}DropeForCausalLM"
     assert model.config.attention_type == attention_type and model.config.qk_norm_type == "full"
     ids = _ids(1, 19, seed=2)

@@ -74,12 +74,13 @@ def _manual_layer_output(model, ids, mult):
     attn = model.model.layers[0].self_attn
     S, D = ids.shape[1], attn.head_dim
     with torch.no_grad():
-        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids.to(model.device)))
         q = attn.q_norm(attn.q_proj(h)).view(1, S, -1, D).transpose(1, 2)
         k = attn.k_norm(attn.k_proj(h)).view(1, S, -1, D).transpose(1, 2)
         v = attn.v_proj(h).view(1, S, -1, D).transpose(1, 2)
-        out = drope.reference.attention(q.double(), k.double(), v.double(), softmax_scale=mult.double() * D ** -0.5)
-        return attn.o_proj(out.float().transpose(1, 2).reshape(1, S, -1))
+        scale = mult.double().to(model.device) * D ** -0.5
+        out = drope.reference.attention(q.double(), k.double(), v.double(), softmax_scale=scale)
+        return attn.o_proj(out.float().transpose(1, 2).reshape(1, S, -1)).cpu()
 
 
 @pytest.mark.parametrize("mode", ["length", "position"])
@@ -94,7 +95,7 @@ def test_model_applies_the_formula(mode):
     captured = {}
 
     def keep(module, args, output):
-        captured["o"] = output[0]
+        captured["o"] = output[0].cpu()
 
     hook = model.model.layers[0].self_attn.register_forward_hook(keep)
     for impl in ("eager", "drope_triton"):
@@ -109,14 +110,14 @@ def test_cached_decoding_vs_prefill(mode):
     """"position" is causal-consistent: decoding token by token equals prefill; "length" is not."""
     t = {"mode": mode, "coef": 0.8, "train_length": 4}
     model = drope_model("qwen3", temperature=t)
-    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2)).to(model.device)
     full = logits(model, "drope_triton", ids)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         steps = [model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True).logits]
         for i in range(6, 12):
             steps.append(model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
-    err = rel_err(torch.cat(steps, 1), full)
+    err = rel_err(torch.cat(steps, 1).cpu(), full)
     assert err < TOL if mode == "position" else err > 10 * TOL
 
 
