@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validation import check_decode, check_kernel_device, scale_rows
+from ..validation import check_decode, check_kernel_device, interpreter_enabled, scale_rows
 
 __all__ = ["decode_attention", "choose_num_splits"]
 
@@ -50,6 +50,7 @@ def _decode_split_kernel(
     HKV, SQ, SMAX, NUM_SPLITS,
     G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -72,8 +73,8 @@ def _decode_split_kernel(
     # last key visible to each packed row; negative when the row sees nothing
     pos = L - SQ + o_i
 
-    n_tiles = tl.cdiv(L, BN)
-    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    n_tiles = (L + BN - 1) // BN
+    tiles_per_split = (n_tiles + NUM_SPLITS - 1) // NUM_SPLITS
     lo = i_split * tiles_per_split * BN
     last_i = (tl.minimum(i_m * BM + BM, G * SQ) - 1) // G
     hi = tl.minimum(lo + tiles_per_split * BN, L - SQ + last_i + 1)
@@ -81,6 +82,8 @@ def _decode_split_kernel(
     p_q = (Q + i_b64 * stride_qb + o_h[:, None].to(tl.int64) * stride_qh
            + o_i[:, None].to(tl.int64) * stride_qs + o_d[None, :] * stride_qd)
     b_q = tl.load(p_q, mask=m_row[:, None], other=0.0)  # [BM, D]
+    if UPCAST_DOT:
+        b_q = b_q.to(tl.float32)
     if HAS_ROW_SCALE:
         b_scale = tl.load(ROW_SCALE + i_b64 * stride_rb + o_i.to(tl.int64) * stride_rm, mask=m_row,
                           other=0.0).to(tl.float32) * qk_scale
@@ -97,6 +100,8 @@ def _decode_split_kernel(
         m_n = o_n < hi
         o_n64 = o_n.to(tl.int64)
         b_k = tl.load(p_k + o_n64[None, :] * stride_ks + o_d[:, None] * stride_kd, mask=m_n[None, :], other=0.0)  # [D, BN]
+        if UPCAST_DOT:
+            b_k = b_k.to(tl.float32)
         b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * b_scale[:, None]  # [BM, BN], log2 units
         b_s = tl.where((o_n[None, :] <= pos[:, None]) & m_n[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -106,7 +111,10 @@ def _decode_split_kernel(
         b_alpha = tl.exp2(b_m - b_ref)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_v = tl.load(p_v + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_n[:, None], other=0.0)  # [BN, D]
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_p = b_p.to(b_v.dtype)
+        if UPCAST_DOT:
+            b_p, b_v = b_p.to(tl.float32), b_v.to(tl.float32)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v, input_precision=DOT_PRECISION)
         b_m = b_m_new
 
     has = b_l > 0
@@ -153,14 +161,15 @@ def _decode_merge_kernel(O_PART, LSE_PART, OUT, LSE, stride_os, stride_ls, ROWS,
 
 
 def choose_num_splits(max_seqlen: int, programs: int, num_sms: int, *, block_n: int = 64,
-                      min_tiles_per_split: int = 4, max_splits: int = 128) -> int:
+                      min_tiles_per_split: int = 4, max_splits: int = 128, programs_per_sm: int = 2) -> int:
     """How many KV splits stage 1 should use, from the longest *live* length (never the capacity).
 
     Splitting pays when the programs of one split (``programs`` = batch x KV heads x row blocks)
     leave SMs idle; each split costs a partial write and a merge, so a split keeps at least
-    ``min_tiles_per_split`` key tiles. Among the split counts that change the tiles per split, it
-    takes the smallest one whose wave efficiency (programs x splits over full waves of ``num_sms``)
-    is within 85 % of the best reachable.
+    ``min_tiles_per_split`` key tiles. A wave is ``num_sms * programs_per_sm`` resident programs.
+    Among the split counts that change the tiles per split, it takes the smallest one whose wave
+    efficiency (programs x splits over whole waves) is within 85 % of the best reachable. Pure host
+    arithmetic: pass the live length the host already knows, never one read back from the device.
 
     Args:
         max_seqlen: longest live length (keys, new rows included) in the batch.
@@ -169,6 +178,7 @@ def choose_num_splits(max_seqlen: int, programs: int, num_sms: int, *, block_n: 
         block_n: keys per tile.
         min_tiles_per_split: fewest key tiles a split should get.
         max_splits: upper bound on the result.
+        programs_per_sm: stage-1 programs one SM holds at once (4 warps each: two).
 
     Returns:
         The number of splits, between 1 and ``max_splits``.
@@ -178,11 +188,12 @@ def choose_num_splits(max_seqlen: int, programs: int, num_sms: int, *, block_n: 
     """
     for name, value, least in (("max_seqlen", max_seqlen, 0), ("programs", programs, 0), ("num_sms", num_sms, 1),
                                ("block_n", block_n, 1), ("min_tiles_per_split", min_tiles_per_split, 1),
-                               ("max_splits", max_splits, 1)):
+                               ("max_splits", max_splits, 1), ("programs_per_sm", programs_per_sm, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     n_tiles = triton.cdiv(max_seqlen, block_n)
-    if programs == 0 or programs >= 0.8 * num_sms:
+    slots = num_sms * programs_per_sm
+    if programs == 0 or programs >= 0.8 * slots:
         return 1
     cap = min(max_splits, n_tiles // min_tiles_per_split)
     if cap <= 1:
@@ -190,7 +201,7 @@ def choose_num_splits(max_seqlen: int, programs: int, num_sms: int, *, block_n: 
     candidates = [s for s in range(1, cap + 1) if s == 1 or triton.cdiv(n_tiles, s) != triton.cdiv(n_tiles, s - 1)]
 
     def efficiency(s: int) -> float:
-        waves = programs * s / num_sms
+        waves = programs * s / slots
         return waves / math.ceil(waves)
 
     best = max(efficiency(s) for s in candidates)
@@ -280,6 +291,8 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, m
         lse_scale = 1.0
         o_strides, l_strides = o_buf.stride(), lse_buf.stride()
 
+    # Triton's interpreter computes tl.dot on bf16 wrongly: there, bf16 operands go through fp32
+    upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreter_enabled()
     grid = (B * HKV, splits, m_blocks)
     _decode_split_kernel[grid](
         q, k_cache, v_cache, o_buf, lse_buf, cache_seqlens, rows,
@@ -291,7 +304,7 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, m
         HKV=HKV, SQ=SQ, SMAX=SMAX, NUM_SPLITS=splits,
         G=G, D=D, BM=BM, BN=BN,
         HAS_SEQLENS=cache_seqlens is not None, HAS_ROW_SCALE=rows is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST_DOT=upcast,
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
