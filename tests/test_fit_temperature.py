@@ -90,6 +90,7 @@ def test_recovers_the_planted_coefficient(planted):
 @pytest.mark.parametrize("mode", ["length", "position"])
 def test_golden_section_matches_a_brute_force_grid(planted, mode):
     model, ids, _, seed = planted
+    ids = ids[:16]
     fine = [round(0.05 * i, 2) for i in range(17)]
     brute = {c: nll_ppl(model, ids, {"mode": mode, "coef": c, "train_length": TRAIN_LEN}) for c in fine}
     best = min(brute, key=brute.get)
@@ -191,11 +192,11 @@ def test_the_kernel_gives_the_same_curve(planted, mode, device):
 
     model, ids, _, _ = planted
     model = copy.deepcopy(model).to(device)
-    kw = dict(target_length=TARGET_LEN, train_length=TRAIN_LEN, mode=mode, grid=[0.0, 0.3, 0.6], refine_steps=0,
-              batch_size=2, show_progress=False)
-    ref = fit_temperature(model, ids[:2], **kw)
+    kw = dict(target_length=TARGET_LEN, train_length=TRAIN_LEN, mode=mode, grid=[0.0, 0.5], refine_steps=0,
+              show_progress=False)
+    ref = fit_temperature(model, ids[:1], **kw)
     model.set_attn_implementation("drope_triton")
-    ours = fit_temperature(model, ids[:2], **kw)
+    ours = fit_temperature(model, ids[:1], **kw)
     assert [c for c, _ in ours.curve] == [c for c, _ in ref.curve]
     for (c, p), (_, q) in zip(ours.curve, ref.curve):
         assert p == pytest.approx(q, rel=1e-4), c

@@ -51,8 +51,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(workdir):
-    """One recalibration of 12 steps with a checkpoint every 6."""
-    result = recalibrate(workdir / "model", workdir / "data", workdir / "A", max_steps=12, save_steps=6, **TRAIN)
+    """One recalibration of 8 steps with a checkpoint every 4."""
+    result = recalibrate(workdir / "model", workdir / "data", workdir / "A", max_steps=8, save_steps=4, **TRAIN)
     return workdir, result
 
 
@@ -66,13 +66,13 @@ def test_recalibration_converts_lowers_loss_and_saves_a_drope_model(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     workdir, result = trained
-    assert result.converted and result.global_step == 12 and result.seq_len == SEQ_LEN
+    assert result.converted and result.global_step == 8 and result.seq_len == SEQ_LEN
     losses = [h["loss"] for h in result.log_history if "loss" in h]
-    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert len(losses) == 4 and all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.3, losses
     out = workdir / "A"
-    assert (out / "checkpoint-6").is_dir() and (out / "checkpoint-12").is_dir()
-    assert (out / "checkpoint-6" / "optimizer.pt").is_file()
+    assert (out / "checkpoint-4").is_dir() and (out / "checkpoint-8").is_dir()
+    assert (out / "checkpoint-4" / "optimizer.pt").is_file()
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(workdir / "model").get_vocab()
@@ -88,12 +88,12 @@ def test_recalibration_converts_lowers_loss_and_saves_a_drope_model(trained):
 
 def test_resume_from_a_checkpoint_reproduces_the_run(trained, tmp_path):
     workdir, first = trained
-    shutil.copytree(workdir / "A" / "checkpoint-6", tmp_path / "checkpoint-6")
-    resumed = recalibrate(workdir / "model", workdir / "data", tmp_path, max_steps=12, save_steps=6, resume=True,
+    shutil.copytree(workdir / "A" / "checkpoint-4", tmp_path / "checkpoint-4")
+    resumed = recalibrate(workdir / "model", workdir / "data", tmp_path, max_steps=8, save_steps=4, resume=True,
                           **TRAIN)
-    assert resumed.global_step == 12
+    assert resumed.global_step == 8
     logged = [h["step"] for h in resumed.log_history if "loss" in h]
-    assert logged == [2, 4, 6, 8, 10, 12]
+    assert logged == [2, 4, 6, 8]
     a, b = load_file(workdir / "A" / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
@@ -103,10 +103,10 @@ def test_resume_from_a_checkpoint_reproduces_the_run(trained, tmp_path):
 def test_packed_documents_train_through_cu_seqlens(workdir, tmp_path):
     from transformers import AutoTokenizer
 
-    result = recalibrate(workdir / "model", workdir / "data", tmp_path, max_steps=6, save_steps=100, packed=True,
+    result = recalibrate(workdir / "model", workdir / "data", tmp_path, max_steps=4, save_steps=100, packed=True,
                          **TRAIN)
     losses = [h["loss"] for h in result.log_history if "loss" in h]
-    assert result.global_step == 6 and losses[-1] < losses[0]
+    assert result.global_step == 4 and losses[-1] < losses[0]
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     assert result.examples == len(data.pack_documents(data.load_documents(workdir / "data", tokenizer), SEQ_LEN))
 
@@ -133,12 +133,23 @@ def test_packed_batch_equals_separate_documents(workdir, attn):
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_a_drope_model_is_trained_as_it_is(trained, tmp_path):
-    workdir, _ = trained
-    result = recalibrate(workdir / "A", workdir / "data", tmp_path, max_steps=2, save_steps=100, **TRAIN)
-    assert not result.converted
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == "llama_drope"
+def test_a_drope_model_is_trained_as_it_is(workdir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    temperature = {"mode": "position", "coef": 0.2, "train_length": 24}
+    model = drope.to_drope(AutoModelForCausalLM.from_pretrained(workdir / "model"), qk_norm="head",
+                           temperature=temperature)
+    model.save_pretrained(tmp_path / "drope")
+    AutoTokenizer.from_pretrained(workdir / "model").save_pretrained(tmp_path / "drope")
+    result = recalibrate(tmp_path / "drope", workdir / "data", tmp_path / "out", max_steps=2, save_steps=100, **TRAIN)
+    assert not result.converted and result.seq_len == SEQ_LEN
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "llama_drope" and cfg["qk_norm_type"] == "head"
+    assert cfg["drope_temperature"] == temperature
+    # without seq_len, the training length is the one the temperature names
+    again = recalibrate(tmp_path / "drope", workdir / "data", tmp_path / "out2", max_steps=1, save_steps=100,
+                        **{k: v for k, v in TRAIN.items() if k != "seq_len"})
+    assert again.seq_len == 24
 
 
 def test_cli_end_to_end(workdir, tmp_path, capsys):
