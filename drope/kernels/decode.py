@@ -14,6 +14,14 @@ when ``cache_seqlens`` is None (every row is Smax long), lives on the CPU, or wh
 ``max_seqlen``. With CUDA ``cache_seqlens`` and no ``max_seqlen``, the capacity Smax is the only
 bound known on the host and is used instead: correct, but possibly more (then empty) splits than the
 live lengths need. Results never depend on the split count beyond float rounding.
+
+Chunked prefill (a prompt fed in chunks against its growing cache) gives the same rows with this
+kernel (Sq up to ~64) and with :func:`drope.kernels.attention` (bottom-right causal, Sq < Sk).
+Which is faster is not measured yet (no GPU in the session that wrote this). Expected: this kernel
+when B x Hkv is small next to the SM count and a chunk's G x Sq rows fit one or two row blocks (it
+spreads the keys over the SMs and reads each K/V tile once per GQA group); ``attention`` for chunks
+of a few hundred rows or more, whose query blocks already fill the GPU, so that splits and the merge
+would be pure overhead. TODO(issue 6): measure the crossover with the decode/prefill benchmarks.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ _LN2_C = tl.constexpr(LN2)
 MAX_GRID_Y = 65535
 
 
-@triton.jit
+# lengths and split counts change from call to call: one compile for all of them
+@triton.jit(do_not_specialize=["SQ", "SMAX", "NUM_SPLITS"])
 def _decode_split_kernel(
     Q, K, V, O, LSE, SEQLENS, ROW_SCALE,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -129,7 +138,7 @@ def _decode_split_kernel(
     tl.store(p_lse, b_lse, mask=m_row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS", "NUM_SPLITS"])
 def _decode_merge_kernel(O_PART, LSE_PART, OUT, LSE, stride_os, stride_ls, ROWS, NUM_SPLITS,
                          D: tl.constexpr, BR: tl.constexpr):
     # rows r of (B, Hq, Sq) flattened; partials are (splits, rows, D) and (splits, rows), output (rows, D)
@@ -293,13 +302,19 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, m
 
     # Triton's interpreter computes tl.dot on bf16 wrongly: there, bf16 operands go through fp32
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreter_enabled()
+    qs, ks, vs = q.stride(), k_cache.stride(), v_cache.stride()
     grid = (B * HKV, splits, m_blocks)
     _decode_split_kernel[grid](
-        q, k_cache, v_cache, o_buf, lse_buf, cache_seqlens, rows,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_strides, *l_strides,
-        cache_seqlens.stride(0) if cache_seqlens is not None else 0,
-        rows.stride(0) if rows is not None else 0,
-        rows.stride(1) if rows is not None else 0,
+        Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens, ROW_SCALE=rows,
+        stride_qb=qs[0], stride_qh=qs[1], stride_qs=qs[2], stride_qd=qs[3],
+        stride_kb=ks[0], stride_kh=ks[1], stride_ks=ks[2], stride_kd=ks[3],
+        stride_vb=vs[0], stride_vh=vs[1], stride_vs=vs[2], stride_vd=vs[3],
+        stride_os=o_strides[0], stride_ob=o_strides[1], stride_oh=o_strides[2], stride_om=o_strides[3],
+        stride_od=o_strides[4],
+        stride_ls=l_strides[0], stride_lb=l_strides[1], stride_lh=l_strides[2], stride_lm=l_strides[3],
+        stride_sl=cache_seqlens.stride(0) if cache_seqlens is not None else 0,
+        stride_rb=rows.stride(0) if rows is not None else 0,
+        stride_rm=rows.stride(1) if rows is not None else 0,
         qk_scale=const * LOG2E, lse_scale=lse_scale,
         HKV=HKV, SQ=SQ, SMAX=SMAX, NUM_SPLITS=splits,
         G=G, D=D, BM=BM, BN=BN,
@@ -311,7 +326,7 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, m
         rows_total = B * HQ * SQ
         BR = 16
         _decode_merge_kernel[(triton.cdiv(rows_total, BR),)](
-            o_buf, lse_buf, out, lse, stride_os=o_buf.stride(0), stride_ls=lse_buf.stride(0),
+            O_PART=o_buf, LSE_PART=lse_buf, OUT=out, LSE=lse, stride_os=o_buf.stride(0), stride_ls=lse_buf.stride(0),
             ROWS=rows_total, NUM_SPLITS=splits, D=D, BR=BR, num_warps=4,
         )
     return out, lse
