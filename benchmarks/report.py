@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.report [record.json ...] [--out DIR]``: without a path, the newest record in
 ``benchmarks/results/``; several records of one device (a full suite run in several commands) are
-merged into ``<first>-merged.json`` and reported together. Writes ``<record>.md``, ``<record>-prefill.png`` and ``<record>-decode.png``
+merged into ``<first>-merged.json`` and reported together. Writes ``<record>.md``,
+``<record>-prefill.png`` and ``<record>-decode.png``
 next to the record (or into ``--out``) and prints the markdown.
 
 Ratios are speedups, ``t_reference / t_provider`` (above 1: faster than the reference): against
@@ -115,7 +116,8 @@ def render_markdown(record: Dict[str, Any]) -> str:
                                                               "model_prefill", "model_decode").index(op)
                  if op in ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode") else 9)
     for op in ops:
-        rows = sorted((r for r in results if r["op"] == op), key=lambda r: (_case_key(r), _provider_rank(r["provider"])))
+        rows = sorted((r for r in results if r["op"] == op),
+                      key=lambda r: (_case_key(r), _provider_rank(r["provider"])))
         lines += [f"## {op}", ""]
         if op in PREFILL_OPS:
             header = ["D", "H", "Hkv", "B", "S", "provider", "ms", "TFLOP/s", "% matmul", "vs best SDPA",
@@ -274,7 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("records", nargs="*", type=Path,
                         help="record JSON (default: the newest in benchmarks/results); several are merged "
                              "into one report (same device)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the .md and .png (default: beside the record)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the .md and .png (default: beside the record)")
     args = parser.parse_args(argv)
     try:
         paths = args.records or [newest_record()]

@@ -51,7 +51,8 @@ def test_shapes_follow_the_issue():
     assert {c.S for c in prefill} == {1024, 2048, 4096, 8192, 16384, 32768}
     decode = common.decode_cases()
     assert {(c.H, c.Hkv, c.D) for c in decode} == {(32, 8, 128)}
-    assert {c.B for c in decode} == {1, 4, 16} and min(c.S for c in decode) == 4096 and max(c.S for c in decode) == 131072
+    assert {c.B for c in decode} == {1, 4, 16}
+    assert min(c.S for c in decode) == 4096 and max(c.S for c in decode) == 131072
     model = common.model_cases()
     assert {(c.H, c.Hkv, c.D) for c in model} == {(15, 5, 64)}
     ids = [c.id for c in prefill + decode + model]
