@@ -140,6 +140,21 @@ def test_packed_batch_equals_documents_alone(monkeypatch, flash_kwargs, kind):
     assert rel_err(out, ref) < TOL
 
 
+def test_rows_of_packed_documents(monkeypatch):
+    """Batch > 1 with position_ids restarting inside rows: no token attends across a document."""
+    model = drope_model("qwen3", temperature={"mode": "position", "coef": 0.5, "train_length": 3})
+    g = torch.Generator().manual_seed(8)
+    lengths = [(5, 7), (8, 4)]
+    docs = [[torch.randint(3, VOCAB, (n,), generator=g) for n in row] for row in lengths]
+    ids = torch.stack([torch.cat(row) for row in docs])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    calls = _spy(monkeypatch)
+    out = logits(model, "drope_triton", ids, position_ids=pos)
+    assert calls and all(c == ("attention", True) for c in calls)
+    ref = torch.stack([torch.cat([logits(model, "eager", d[None])[0] for d in row]) for row in docs])
+    assert rel_err(out, ref) < TOL
+
+
 def test_cpu_fallback_warns_once_and_matches(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setitem(hfa._warned, "fallback", False)

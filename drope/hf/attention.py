@@ -10,8 +10,8 @@ has more, which are never attended) and True where the token is real (not paddin
 function then picks the kernel:
 
 - packed documents (``cu_seq_lens_q``/``cu_seq_lens_k`` from ``DataCollatorWithFlattening(
-  return_flash_attn_kwargs=True)``, or restarting ``position_ids`` in a batch of one): the fused
-  kernel in its ``cu_seqlens`` mode;
+  return_flash_attn_kwargs=True)``, or ``position_ids`` restarting inside rows, no padding mask,
+  no cached prefix): the fused kernel in its ``cu_seqlens`` mode (several rows are flattened into one);
 - no padding: the fused kernel (prefill, causal bottom-right), or the split-KV decode kernel for a
   few new queries against the cache;
 - padding without a cached prefix (prefill of a padded batch): the real tokens are unpadded into
@@ -120,17 +120,19 @@ def _plan(mask: torch.Tensor) -> dict:
     return plan
 
 
-def _packed_from_positions(position_ids: Optional[torch.Tensor], S: int) -> Optional[torch.Tensor]:
-    """cu_seqlens (int32) when a batch of one restarts its positions (packed documents), else None."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] != S:
+def _packed_from_positions(position_ids: Optional[torch.Tensor], B: int, S: int) -> Optional[torch.Tensor]:
+    """cu_seqlens (int32) over the B*S flattened tokens when positions restart inside a row (packed
+    documents), else None. Rows are documents' boundaries too."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != S or S < 2:
         return None
-    pos = position_ids[0]
-    starts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
-    if starts.numel() == 0:
+    pos = position_ids.expand(B, S)
+    inner = pos[:, 1:] - pos[:, :-1] != 1
+    if not bool(inner.any()):
         return None
-    edges = [torch.zeros(1, dtype=torch.int64, device=pos.device), starts,
-             torch.full((1,), S, dtype=torch.int64, device=pos.device)]
-    return torch.cat(edges).to(torch.int32)
+    starts = torch.ones(B, S, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = inner
+    edges = torch.nonzero(starts.reshape(-1)).flatten()
+    return torch.cat([edges, edges.new_full((1,), B * S)]).to(torch.int32)
 
 
 def _norm_rows(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
@@ -266,8 +268,15 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     w, eps = drope_q_norm_weight, float(drope_norm_eps)
 
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None and attention_mask is None and B == 1 and SQ == SK and SQ > 1:
-        cu = _packed_from_positions(kwargs.get("position_ids"), SQ)
+    if cu is None and attention_mask is None and SQ == SK and SQ > 1:
+        cu = _packed_from_positions(kwargs.get("position_ids"), B, SQ)
+        if cu is not None and B > 1:
+            # rows of packed documents: one flattened row, documents never cross a row
+            flat = [t.transpose(0, 1).reshape(t.shape[1], B * SQ, D)[None] for t in (query, key, value)]
+            rows = scale.reshape(1, B * SQ) if isinstance(scale, torch.Tensor) else scale
+            out = ops.attention(*flat, causal=causal, softmax_scale=rows, q_norm_weight=w, norm_eps=eps,
+                                cu_seqlens=cu.to(query.device))
+            return out[0].reshape(HQ, B, SQ, D).permute(1, 2, 0, 3).contiguous(), None
     if cu is not None:
         cu_k = kwargs.get("cu_seq_lens_k")
         if B != 1 or attention_mask is not None or SQ != SK:
