@@ -37,6 +37,8 @@ TOKEN_SUFFIXES = (".npy", ".bin")
 SUFFIXES = TEXT_SUFFIXES + TOKEN_SUFFIXES
 
 PathLike = Union[str, os.PathLike]
+# token ids are held as int32 (4 bytes a token: a billion-token corpus fits in 4 GB); batches are int64
+TOKEN_DTYPE = np.int32
 
 
 def resolve_data_files(paths: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
@@ -75,7 +77,7 @@ def _tokenize(tokenizer, text: str, add_eos: bool) -> np.ndarray:
     eos = getattr(tokenizer, "eos_token_id", None)
     if add_eos and eos is not None and (not ids or ids[-1] != eos):
         ids = list(ids) + [eos]
-    return np.asarray(ids, dtype=np.int64)
+    return np.asarray(ids, dtype=TOKEN_DTYPE)
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterable[str]:
@@ -97,7 +99,9 @@ def _int_array(path: Path, arr: np.ndarray) -> np.ndarray:
         raise ValueError(f"token file {str(path)!r} holds {arr.dtype} values; token ids must be integers")
     if arr.size and arr.min() < 0:
         raise ValueError(f"token file {str(path)!r} holds negative token ids (min {int(arr.min())})")
-    return arr.astype(np.int64)
+    if arr.size and arr.max() > np.iinfo(TOKEN_DTYPE).max:
+        raise ValueError(f"token file {str(path)!r} holds token id {int(arr.max())}, beyond any vocabulary (> 2**31 - 1)")
+    return arr.astype(TOKEN_DTYPE)
 
 
 def load_documents(paths: Union[PathLike, Sequence[PathLike]], tokenizer=None, *, text_field: str = "text",
@@ -114,7 +118,7 @@ def load_documents(paths: Union[PathLike, Sequence[PathLike]], tokenizer=None, *
         vocab_size: when given, every token id must be below it.
 
     Returns:
-        A list of 1-D int64 numpy arrays, one per document, empty documents left out.
+        A list of 1-D int32 numpy arrays, one per document, empty documents left out.
 
     Raises:
         ValueError: see :func:`resolve_data_files`; a text file without a tokenizer; a malformed
@@ -166,7 +170,8 @@ def chunk_documents(docs: Sequence[np.ndarray], seq_len: int, *, separator_id: O
             None puts nothing.
 
     Returns:
-        An int64 tensor (N, seq_len); the tail shorter than ``seq_len`` is dropped.
+        An int32 tensor (N, seq_len) (the collators make int64 batches); the tail shorter than
+        ``seq_len`` is dropped.
 
     Raises:
         ValueError: a bad ``seq_len``, or fewer than ``seq_len`` tokens in all.
@@ -174,11 +179,11 @@ def chunk_documents(docs: Sequence[np.ndarray], seq_len: int, *, separator_id: O
     _check_seq_len(seq_len)
     parts = []
     for d in docs:
-        d = np.asarray(d, dtype=np.int64).reshape(-1)
+        d = np.asarray(d, dtype=TOKEN_DTYPE).reshape(-1)
         parts.append(d)
         if separator_id is not None and (not d.size or d[-1] != separator_id):
-            parts.append(np.array([separator_id], dtype=np.int64))
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            parts.append(np.array([separator_id], dtype=TOKEN_DTYPE))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
     n = stream.size // seq_len
     if n == 0:
         raise ValueError(f"the data holds {stream.size} tokens, fewer than one row of seq_len={seq_len}")
@@ -196,7 +201,7 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int) -> List[List[torch.
         seq_len: the most tokens one pack holds (the training context length), >= 2.
 
     Returns:
-        A list of packs, each a list of 1-D int64 tensors whose lengths sum to at most ``seq_len``.
+        A list of packs, each a list of 1-D int32 tensors whose lengths sum to at most ``seq_len``.
 
     Raises:
         ValueError: a bad ``seq_len``, or no document of at least two tokens.
@@ -204,7 +209,7 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int) -> List[List[torch.
     _check_seq_len(seq_len)
     pieces: List[torch.Tensor] = []
     for d in docs:
-        d = torch.as_tensor(np.asarray(d, dtype=np.int64).reshape(-1))
+        d = torch.as_tensor(np.asarray(d, dtype=TOKEN_DTYPE).reshape(-1))
         pieces.extend(p for p in d.split(seq_len) if p.numel() >= 2)
     if not pieces:
         raise ValueError("the data holds no document of at least two tokens to pack")
@@ -251,7 +256,7 @@ class PackDataset(torch.utils.data.Dataset):
 
 @dataclass
 class CausalLMCollator:
-    """Stack fixed-length rows into ``input_ids`` and ``labels`` (the model shifts labels itself)."""
+    """Stack fixed-length rows into int64 ``input_ids`` and ``labels`` (the model shifts labels itself)."""
 
     def __call__(self, features: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         input_ids = torch.stack([torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features])

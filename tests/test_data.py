@@ -50,7 +50,7 @@ def test_txt_one_document_per_file_with_eos(tmp_path, tokenizer):
     docs = data.load_documents(tmp_path, tokenizer)
     assert len(docs) == 2
     for doc, text in zip(docs, texts):
-        assert doc.dtype == np.int64
+        assert doc.dtype == np.int32
         assert doc[-1] == tokenizer.eos_token_id
         assert tokenizer.decode(doc[:-1].tolist()) == text
 
@@ -87,7 +87,7 @@ def test_npy_and_bin_token_files(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "suffix", "empty-dir", "text-no-tokenizer", "float-npy", "negative",
-                                  "3d-npy", "vocab", "float-bin-dtype"])
+                                  "3d-npy", "vocab", "float-bin-dtype", "huge-id"])
 def test_bad_input(tmp_path, case):
     if case == "missing":
         args, match = (tmp_path / "nope.txt",), "does not exist"
@@ -114,6 +114,11 @@ def test_bad_input(tmp_path, case):
         with pytest.raises(ValueError, match="token id 300, outside the model's vocabulary of 256"):
             data.load_documents(tmp_path / "x.npy", vocab_size=256)
         return
+    elif case == "huge-id":
+        np.array([1, 2**31], dtype=np.uint32).tofile(tmp_path / "x.bin")
+        with pytest.raises(ValueError, match="beyond any vocabulary"):
+            data.load_documents(tmp_path / "x.bin", bin_dtype="uint32")
+        return
     else:
         np.arange(4, dtype=np.uint16).tofile(tmp_path / "x.bin")
         with pytest.raises(ValueError, match="bin_dtype must be an integer"):
@@ -131,7 +136,7 @@ def test_chunking_is_the_concatenated_stream(seq_len):
     chunks = data.chunk_documents(docs, seq_len, separator_id=sep)
     stream = np.concatenate([np.append(d, sep) for d in docs])
     n = stream.size // seq_len
-    assert chunks.shape == (n, seq_len) and chunks.dtype == torch.int64
+    assert chunks.shape == (n, seq_len) and chunks.dtype == torch.int32
     assert chunks.reshape(-1).tolist() == stream[: n * seq_len].tolist()
     plain = np.concatenate(docs)
     assert data.chunk_documents(docs, seq_len).reshape(-1).tolist() == plain[: plain.size // seq_len * seq_len].tolist()
@@ -170,7 +175,7 @@ def test_packed_collator_boundaries():
     batch = data.PackedCollator()([ds[0], ds[1]])
     lens = [3, 6, 2, 7]
     cu = torch.tensor([0, 3, 9, 11, 18], dtype=torch.int32)
-    assert batch["input_ids"].shape == (1, 18)
+    assert batch["input_ids"].shape == (1, 18) and batch["input_ids"].dtype == torch.int64
     assert batch["input_ids"][0].tolist() == np.concatenate(docs[:4]).tolist()
     assert torch.equal(batch["cu_seq_lens_q"], cu) and torch.equal(batch["cu_seq_lens_k"], cu)
     assert batch["cu_seq_lens_q"].dtype == torch.int32
@@ -183,10 +188,11 @@ def test_packed_collator_boundaries():
 
 
 def test_chunk_collator_and_dataset():
-    chunks = torch.randint(0, 50, (5, 8))
+    chunks = torch.randint(0, 50, (5, 8), dtype=torch.int32)
     ds = data.ChunkDataset(chunks)
     assert len(ds) == 5
     batch = data.CausalLMCollator()([ds[1], ds[3]])
-    assert torch.equal(batch["input_ids"], chunks[[1, 3]])
-    assert torch.equal(batch["labels"], chunks[[1, 3]])
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
+    assert torch.equal(batch["input_ids"], chunks[[1, 3]].long())
+    assert torch.equal(batch["labels"], chunks[[1, 3]].long())
     assert batch["labels"].data_ptr() != batch["input_ids"].data_ptr()

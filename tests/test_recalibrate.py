@@ -57,7 +57,7 @@ def trained(workdir):
 
 
 def heldout_loss(model, workdir, tokenizer):
-    ids = data.chunk_documents(data.load_documents(workdir / "heldout.txt", tokenizer), SEQ_LEN)
+    ids = data.chunk_documents(data.load_documents(workdir / "heldout.txt", tokenizer), SEQ_LEN).long()
     with torch.no_grad():
         return float(model(input_ids=ids, labels=ids).loss)
 
