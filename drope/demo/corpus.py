@@ -185,6 +185,13 @@ class RowSampler:
         else:
             cut = rng.randint(self.length // 2 - self.length // 16, self.length // 2 + self.length // 16)
             lengths = [cut, self.length - cut]
+        try:
+            return self._row(index, rng, lengths)
+        except ValueError:
+            # parts too short for this tokenizer (small L_train): one single-needle sample instead
+            return self._niah("single", self.length, rng, index * 2)
+
+    def _row(self, index: int, rng: random.Random, lengths: List[int]) -> Tuple[List[int], List[int]]:
         ids: List[int] = []
         mask: List[int] = []
         for j, n in enumerate(lengths):

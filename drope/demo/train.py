@@ -48,7 +48,7 @@ class Recipe:
 
     size: str = "mini"
     train_length: int = 256
-    steps: int = 900
+    steps: int = 400
     batch: int = 8
     lr: float = 3e-3
     recal_lr: float = 1e-3
@@ -60,7 +60,7 @@ class Recipe:
     rope_theta: float = 10000.0
     seed: int = 0
     fit_factor: int = 4
-    fit_windows: int = 8
+    fit_windows: int = 4
     eval_every: int = 100
     threads: int = 0
 

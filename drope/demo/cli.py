@@ -1,0 +1,269 @@
+"""``drope demo``: RoPE (plain, PI, NTK, YaRN) vs NoPE vs DroPE on NIAH beyond the training length.
+
+By default it loads the mini models shipped inside the package (``drope/demo/checkpoints``, trained
+by ``drope train-mini``) and runs the four NIAH tasks of :mod:`drope.niah` at 1x, 2x, 4x and 8x the
+training length for six models:
+
+- ``rope``: the RoPE model as trained;
+- ``rope-pi`` / ``rope-ntk`` / ``rope-yarn``: the same weights with transformers' ``rope_parameters``
+  ``linear`` / ``dynamic`` / ``yarn`` at the factor of each length (through ``drope.niah``);
+- ``nope``: trained from scratch without positional encoding;
+- ``drope``: the RoPE run with its last steps recalibrated without RoPE and with QK-norm; the fitted
+  softmax temperature is stored in its config.
+
+Everything goes through :func:`drope.niah.run` (prompts, greedy decoding, scoring); this module only
+chooses the grid, aggregates, prints and plots. On CUDA the attention is ``drope_triton``; on CPU it is
+``sdpa`` (the same math as ``drope.reference``), so the demo never runs Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+MODELS = ("rope", "rope-pi", "rope-ntk", "rope-yarn", "nope", "drope")
+CHECKPOINTS = ("rope", "nope", "drope")
+SCALINGS = {"rope-pi": "linear", "rope-ntk": "dynamic", "rope-yarn": "yarn"}
+DEFAULT_FACTORS = (1, 2, 4, 8)
+DEFAULT_DEPTHS = (0.2, 0.5, 0.8)
+
+
+def checkpoint_path(name: str) -> Path:
+    """Directory of a shipped checkpoint (``rope``, ``nope`` or ``drope``) inside the installed package.
+
+    Raises:
+        ValueError: an unknown name, or a package installed without its checkpoints.
+    """
+    if name not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {name!r}")
+    path = Path(str(resources.files("drope.demo") / "checkpoints" / name))
+    if not (path / "config.json").is_file():
+        raise ValueError(f"the shipped checkpoint {name!r} is missing at {path}; reinstall drope with its package data "
+                         "or train it with `drope train-mini --out DIR` and pass --model DIR")
+    return path
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _has_rope(path: Path) -> bool:
+    cfg = json.loads((path / "config.json").read_text())
+    if str(cfg.get("model_type", "")).endswith("_drope"):
+        return False
+    params = cfg.get("rope_parameters") or {}
+    return "rope_theta" in params or "rope_theta" in cfg
+
+
+def _train_length(path: Path) -> int:
+    cfg = json.loads((path / "config.json").read_text())
+    temp = cfg.get("drope_temperature") or {}
+    n = temp.get("train_length") or cfg.get("max_position_embeddings")
+    if not n:
+        raise ValueError(f"--model {path}: its config names no training length (max_position_embeddings); "
+                         "pass --train-length")
+    return int(n)
+
+
+def resolve_models(paths: Sequence[str]) -> List[Tuple[str, Path, Optional[str]]]:
+    """``(label, directory, rope_scaling_type)`` for each model run of the comparison.
+
+    With no paths: the six shipped models. Otherwise each path is a model directory or a directory of
+    model directories; a RoPE model also yields its PI / NTK / YaRN runs, a NoPE/DroPE model one run.
+
+    Raises:
+        ValueError: a path that is neither, or duplicate labels.
+    """
+    if not paths:
+        out = []
+        for label in MODELS:
+            base = label.split("-")[0]
+            out.append((label, checkpoint_path(base), SCALINGS.get(label)))
+        return out
+    dirs: List[Path] = []
+    for p in paths:
+        p = Path(p)
+        if _is_model_dir(p):
+            dirs.append(p)
+        elif p.is_dir() and any(_is_model_dir(c) for c in p.iterdir()):
+            dirs += sorted(c for c in p.iterdir() if _is_model_dir(c))
+        else:
+            raise ValueError(f"--model: {p} is neither a model directory (config.json) nor a directory of them")
+    out = []
+    for d in dirs:
+        name = d.name or str(d)
+        out.append((name, d, None))
+        if _has_rope(d):
+            out += [(f"{name}-{suffix.split('-')[1]}", d, kind) for suffix, kind in SCALINGS.items()]
+    labels = [o[0] for o in out]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"--model: several models are named {', '.join(dup)}; give directories with distinct names")
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = DEFAULT_FACTORS,
+             tasks: Optional[Sequence[str]] = None, depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 1,
+             train_length: Optional[int] = None, attn: str = "auto", device: str = "auto", seed: int = 0,
+             log=print) -> Dict[str, object]:
+    """Run the comparison and write ``out/results.json`` and ``out/accuracy_vs_factor.png``.
+
+    Args:
+        out: output directory; per-model NIAH runs go to ``out/runs/<model>-x<factor>`` or ``out/runs/<model>``.
+        models: model directories (see :func:`resolve_models`); empty = the shipped models.
+        factors: multiples of the training length to test (positive ints).
+        tasks: NIAH tasks (default all four).
+        depths: needle depths in [0, 1].
+        trials: samples per (task, length, depth).
+        train_length: L_train (default: from each model's config).
+        attn: ``auto`` (drope_triton on CUDA, sdpa on CPU) or an implementation name.
+        device: ``auto``, ``cpu``, ``cuda``.
+        seed: seed of the NIAH samples.
+        log: where progress lines go.
+
+    Returns:
+        ``{"results": [{"model", "factor", "length", "task", "accuracy"}, ...], "models": {...},
+        "config": {...}}`` as written to results.json; accuracy is a fraction in [0, 1] averaged over
+        depths and trials.
+
+    Raises:
+        ValueError: bad factors, trials, depths, tasks or models; errors of :func:`drope.niah.run`.
+    """
+    import torch
+
+    from ..niah import report
+    from ..niah.runner import RunConfig
+    from ..niah.runner import run as run_sweep
+    from ..niah.tasks import TASKS
+
+    factors = list(factors)
+    if not factors or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in factors):
+        raise ValueError(f"factors must be positive ints (multiples of the training length), got {factors!r}")
+    factors = sorted(dict.fromkeys(factors))
+    tasks = list(tasks or TASKS)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    if attn == "auto":
+        on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        attn = "drope_triton" if on_cuda else "sdpa"
+    runs = resolve_models(models)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: List[Dict[str, object]] = []
+    niah_runs: List[Dict[str, object]] = []
+    info: Dict[str, object] = {}
+    t_all = time.perf_counter()
+    for label, path, scaling in runs:
+        L = int(train_length or _train_length(path))
+        lengths = {f * L: f for f in factors}
+        cfg_json = json.loads((path / "config.json").read_text())
+        info[label] = {"path": str(path), "train_length": L, "rope_scaling": scaling,
+                       "temperature": cfg_json.get("drope_temperature"), "model_type": cfg_json.get("model_type")}
+        t0 = time.perf_counter()
+        # a scaling baseline gets its own factor at each length; the others run every length at once
+        groups = [([n], f"{scaling}:{f}") for n, f in lengths.items()] if scaling else [(list(lengths), None)]
+        cells: List[Dict[str, object]] = []
+        for group_lengths, rope in groups:
+            sub = out / "runs" / (label if rope is None else f"{label}-x{lengths[group_lengths[0]]}")
+            cfg = RunConfig(model=str(path), lengths=group_lengths, tasks=tasks, depths=list(depths), trials=trials,
+                            attn=attn, rope_scaling=rope, device=device, seed=seed, warmup=0, label=label,
+                            chat_template="off")
+            result = run_sweep(cfg, sub, overwrite=True, progress=False)
+            cells += result["results"]
+        for n, f in lengths.items():
+            for task in tasks:
+                accs = [c["accuracy"] for c in cells if c["task"] == task and c["length"] == n]
+                rows.append({"model": label, "factor": f, "length": n, "task": task, "accuracy": _mean(accs)})
+        niah_runs.append({"config": {"label": label}, "results": cells})
+        info[label]["seconds"] = round(time.perf_counter() - t0, 1)
+        mean = {f: _mean([r["accuracy"] for r in rows if r["model"] == label and r["factor"] == f]) for f in factors}
+        log(f"{label:>12}: " + "  ".join(f"{f}x {100 * a:5.1f}%" for f, a in mean.items())
+            + f"   ({info[label]['seconds']:.0f} s)")
+    results = {
+        "results": rows, "models": info,
+        "config": {"factors": factors, "tasks": tasks, "depths": list(depths), "trials": trials, "attn": attn,
+                   "device": device, "seed": seed, "seconds": round(time.perf_counter() - t_all, 1),
+                   "torch": torch.__version__},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    L0 = min(v["train_length"] for v in info.values())
+    report.plot_accuracy_vs_length(niah_runs, out / "accuracy_vs_factor.png", train_length=L0)
+    return results
+
+
+def format_table(results: Dict[str, object]) -> str:
+    """Accuracy (%) per model and factor: the mean over tasks, then one block per task."""
+    rows = results["results"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    factors = sorted({r["factor"] for r in rows})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    lines = []
+    for title, keep in [("mean over tasks", None)] + [(t, t) for t in tasks]:
+        lines.append(f"{title:<14}" + "".join(f"{str(f) + 'x':>8}" for f in factors))
+        for m in models:
+            vals = []
+            for f in factors:
+                accs = [r["accuracy"] for r in rows if r["model"] == m and r["factor"] == f
+                        and (keep is None or r["task"] == keep)]
+                vals.append(f"{100 * _mean(accs):7.1f}%")
+            lines.append(f"  {m:<12}" + "".join(f"{v:>8}" for v in vals))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``drope demo``."""
+    parser.add_argument("--out", default="drope-demo", help="output directory (default: drope-demo)")
+    parser.add_argument("--model", action="append", default=[], metavar="PATH",
+                        help="your own model directory, or a directory of them (repeatable); default: the shipped "
+                             "rope / nope / drope mini models")
+    parser.add_argument("--factors", default=",".join(map(str, DEFAULT_FACTORS)),
+                        help="multiples of the training length to test")
+    parser.add_argument("--tasks", default="all", help="single, multikey, multiquery, multivalue (comma list) or all")
+    parser.add_argument("--depths", default=",".join(map(str, DEFAULT_DEPTHS)),
+                        help="needle depths: a count or a comma list of fractions")
+    parser.add_argument("--trials", type=int, default=1, help="samples per (task, length, depth)")
+    parser.add_argument("--train-length", type=int, default=None, help="L_train (default: from each model's config)")
+    parser.add_argument("--attn", default="auto", help="auto (drope_triton on CUDA, sdpa on CPU), drope_triton, sdpa, eager")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the NIAH samples")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo, print the table, write results.json and the PNG.
+
+    Returns:
+        0 on success, 2 on bad input.
+    """
+    from ..niah.tasks import parse_depths, parse_tasks
+
+    t0 = time.perf_counter()
+    try:
+        factors = [int(x) for x in str(args.factors).split(",") if x.strip()]
+    except ValueError:
+        print(f"drope demo: error: --factors must be a comma list of positive ints, got {args.factors!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        results = run_demo(Path(args.out), models=args.model, factors=factors, tasks=parse_tasks(args.tasks),
+                           depths=parse_depths(args.depths), trials=args.trials, train_length=args.train_length,
+                           attn=args.attn, device=args.device, seed=args.seed)
+    except ValueError as e:
+        print(f"drope demo: error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print("NIAH accuracy (%) vs multiple of the training length")
+    print(format_table(results))
+    print(f"\nwrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'accuracy_vs_factor.png'} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return 0

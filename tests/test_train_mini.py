@@ -1,0 +1,131 @@
+"""``drope train-mini``: the generated training data and a 20-step run of the recipe at the tiny size (CPU)."""
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+
+from drope.demo import corpus, train
+from drope.niah import tasks as niah_tasks
+
+L_TRAIN = 128
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return corpus.train_tokenizer(1024, seed=0)
+
+
+def test_tokenizer_splits_digits_and_round_trips(tokenizer):
+    text = " " + niah_tasks.NEEDLE.format(key="whispering-workhorse", value="1234567")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    digits = [t for t in tokenizer.convert_ids_to_tokens(ids) if any(c.isdigit() for c in t)]
+    assert digits == list("1234567")
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_tokenizer_is_seeded():
+    a = corpus.train_tokenizer(400, seed=3)
+    b = corpus.train_tokenizer(400, seed=3)
+    assert a.get_vocab() == b.get_vocab()
+
+
+@pytest.mark.parametrize("seed", [0, 5], ids=lambda s: f"seed{s}")
+def test_rows_exact_length_answers_retrievable(tokenizer, seed):
+    sampler = corpus.RowSampler(tokenizer, L_TRAIN, seed=seed)
+    batch = sampler.batch(0, 24)
+    assert batch["input_ids"].shape == (24, L_TRAIN) and batch["answer_mask"].shape == (24, L_TRAIN)
+    for ids, mask in zip(batch["input_ids"].tolist(), batch["answer_mask"].tolist()):
+        assert ids.count(tokenizer.eos_token_id) >= 1 and sum(mask) > 0
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        for doc in text.split(corpus.BOS)[1:]:
+            # every answered value was planted in a needle of the same document, in the drope.niah format
+            needles = dict(re.findall(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", doc))
+            question, _, answer = doc.rpartition(" mentioned in the provided text ")
+            assert needles and answer.startswith(("is ", "are "))
+            for value in re.findall(r"\d{7}", answer):
+                assert value in needles.values()
+    again = corpus.RowSampler(tokenizer, L_TRAIN, seed=seed).batch(0, 24)
+    assert torch.equal(batch["input_ids"], again["input_ids"])
+
+
+def test_rows_differ_between_seeds_and_from_eval_prompts(tokenizer):
+    a = corpus.RowSampler(tokenizer, L_TRAIN, seed=0).batch(0, 4)["input_ids"]
+    b = corpus.RowSampler(tokenizer, L_TRAIN, seed=1).batch(0, 4)["input_ids"]
+    assert not torch.equal(a, b)
+    builder = niah_tasks.PromptBuilder(tokenizer, chat_template="off")
+    evaluation = builder.build("single", L_TRAIN, 0.5, seed=0)
+    assert evaluation.answers[0] not in tokenizer.decode(a.flatten())
+
+
+def test_answer_text_and_bad_inputs(tokenizer):
+    assert corpus.answer_text(["1234567"]) == " 1234567."
+    assert corpus.answer_text(["1", "2", "3"]) == " 1, 2, and 3."
+    with pytest.raises(ValueError, match="values"):
+        corpus.answer_text([])
+    with pytest.raises(ValueError, match="vocab_size"):
+        corpus.train_tokenizer(100)
+    with pytest.raises(ValueError, match="length"):
+        corpus.RowSampler(tokenizer, 64)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"steps": 0}, "steps"), ({"size": "huge"}, "size"), ({"train_length": 64}, "train_length"),
+    ({"recal_fraction": 1.0}, "recal_fraction"), ({"lr": 0.0}, "lr"), ({"answer_weight": -1.0}, "answer_weight"),
+], ids=["steps0", "size-huge", "L64", "recal1", "lr0", "answer-weight-neg"])
+def test_recipe_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train.Recipe(**kwargs)
+
+
+def test_weighted_loss_matches_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 11, dtype=torch.float64)
+    ids = torch.randint(0, 11, (2, 9))
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert torch.allclose(train.weighted_loss(logits, ids, mask, 5.0).double(), plain)
+    mask[:, -2:] = 1
+    w = 1 + 5.0 * mask[:, 1:].double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    assert torch.allclose(train.weighted_loss(logits, ids, mask, 5.0).double(), (nll * w.flatten()).sum() / w.sum())
+
+
+def _args(out, **over):
+    d = dict(out=str(out), size="tiny", steps=20, batch=2, train_length=L_TRAIN, lr=3e-3, recal_lr=1e-3,
+             recal_fraction=0.2, answer_weight=4.0, vocab_size=1024, fit_factor=2, fit_windows=1, eval_every=10,
+             variants="rope,nope,drope", threads=1, seed=0)
+    d.update(over)
+    return argparse.Namespace(**d)
+
+
+@pytest.mark.slow
+def test_twenty_step_recipe_on_cpu(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert train.run(_args(tmp_path)) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["recal_steps"] == 4
+    assert manifest["tokens_per_variant"] == 20 * 2 * L_TRAIN
+    steps = {v: max(r["step"] for r in manifest["log"] if r["variant"] == v) for v in ("rope", "nope", "drope")}
+    assert steps == {"rope": 20, "nope": 20, "drope": 20}
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in manifest["log"])
+    ids = torch.randint(3, 1024, (1, 2 * L_TRAIN))
+    for variant, model_type in (("rope", "llama"), ("nope", "llama_drope"), ("drope", "llama_drope")):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / variant, attn_implementation="sdpa")
+        assert model.config.model_type == model_type
+        assert AutoTokenizer.from_pretrained(tmp_path / variant).get_vocab() == \
+            AutoTokenizer.from_pretrained(tmp_path / "tokenizer").get_vocab()
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    drope_cfg = json.loads((tmp_path / "drope" / "config.json").read_text())
+    assert drope_cfg["attention_type"] == "qk_norm_nope"
+    assert drope_cfg["drope_temperature"]["coef"] == manifest["temperature"]["drope"]["coef"]
+    assert json.loads((tmp_path / "nope" / "config.json").read_text())["attention_type"] == "nope"
+
+
+def test_cli_rejects_unknown_variant(tmp_path, capsys):
+    assert train.run(_args(tmp_path, variants="rope,alibi")) == 2
+    assert "variants" in capsys.readouterr().err
