@@ -186,7 +186,7 @@ def test_cli_end_to_end(workdir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no-model", "no-config", "no-tokenizer", "no-data", "unknown-type", "no-checkpoint",
-                                  "bad-qk-norm", "out-of-vocab"])
+                                  "bad-qk-norm", "out-of-vocab", "seq-len"])
 def test_bad_input(workdir, tmp_path, case, capsys):
     model, files, kw = workdir / "model", [workdir / "data"], {}
     if case == "no-model":
@@ -207,11 +207,13 @@ def test_bad_input(workdir, tmp_path, case, capsys):
         kw, match = {"resume": True}, "no checkpoint"
     elif case == "bad-qk-norm":
         kw, match = {"qk_norm": "layer"}, "qk_norm must be None or one of"
+    elif case == "seq-len":
+        kw, match = {"seq_len": 1}, "seq_len must be None or an int >= 2"
     else:
         np.save(tmp_path / "x.npy", np.array([1, 2, 10_000]))
         files, match = [tmp_path / "x.npy"], "outside the model's vocabulary"
     with pytest.raises(ValueError, match=match):
-        recalibrate(model, files, tmp_path / "out", max_steps=1, **TRAIN, **kw)
+        recalibrate(model, files, tmp_path / "out", max_steps=1, **{**TRAIN, **kw})
     if case in ("no-model", "unknown-type"):
         rc = cli.main(["recalibrate", str(model), *map(str, files), "-o", str(tmp_path / "out")])
         assert rc == 2

@@ -186,6 +186,11 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
         raise ValueError(f"model path {str(model_path)!r} holds no config.json; give a saved Hugging Face model directory")
     if qk_norm is not None and qk_norm not in QK_NORMS:
         raise ValueError(f"qk_norm must be None or one of {', '.join(QK_NORMS)}, got {qk_norm!r}")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2):
+        raise ValueError(f"seq_len must be None or an int >= 2, got {seq_len!r}")
+    unknown = sorted(set(training_args or {}) - set(TrainingArguments.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"training_args has field(s) {unknown} that transformers.TrainingArguments does not know")
     files = drope_data.resolve_data_files(data_files)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -238,9 +243,6 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
     ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
     args[ckpt] = gradient_checkpointing
     args[f"{ckpt}_kwargs"] = {"use_reentrant": False} if gradient_checkpointing else None
-    unknown = sorted(set(training_args or {}) - set(TrainingArguments.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"training_args has field(s) {unknown} that transformers.TrainingArguments does not know")
     args.update(training_args or {})
     trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=dataset, data_collator=collator,
                       processing_class=tokenizer)
