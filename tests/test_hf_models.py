@@ -190,14 +190,15 @@ def test_converted_weights_are_kept_and_new_norms_start_at_one():
     assert rel_err(logits(plain, "eager", ids), _nope_forward(before, cfg, ids, "nope", False)) < 1e-5
 
 
-def test_qwen3_keeps_its_per_head_norms():
-    base = rope_model("qwen3", seed=6)
+def test_qwen3_keeps_its_per_head_norms_and_tied_embeddings():
+    base = rope_model("qwen3", seed=6, tie_word_embeddings=True)
     with torch.no_grad():
         base.model.layers[0].self_attn.q_norm.weight.uniform_(0.5, 1.5)
     w = base.model.layers[0].self_attn.q_norm.weight.clone()
     model = drope.to_drope(base)
     assert isinstance(model, Qwen3DropeForCausalLM) and model.config.qk_norm_type == "head"
     assert torch.equal(model.model.layers[0].self_attn.q_norm.weight, w)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def _last_logits(model, impl, ids):
