@@ -218,3 +218,16 @@ def test_training_gradients_match_eager(layout):
     assert grads["eager"].keys() == grads["drope_triton"].keys()
     for name, ref in grads["eager"].items():
         assert rel_err(grads["drope_triton"][name], ref) < TOL, name
+
+
+def test_mask_function_accepts_both_transformers_signatures():
+    pad = torch.ones(2, 21, dtype=torch.long)
+    pad[0, :4] = 0
+    new = hfa.drope_mask(2, q_length=1, kv_length=32, q_offset=20, attention_mask=pad)
+    old = hfa.drope_mask(2, cache_position=torch.tensor([20]), kv_length=32, attention_mask=pad)
+    assert new.shape == (2, 21) and new.dtype == torch.bool and torch.equal(new, old) and torch.equal(new, pad.bool())
+    # StaticCache without padding: the live slots only; a full DynamicCache: None
+    assert hfa.drope_mask(2, q_length=3, kv_length=32, q_offset=5, attention_mask=None, device="cpu").shape == (2, 8)
+    assert hfa.drope_mask(2, q_length=3, kv_length=8, q_offset=5, attention_mask=torch.ones(2, 8)) is None
+    with pytest.raises(ValueError, match="q_length"):
+        hfa.drope_mask(2, kv_length=8)

@@ -88,7 +88,7 @@ def drope_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optio
     """
     if q_length is None:
         if cache_position is None:
-            raise ValueError("drope_mask needs q_length (transformers >= 5.18) or cache_position (older releases)")
+            raise ValueError("drope_mask needs q_length (recent transformers) or cache_position (older releases)")
         q_length = int(cache_position.shape[0])
         q_offset = cache_position[0] if q_length else 0
     q_offset, kv_offset = int(q_offset), int(kv_offset)
