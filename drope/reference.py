@@ -153,7 +153,8 @@ def _repeat_kv(x: torch.Tensor, G: int) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      cache_seqlens: Optional[torch.Tensor] = None, softmax_scale=None,
-                     num_splits: Optional[int] = None, return_lse: bool = False):
+                     num_splits: Optional[int] = None, return_lse: bool = False,
+                     max_seqlen: Optional[int] = None):
     """Reference of :func:`drope.kernels.decode_attention` (NoPE attention of a few queries to a cache).
 
     Args:
@@ -163,6 +164,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softmax_scale: None (D**-0.5), a float, or a (B, Sq) tensor of per-row scales.
         num_splits: accepted for signature parity; the reference does not split.
         return_lse: also return the natural-log log-sum-exp (B, Hq, Sq).
+        max_seqlen: accepted (and range-checked) for signature parity; the kernel's split-count hint.
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype (or ``(out, lse)``).
@@ -171,7 +173,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ValueError: on any input outside the contract, naming the argument.
     """
     shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
-                         num_splits=num_splits, kernel=False)
+                         num_splits=num_splits, kernel=False, max_seqlen=max_seqlen)
     B, HQ, SQ, SMAX, D, G = shape.B, shape.HQ, shape.SQ, shape.SK, shape.D, shape.G
     ct = _compute_dtype(q.dtype)
     const, rows = scale_rows(softmax_scale, B, SQ, D, q.device, ct)

@@ -210,10 +210,12 @@ def check_kernel_device(q: torch.Tensor, op: str) -> None:
     raise DeviceError(f"drope.kernels.{op} runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {q.device}")
 
 
-def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_splits, kernel: bool) -> AttentionShape:
+def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_splits, kernel: bool,
+                 max_seqlen=None) -> AttentionShape:
     """Every check of the ``decode_attention`` contract; returns sizes with SK = Smax (cache capacity).
 
     Lengths in ``cache_seqlens`` are range-checked only when they live on the CPU (no device sync).
+    ``max_seqlen`` (a host-side hint of the longest length) must lie in [Sq, Smax].
     """
     for name, t, layout in (("q", q, "(B, Hq, Sq, D)"), ("k_cache", k_cache, "(B, Hkv, Smax, D)"),
                             ("v_cache", v_cache, "(B, Hkv, Smax, D)")):
@@ -239,4 +241,8 @@ def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_split
     check_scale(softmax_scale, shape.B, shape.SQ, q)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                   or not shape.SQ <= max_seqlen <= shape.SK):
+        raise ValueError(f"max_seqlen must be None or an int in [Sq, Smax] = [{shape.SQ}, {shape.SK}] "
+                         f"(the longest cache_seqlens entry, known on the host), got {max_seqlen!r}")
     return shape

@@ -386,6 +386,14 @@ def test_bad_input_raises_value_error(change, match):
         decode_attention(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), **args)
 
 
+@pytest.mark.parametrize("max_seqlen", [1, 17, 8.0, True], ids=["below-Sq", "above-Smax", "float", "bool"])
+def test_reference_rejects_the_same_max_seqlen(max_seqlen):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="max_seqlen"):
+        reference.decode_attention(q, k, v, max_seqlen=max_seqlen)
+    assert reference.decode_attention(q, k, v, max_seqlen=16).shape == q.shape
+
+
 def test_requires_grad_is_refused():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="inference-only"):

@@ -244,14 +244,6 @@ def _blocks(G: int, SQ: int, D: int):
     return BM, BN, 4, 2
 
 
-def _check_max_seqlen(max_seqlen, SQ: int, SMAX: int) -> None:
-    if max_seqlen is None:
-        return
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not SQ <= max_seqlen <= SMAX:
-        raise ValueError(f"max_seqlen must be None or an int in [Sq, Smax] = [{SQ}, {SMAX}] "
-                         f"(the longest cache_seqlens entry, known on the host), got {max_seqlen!r}")
-
-
 def _live_bound(cache_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int], SMAX: int) -> int:
     """Longest live length known on the host without a device sync (capacity as the last resort)."""
     if max_seqlen is not None:
@@ -265,9 +257,8 @@ def _live_bound(cache_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int]
 
 def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, max_seqlen):
     shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
-                         num_splits=num_splits, kernel=True)
+                         num_splits=num_splits, kernel=True, max_seqlen=max_seqlen)
     B, HQ, HKV, SQ, SMAX, D, G = shape.B, shape.HQ, shape.HKV, shape.SQ, shape.SK, shape.D, shape.G
-    _check_max_seqlen(max_seqlen, SQ, SMAX)
     check_kernel_device(q, "decode_attention")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise ValueError("decode_attention is inference-only (no backward): q/k_cache/v_cache require grad; "
