@@ -5,9 +5,9 @@ FlashAttention-2 style, deterministic (no atomics):
 1. ``_qk_prologue_kernel`` writes ``rope(norm(x))`` of q and of k to O(S*D) temporaries (only when
    a norm weight or rope tables are given; otherwise the raw tensors are read through their strides).
 2. ``_delta_kernel``: ``delta_i = rowsum(dO_i * O_i)`` in fp32.
-3. ``_dkdv_kernel``: one program per (KV block, batch x KV head); it loops over the G query heads
+3. ``_dkdv_kernel``: one program per (batch x KV head, KV block); it loops over the G query heads
    of the group and the visible query blocks, so the GQA sum happens in registers, in a fixed order.
-4. ``_dq_kernel``: one program per (query block, batch x query head), looping over visible KV blocks.
+4. ``_dq_kernel``: one program per (batch x query head, query block), looping over visible KV blocks.
    Both recompute the probabilities from the saved natural-log LSE; the per-row softmax scale is
    applied to the logits and to dS.
 5. ``_qk_epilogue_kernel`` maps d(q_hat) to dq through RoPE^T (rotation by -theta) and the RMSNorm
@@ -43,7 +43,7 @@ def _qk_prologue_kernel(
     HALF: tl.constexpr, BS: tl.constexpr,
     USE_NORM: tl.constexpr, USE_ROPE: tl.constexpr, PACKED: tl.constexpr,
 ):
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_s = i_s * BS + tl.arange(0, BS)
     o_d = tl.arange(0, HALF)
@@ -88,7 +88,7 @@ def _qk_epilogue_kernel(
     USE_NORM: tl.constexpr, USE_ROPE: tl.constexpr, PACKED: tl.constexpr,
     STORE_DX: tl.constexpr, STORE_DW: tl.constexpr,
 ):
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_s = i_s * BS + tl.arange(0, BS)
     o_d = tl.arange(0, HALF)
@@ -116,7 +116,7 @@ def _qk_epilogue_kernel(
         b_x2 = tl.load(p_x + HALF * stride_xd, mask=m_s[:, None], other=0.0).to(tl.float32)
         b_r = tl.rsqrt((tl.sum(b_x1 * b_x1, 1) + tl.sum(b_x2 * b_x2, 1)) / (2 * HALF) + eps)  # [BS]
         if STORE_DW:
-            p_dw = DW + (i_bh * tl.num_programs(0) + i_s).to(tl.int64) * (2 * HALF) + o_d
+            p_dw = DW + (i_bh * tl.num_programs(1) + i_s).to(tl.int64) * (2 * HALF) + o_d
             tl.store(p_dw, tl.sum(b_g1 * b_x1 * b_r[:, None], 0))
             tl.store(p_dw + HALF, tl.sum(b_g2 * b_x2 * b_r[:, None], 0))
         if STORE_DX:
@@ -143,7 +143,7 @@ def _delta_kernel(
     H, S,
     D: tl.constexpr, BS: tl.constexpr,
 ):
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_s = i_s * BS + tl.arange(0, BS)
     o_d = tl.arange(0, D)
@@ -221,7 +221,7 @@ def _dkdv_kernel(
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_ROWS: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = (i_bh // HKV).to(tl.int64), (i_bh % HKV).to(tl.int64)
     n0 = i_n * BN
     o_n = n0 + tl.arange(0, BN)
@@ -300,7 +300,8 @@ def _dq_kernel(
     CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    # the last query blocks see the most keys (causal): launch them first
+    i_bh, i_m = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
     i_b, i_h = (i_bh // HQ).to(tl.int64), (i_bh % HQ).to(tl.int64)
     i_hk = i_h // G
     m0 = i_m * BM
@@ -408,7 +409,7 @@ def _prologue(x, w, w_stride, rope, pos, pos0: int, eps: float, dtype: torch.dty
     y = torch.empty((B, H, S, D), device=x.device, dtype=dtype)
     cos, sin = rope if rope is not None else (None, None)
     BS = _row_block(S)
-    _qk_prologue_kernel[(triton.cdiv(S, BS), B * H)](
+    _qk_prologue_kernel[(B * H, triton.cdiv(S, BS))](
         X=x, Y=y, W=w, COS=cos, SIN=sin, POS=pos,
         stride_xb=x.stride(0), stride_xh=x.stride(1), stride_xs=x.stride(2), stride_xd=x.stride(3),
         stride_yb=y.stride(0), stride_yh=y.stride(1), stride_ys=y.stride(2), stride_yd=y.stride(3),
@@ -429,7 +430,7 @@ def _epilogue(gy, x, w, w_stride, w_orig, rope, pos, pos0: int, eps: float, need
     if need_dw:
         dw_part = torch.full((B * H, nblocks, D), float("nan"), device=x.device, dtype=torch.float32)
     cos, sin = rope if rope is not None else (None, None)
-    _qk_epilogue_kernel[(nblocks, B * H)](
+    _qk_epilogue_kernel[(B * H, nblocks)](
         GY=gy, X=x, DX=dx, W=w, DW=dw_part, COS=cos, SIN=sin, POS=pos,
         stride_gb=gy.stride(0), stride_gh=gy.stride(1), stride_gs=gy.stride(2), stride_gd=gy.stride(3),
         stride_xb=x.stride(0), stride_xh=x.stride(1), stride_xs=x.stride(2), stride_xd=x.stride(3),
@@ -536,7 +537,7 @@ def attention_backward(
 
     BS = _row_block(SQ)
     delta = torch.empty((B, HQ, SQ), device=dev, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(SQ, BS), B * HQ)](
+    _delta_kernel[(B * HQ, triton.cdiv(SQ, BS))](
         O=o, DO=do, DELTA=delta,
         stride_ob=o.stride(0), stride_oh=o.stride(1), stride_os=o.stride(2), stride_od=o.stride(3),
         stride_dob=do.stride(0), stride_doh=do.stride(1), stride_dos=do.stride(2), stride_dod=do.stride(3),
@@ -574,7 +575,7 @@ def attention_backward(
         dv = torch.full((B, HKV, SK, D), float("nan"), device=dev, dtype=v.dtype) if need_v else None
         dk_s = _strides4(dk_buf) if dk_buf is not None else (0, 0, 0, 0)
         dv_s = _strides4(dv) if dv is not None else (0, 0, 0, 0)
-        _dkdv_kernel[(triton.cdiv(SK, BN), B * HKV)](
+        _dkdv_kernel[(B * HKV, triton.cdiv(SK, BN))](
             DK=dk_buf, DV=dv,
             **dict(zip(("stride_dkb", "stride_dkh", "stride_dks", "stride_dkd"), dk_s)),
             **dict(zip(("stride_dvb", "stride_dvh", "stride_dvs", "stride_dvd"), dv_s)),
@@ -592,7 +593,7 @@ def attention_backward(
         dq_direct = need_q and not q_tf
         dq_buf = torch.full((B, HQ, SQ, D), float("nan"), device=dev,
                             dtype=q.dtype if dq_direct else torch.float32)
-        _dq_kernel[(triton.cdiv(SQ, BM), B * HQ)](
+        _dq_kernel[(B * HQ, triton.cdiv(SQ, BM))](
             DQ=dq_buf, **dict(zip(("stride_dqb", "stride_dqh", "stride_dqs", "stride_dqd"), _strides4(dq_buf))),
             HQ=HQ, **common,
         )
