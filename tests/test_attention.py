@@ -337,3 +337,17 @@ def test_packed_documents_gpu(dtype, device):
     out, lse = attention(q, k, v, cu_seqlens=cu, return_lse=True, **kw)
     ref, ref_lse = reference.attention(q64, k64, v64, cu_seqlens=cu, return_lse=True, **kw64)
     assert rel_err(out, ref) < TOL[dtype] and rel_err(lse, ref_lse) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("D", [16, 32, 64, 128, 256], ids=lambda d: f"D{d}")
+def test_autotune_candidates_fit(dtype, D):
+    """Every (dtype, D) keeps some CUDA tile; fp32 and D=256 keep only tiles that fit shared memory."""
+    from drope.kernels.attention import _attn_fwd_tuned, _prune_configs, _tile
+
+    kept = [_tile(c) for c in _prune_configs(_attn_fwd_tuned.configs, {}, Q=torch.empty(0, dtype=dtype), D=D)]
+    assert kept and len(set(kept)) == len(kept)
+    elsize = torch.empty(0, dtype=dtype).element_size()
+    for bm, bn, _, stages in kept:
+        # q tile plus the pipelined k and v tiles, in bytes: at most an H100's 227 KiB
+        assert (bm * D + 2 * stages * bn * D) * elsize <= 227 * 1024, (bm, bn, stages)

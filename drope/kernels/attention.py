@@ -289,22 +289,31 @@ def _attn_fwd_kernel(
         tl.store(LSE + i_bh.to(tl.int64) * SQ + o_m64, b_lse, mask=m_m)
 
 
+# (BM, BN, num_warps, num_stages): Hopper-sensible starting points; issue 6 tunes these on an H100
+_TILES_16BIT = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3)]
+# D=256 tiles must fit shared memory; (64, 32, 4, 2) always does
+_TILES_16BIT_D256 = [(128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2)]
+# fp32 tiles take twice the shared memory, and exact (ieee) dots compile slowly: small tiles only
+_TILES_FP32 = [(64, 32, 4, 2), (64, 64, 4, 2)]
+_TILES_FP32_D256 = [(64, 32, 4, 2)]
+
+
+def _tile(c: triton.Config):
+    return c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
+
+
 def _cuda_configs():
-    # Hopper-sensible starting points; issue 6 tunes this list on an H100
-    return [
-        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
-            (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2),
-        ]
-    ]
+    tiles = dict.fromkeys(_TILES_16BIT + _TILES_16BIT_D256 + _TILES_FP32 + _TILES_FP32_D256)
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    D = named_args["D"] if "D" in named_args else kwargs["D"]
-    # big tiles at D=256 overflow shared memory: keep the ones that fit
-    kept = [c for c in configs if D < 256 or (c.kwargs["BN"] <= 64 and c.num_stages <= 3)]
-    return kept or configs[-1:]
+    args = {**named_args, **kwargs}
+    if args["Q"].dtype == torch.float32:
+        keep = _TILES_FP32_D256 if args["D"] >= 256 else _TILES_FP32
+    else:
+        keep = _TILES_16BIT_D256 if args["D"] >= 256 else _TILES_16BIT
+    return [c for c in configs if _tile(c) in keep]
 
 
 _AUTOTUNE_KEY = ["D", "IS_CAUSAL", "USE_ROPE", "USE_QNORM", "USE_KNORM", "USE_SCALE_ROWS", "PACKED", "DOT_PREC"]
