@@ -249,12 +249,10 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        factors = [int(x) for x in str(args.factors).split(",") if x.strip()]
-    except ValueError:
-        print(f"drope demo: error: --factors must be a comma list of positive ints, got {args.factors!r}",
-              file=sys.stderr)
-        return 2
-    try:
+        try:
+            factors = [int(x) for x in str(args.factors).split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--factors must be a comma list of positive ints, got {args.factors!r}") from None
         results = run_demo(Path(args.out), models=args.model, factors=factors, tasks=parse_tasks(args.tasks),
                            depths=parse_depths(args.depths), trials=args.trials, train_length=args.train_length,
                            attn=args.attn, device=args.device, seed=args.seed)
