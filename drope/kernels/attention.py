@@ -22,7 +22,6 @@ from ..validation import check_attention, check_kernel_device, interpreter_enabl
 __all__ = ["attention"]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -285,6 +284,7 @@ def _attn_fwd_kernel(
     p_o = O + i_b64 * stride_ob + i_h64 * stride_oh + o_m64[:, None] * stride_os + o_d[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None])
     if STORE_LSE:
+        # base-2 running max and sum back to a natural-log LSE: times ln(2)
         b_lse = tl.where(empty, float("-inf"), (b_m + tl.math.log2(tl.where(empty, 1.0, b_l))) * 0.6931471805599453)
         tl.store(LSE + i_bh.to(tl.int64) * SQ + o_m64, b_lse, mask=m_m)
 
