@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..validation import check_attention, check_kernel_device, interpreter_enabled, scale_rows
+from .attention_bwd import attention_backward
 
 __all__ = ["attention"]
 
@@ -410,15 +411,52 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     return out, lse
 
 
-def _check_no_grad(**tensors) -> None:
-    if not torch.is_grad_enabled():
-        return
-    wanting = [name for name, t in tensors.items() if t is not None and t.requires_grad]
-    if wanting:
-        raise RuntimeError(
-            f"drope.kernels.attention: backward not implemented yet, but {', '.join(wanting)} require(s) grad; "
-            "call it under torch.no_grad() (inference) or use drope.reference.attention for training"
-        )
+class _AttentionFunction(torch.autograd.Function):
+    """Saves q, k, v, o, the LSE and the (small) weights/tables; the backward recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_norm_weight, k_norm_weight, scale_rows, cos, sin, cu_seqlens, causal, scale,
+                norm_eps):
+        rope = None if cos is None else (cos, sin)
+        out, lse = _attention_forward(q, k, v, causal=causal, scale=scale, scale_rows=scale_rows, rope=rope,
+                                      q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
+                                      cu_seqlens=cu_seqlens, return_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse, q_norm_weight, k_norm_weight, scale_rows, cos, sin, cu_seqlens)
+        ctx.causal, ctx.scale, ctx.norm_eps = causal, scale, norm_eps
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dlse):
+        q, k, v, out, lse, q_norm_weight, k_norm_weight, rows, cos, sin, cu_seqlens = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(out)
+        grads = attention_backward(
+            do, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale, scale_rows=rows,
+            rope=None if cos is None else (cos, sin), q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
+            norm_eps=ctx.norm_eps, cu_seqlens=cu_seqlens, dlse=dlse, needs_grad=tuple(ctx.needs_input_grad[:5]))
+        return (*grads, None, None, None, None, None, None, None)
+
+
+# opaque to torch.compile (a graph break): dynamo does not trace the launches or the Function
+@torch.compiler.disable
+def _attention_autograd(q, k, v, q_norm_weight, k_norm_weight, scale_rows, rope, cu_seqlens, causal, scale,
+                        norm_eps):
+    cos, sin = rope if rope is not None else (None, None)
+    return _AttentionFunction.apply(q, k, v, q_norm_weight, k_norm_weight, scale_rows, cos, sin, cu_seqlens,
+                                    causal, scale, norm_eps)
+
+
+def _autocast_inputs(q, k, v):
+    """Under ``torch.autocast`` the attention runs in the autocast dtype, like a matmul."""
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k, v)):
+        return q, k, v
+    dev = q.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(dev)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, softmax_scale=None,
@@ -450,17 +488,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         out (B, Hq, Sq, D) in q's dtype (rows with no visible key are zeros), or ``(out, lse)``
         with lse float32 (B, Hq, Sq), -inf on rows with no visible key.
 
+    Autograd: differentiable in q, k, v and both norm weights (and through the returned lse); not
+    in ``softmax_scale`` or the rope tables. The backward (``drope.kernels.attention_bwd``) is
+    deterministic and recomputes the probabilities from the saved LSE (O(S) extra memory).
+    Gradients come back in the dtype of their input (norm weights may be any float dtype).
+    Under ``torch.autocast`` q, k, v are cast to the autocast dtype (norm weights are not), and
+    under ``torch.compile`` the call is a graph break.
+
     Raises:
         ValueError: any input outside the contract (the message names the argument).
         drope.validation.DeviceError: CPU tensors without ``TRITON_INTERPRET=1``.
-        RuntimeError: grad mode is on and q, k, v or a norm weight requires grad (no backward yet).
     """
+    q, k, v = _autocast_inputs(q, k, v)
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, kernel=True)
     check_kernel_device(q, "attention")
-    _check_no_grad(q=q, k=k, v=v, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
     const, rows = scale_rows(softmax_scale, shape.B, shape.SQ, shape.D, q.device)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, q_norm_weight, k_norm_weight)):
+        if rows is not None:
+            rows = rows.detach()
+        if rope is not None:
+            rope = (rope[0].detach(), rope[1].detach())
+        out, lse = _attention_autograd(q, k, v, q_norm_weight, k_norm_weight, rows, rope, cu_seqlens, causal,
+                                       const, norm_eps)
+        return (out, lse) if return_lse else out
     out, lse = _attention_forward(q, k, v, causal=causal, scale=const, scale_rows=rows, rope=rope,
                                   q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                                   cu_seqlens=cu_seqlens, return_lse=return_lse)
