@@ -48,7 +48,7 @@ class Recipe:
 
     size: str = "mini"
     train_length: int = 256
-    steps: int = 400
+    steps: int = 500
     batch: int = 8
     lr: float = 3e-3
     recal_lr: float = 1e-3
