@@ -169,6 +169,9 @@ def test_torch_compile_around_kernel(device):
     for name, g in grads.items():
         name_c = name if name in grads_c else f"_orig_mod.{name}"
         assert rel_err(grads_c[name_c], g) < 1e-4, f"{name} differs under torch.compile"
+    with torch.no_grad():  # the inference path (no autograd.Function) is opaque to dynamo too
+        loss_eval = compiled(tokens, scale=scale)
+    assert abs(loss_eval.item() - loss.item()) <= 1e-5 * abs(loss.item())
 
 
 @pytest.mark.interpreter

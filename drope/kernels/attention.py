@@ -448,6 +448,12 @@ def _attention_autograd(q, k, v, q_norm_weight, k_norm_weight, scale_rows, rope,
                                     causal, scale, norm_eps)
 
 
+@torch.compiler.disable
+def _attention_forward_opaque(*args, **kwargs):
+    """The inference path, opaque to torch.compile as well (dynamo cannot trace the launch)."""
+    return _attention_forward(*args, **kwargs)
+
+
 def _autocast_inputs(q, k, v):
     """Under ``torch.autocast`` the attention runs in the autocast dtype, like a matmul."""
     if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k, v)):
@@ -493,7 +499,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     deterministic and recomputes the probabilities from the saved LSE (O(S) extra memory).
     Gradients come back in the dtype of their input (norm weights may be any float dtype).
     Under ``torch.autocast`` q, k, v are cast to the autocast dtype (norm weights are not), and
-    under ``torch.compile`` the call is a graph break.
+    under ``torch.compile`` the call is a graph break (with or without grad).
 
     Raises:
         ValueError: any input outside the contract (the message names the argument).
@@ -514,7 +520,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         out, lse = _attention_autograd(q, k, v, q_norm_weight, k_norm_weight, rows, rope, cu_seqlens, causal,
                                        const, norm_eps)
         return (out, lse) if return_lse else out
-    out, lse = _attention_forward(q, k, v, causal=causal, scale=const, scale_rows=rows, rope=rope,
+    out, lse = _attention_forward_opaque(q, k, v, causal=causal, scale=const, scale_rows=rows, rope=rope,
                                   q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                                   cu_seqlens=cu_seqlens, return_lse=return_lse)
     return (out, lse) if return_lse else out
