@@ -11,6 +11,8 @@ from typing import Optional
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drope import kernels, reference
 from drope.kernels.attention_bwd import attention_backward
@@ -165,6 +167,18 @@ def test_launcher_packed(bounds, causal, device):
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     run_launcher(Case(1, 2, 1, 77, 77, 32, causal=causal, rope=True, norm="head", scale="rows1"), device,
                  torch.float32, cu_seqlens=cu, block_m=16, block_n=32)
+
+
+@pytest.mark.interpreter
+@settings(max_examples=6, deadline=None)
+@given(G=st.sampled_from([1, 2, 4]), HKV=st.integers(1, 2), SQ=st.integers(1, 40), extra=st.integers(0, 30),
+       D=st.sampled_from([16, 32]), causal=st.booleans(), rope=st.booleans(),
+       norm=st.sampled_from([None, "shared", "head"]), scale=st.sampled_from([None, "float", "rows1", "rows2"]),
+       B=st.integers(1, 2), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_launcher_property(G, HKV, SQ, extra, D, causal, rope, norm, scale, B, dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = Case(B, G * HKV, HKV, SQ, SQ + extra, D, causal=causal, rope=rope, norm=norm, scale=scale)
+    run_launcher(c, device, dtype, block_m=16, block_n=16)
 
 
 @pytest.mark.interpreter

@@ -395,7 +395,7 @@ def _strides4(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _norm_prep(w: Optional[torch.Tensor], H: int):
+def _norm_prep(w: Optional[torch.Tensor]):
     """Head stride of a (D,) or (H, D) weight, made contiguous along D (a tiny tensor)."""
     if w is None:
         return None, 0
@@ -520,8 +520,8 @@ def attention_backward(
     else:
         doc = dstart = dend = pos = None
     q_pos0 = SK - SQ
-    wq, wq_stride = _norm_prep(q_norm_weight, HQ)
-    wk, wk_stride = _norm_prep(k_norm_weight, HKV)
+    wq, wq_stride = _norm_prep(q_norm_weight)
+    wk, wk_stride = _norm_prep(k_norm_weight)
     q_tf = wq is not None or rope is not None
     k_tf = wk is not None or rope is not None
     # the interpreter's bf16 tl.dot is wrong and its fp32 -> bf16 cast truncates: there, bf16 problems
