@@ -196,8 +196,8 @@ def _needs_mask(m0, n0, SQ, SK, DOC, BM: tl.constexpr, BN: tl.constexpr, CAUSAL:
     ragged = (m_end - m0 < BM) | (n_end - n0 < BN)
     if PACKED:
         d = tl.load(DOC + m0)
-        one_doc = (tl.load(DOC + m_end - 1) == d) & (tl.load(DOC + n0) == d) & (tl.load(DOC + n_end - 1) == d)
-        ragged = ragged | (one_doc == 0)
+        split = (tl.load(DOC + m_end - 1) != d) | (tl.load(DOC + n0) != d) | (tl.load(DOC + n_end - 1) != d)
+        ragged = ragged | split
         if CAUSAL:
             ragged = ragged | (n0 + BN - 1 > m0)
     elif CAUSAL:
