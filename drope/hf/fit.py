@@ -155,7 +155,8 @@ def fit_temperature(model, input_ids, *, target_length: int, train_length: Optio
         windows = windows[: _positive_int("max_windows", max_windows)]
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and (int(windows.min()) < 0 or int(windows.max()) >= vocab):
-        raise ValueError(f"input_ids must be token ids in [0, {vocab}), got values in [{int(windows.min())}, {int(windows.max())}]")
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}), "
+                         f"got values in [{int(windows.min())}, {int(windows.max())}]")
 
     device = next(model.parameters()).device
     tokens = windows.shape[0] * (target_length - 1)

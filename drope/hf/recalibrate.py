@@ -240,7 +240,9 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
         remove_unused_columns=False, dataloader_pin_memory=cuda,
     )
     # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (old name deprecated)
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+    ckpt = "activation_checkpointing"
+    if ckpt not in TrainingArguments.__dataclass_fields__:
+        ckpt = "gradient_checkpointing"
     args[ckpt] = gradient_checkpointing
     args[f"{ckpt}_kwargs"] = {"use_reentrant": False} if gradient_checkpointing else None
     args.update(training_args or {})
@@ -265,7 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qk-norm", choices=QK_NORMS, default=None,
                         help="QK-norm added when converting a RoPE model (default: full, or the checkpoint's when resuming; "
                              "Qwen3: head or auto)")
-    parser.add_argument("--packed", action="store_true", help="pack whole documents with cu_seqlens boundaries instead of cutting one stream")
+    parser.add_argument("--packed", action="store_true",
+                        help="pack whole documents with cu_seqlens boundaries instead of cutting one stream")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3, as the paper with QK-norm)")
     parser.add_argument("--warmup", type=float, default=0.05, help="warmup steps (int) or fraction of all steps (< 1; default 0.05)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
@@ -278,8 +281,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logging-steps", type=int, default=10, help="log every this many steps")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="resume from the last checkpoint in --output-dir, or from CHECKPOINT")
-    parser.add_argument("--attn-implementation", default=None, help="attention for training (default: drope_triton on CUDA, sdpa on CPU)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 mixed precision (default: on with a bf16 GPU)")
+    parser.add_argument("--attn-implementation", default=None,
+                        help="attention for training (default: drope_triton on CUDA, sdpa on CPU)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 mixed precision (default: on with a bf16 GPU)")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="keep activations instead of recomputing them")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
