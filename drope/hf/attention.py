@@ -189,7 +189,8 @@ def _attention_padded(ops, q, k, v, valid, scale, w, eps):
         n = order.shape[1]
         kc = k.gather(2, order[:, None, :, None].expand(B, HKV, n, D))
         vc = v.gather(2, order[:, None, :, None].expand(B, HKV, n, D))
-        return ops.decode_attention(_norm_rows(q, w, eps), kc, vc, cache_seqlens=counts, softmax_scale=scale)
+        return ops.decode_attention(_norm_rows(q, w, eps), kc, vc, cache_seqlens=counts, softmax_scale=scale,
+                                    max_seqlen=n)
     outs = []
     for b in range(B):
         kv_idx = torch.nonzero(valid[b]).flatten()
@@ -298,7 +299,7 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         if causal and SQ < L and SQ <= DECODE_MAX_QUERIES:
             seqlens = None if L == SK else torch.full((B,), L, dtype=torch.int32, device=query.device)
             out = ops.decode_attention(_norm_rows(query, w, eps), key, value, cache_seqlens=seqlens,
-                                       softmax_scale=scale)
+                                       softmax_scale=scale, max_seqlen=L)
         else:
             out = ops.attention(query, key[:, :, :L], value[:, :, :L], causal=causal, softmax_scale=scale,
                                 q_norm_weight=w, norm_eps=eps)

@@ -139,7 +139,7 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
         qk_norm: QK-norm added when converting: ``"full"`` (over all heads, as the paper), ``"head"``
             (per head, fused into the kernel), ``"auto"`` (``"head"`` for Qwen3, which keeps its own
             trained per-head norms and accepts only these two, else ``"full"``) or ``"none"``. None =
-            ``"full"`` for a fresh run and the checkpoint's kind when resuming (another explicit kind
+            ``"auto"`` for a fresh run and the checkpoint's kind when resuming (another explicit kind
             than the checkpoint's is an error). Ignored for a model that already is DroPE.
         packed: pack whole documents with boundaries instead of cutting the concatenated stream.
         learning_rate: peak AdamW learning rate (1e-3 is the paper's value with QK-norm; use a lower
@@ -204,7 +204,7 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
         raise ValueError(f"qk_norm={qk_norm!r} but the checkpoint {resume_from!r} was trained with qk_norm="
                          f"{trained_norm!r}; resume with the same kind (or leave qk_norm unset)")
     if qk_norm is None:
-        qk_norm = trained_norm or "full"
+        qk_norm = trained_norm or "auto"
 
     cuda = torch.cuda.is_available()
     if attn_implementation is None:
@@ -265,8 +265,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-dir", required=True, help="where checkpoints, the final model and tokenizer go")
     parser.add_argument("--seq-len", type=int, default=None, help="training context length (default: the model's)")
     parser.add_argument("--qk-norm", choices=QK_NORMS, default=None,
-                        help="QK-norm added when converting a RoPE model (default: full, or the checkpoint's when resuming; "
-                             "Qwen3: head or auto)")
+                        help="QK-norm added when converting a RoPE model (default: auto = full over all heads as the paper, "
+                             "head for Qwen3 which keeps its per-head norms; the checkpoint's kind when resuming)")
     parser.add_argument("--packed", action="store_true",
                         help="pack whole documents with cu_seqlens boundaries instead of cutting one stream")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3, as the paper with QK-norm)")
