@@ -31,7 +31,7 @@ MODELS = ("rope", "rope-pi", "rope-ntk", "rope-yarn", "nope", "drope")
 CHECKPOINTS = ("rope", "nope", "drope")
 SCALINGS = {"rope-pi": "linear", "rope-ntk": "dynamic", "rope-yarn": "yarn"}
 DEFAULT_FACTORS = (1, 2, 4, 8)
-DEFAULT_DEPTHS = (0.2, 0.5, 0.8)
+DEFAULT_DEPTHS = (0.25, 0.75)
 
 
 def checkpoint_path(name: str) -> Path:
