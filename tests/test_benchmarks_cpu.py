@@ -203,7 +203,9 @@ def test_report_picks_the_newest_record(tmp_path, capsys):
 @pytest.mark.slow
 def test_suite_runs_on_cpu_and_exits_zero():
     """`pytest benchmarks --benchmark-only` on a machine without CUDA: GPU cases skip with a reason, exit 0."""
-    env = dict(os.environ, TRITON_INTERPRET="1", DROPE_BENCH_PROVIDERS="unfused")
+    # a fresh pytest, not an xdist worker: pytest-benchmark disables itself when it sees xdist's variables
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XDIST"))}
+    env.update(TRITON_INTERPRET="1", DROPE_BENCH_PROVIDERS="unfused")
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "--quick", "-q",
                            "-p", "no:cacheprovider", "-rs"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
