@@ -38,16 +38,23 @@ def test_rows_exact_length_answers_retrievable(tokenizer, seed):
     sampler = corpus.RowSampler(tokenizer, L_TRAIN, seed=seed)
     batch = sampler.batch(0, 24)
     assert batch["input_ids"].shape == (24, L_TRAIN) and batch["answer_mask"].shape == (24, L_TRAIN)
+    n_copy = 0
     for ids, mask in zip(batch["input_ids"].tolist(), batch["answer_mask"].tolist()):
-        assert ids.count(tokenizer.eos_token_id) >= 1 and sum(mask) > 0
+        assert sum(mask) > 0
         text = tokenizer.decode(ids, skip_special_tokens=False)
+        n_copy += " mentioned in the provided text " not in text
         for doc in text.split(corpus.BOS)[1:]:
+            if " mentioned in the provided text " not in doc:
+                # a copy row: a stretch of text, then the same stretch again
+                assert doc.count(doc[:40]) >= 2
+                continue
             # every answered value was planted in a needle of the same document, in the drope.niah format
             needles = dict(re.findall(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", doc))
             question, _, answer = doc.rpartition(" mentioned in the provided text ")
             assert needles and answer.startswith(("is ", "are "))
             for value in re.findall(r"\d{7}", answer):
                 assert value in needles.values()
+    assert 0 < n_copy < 24
     again = corpus.RowSampler(tokenizer, L_TRAIN, seed=seed).batch(0, 24)
     assert torch.equal(batch["input_ids"], again["input_ids"])
 

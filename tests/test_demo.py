@@ -1,0 +1,120 @@
+"""``drope demo``: the shipped mini checkpoints (load, round trip) and the comparison end to end on CPU."""
+
+import argparse
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from drope.demo import cli
+from drope.niah.tasks import TASKS, PromptBuilder
+
+ROW_KEYS = {"model", "factor", "length", "task", "accuracy"}
+
+
+def _args(out, **over):
+    d = dict(out=str(out), model=[], factors="1,2,4,8", tasks="all", depths="0.25,0.75", trials=1,
+             train_length=None, attn="auto", device="cpu", seed=0)
+    d.update(over)
+    return argparse.Namespace(**d)
+
+
+@pytest.mark.parametrize("name", cli.CHECKPOINTS)
+def test_shipped_checkpoint_loads_and_round_trips(name, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cli.checkpoint_path(name)
+    assert path.is_dir() and (path / "model.safetensors").stat().st_size < 8 * 2 ** 20
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    L = model.config.max_position_embeddings
+    if name == "rope":
+        assert model.config.model_type == "llama"
+    else:
+        assert model.config.model_type == "llama_drope"
+        assert model.config.attention_type == ("qk_norm_nope" if name == "drope" else "nope")
+        temp = model.config.drope_temperature
+        assert temp["mode"] == "length" and temp["train_length"] == L and temp["coef"] >= 0
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, len(tok), (2, 2 * L))  # beyond L_train, so the temperature acts
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, again(input_ids=ids).logits
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == tok.get_vocab()
+
+
+def test_shipped_tokenizer_builds_every_task_at_every_factor():
+    from transformers import AutoTokenizer
+
+    path = cli.checkpoint_path("rope")
+    tok = AutoTokenizer.from_pretrained(path)
+    L = json.loads((path / "config.json").read_text())["max_position_embeddings"]
+    builder = PromptBuilder(tok, chat_template="off")
+    for task in TASKS:
+        for f in cli.DEFAULT_FACTORS:
+            sample = builder.build(task, f * L, 0.5, seed=0)
+            assert len(sample.input_ids) == f * L
+
+
+def test_resolve_models_default_and_directory(tmp_path):
+    default = cli.resolve_models([])
+    assert [label for label, _, _ in default] == list(cli.MODELS)
+    assert dict((label, kind) for label, _, kind in default)["rope-ntk"] == "dynamic"
+    for name in cli.CHECKPOINTS:
+        shutil.copytree(cli.checkpoint_path(name), tmp_path / f"my{name}")
+    labels = {label: kind for label, _, kind in cli.resolve_models([str(tmp_path)])}
+    assert labels == {"mydrope": None, "mynope": None, "myrope": None, "myrope-pi": "linear",
+                      "myrope-ntk": "dynamic", "myrope-yarn": "yarn"}
+    with pytest.raises(ValueError, match="neither a model directory"):
+        cli.resolve_models([str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="several models are named"):
+        cli.resolve_models([str(tmp_path / "mynope"), str(tmp_path / "mynope")])
+
+
+def test_demo_reduced_grid_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.run(_args(out, factors="1,2", tasks="single,multivalue", depths="0.5")) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    rows = data["results"]
+    assert len(rows) == len(cli.MODELS) * 2 * 2
+    assert all(set(r) == ROW_KEYS and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert {r["model"] for r in rows} == set(cli.MODELS)
+    L = data["models"]["rope"]["train_length"]
+    assert {(r["factor"], r["length"]) for r in rows} == {(1, L), (2, 2 * L)}
+    assert data["config"]["attn"] == "sdpa"  # never Triton's interpreter on CPU
+    assert (out / "accuracy_vs_factor.png").stat().st_size > 1000
+    assert "mean over tasks" in printed and "rope-yarn" in printed
+    runs = json.loads((out / "runs" / "rope-yarn-x2" / "results.json").read_text())
+    assert runs["config"]["rope_parameters"]["rope_type"] == "yarn"
+    assert runs["config"]["rope_parameters"]["factor"] == 2.0
+
+
+def test_demo_user_model(tmp_path):
+    results = cli.run_demo(tmp_path, models=[str(cli.checkpoint_path("drope"))], factors=[2], tasks=["single"],
+                           depths=[0.5], device="cpu", log=lambda *_: None)
+    assert [(r["model"], r["factor"], r["task"]) for r in results["results"]] == [("drope", 2, "single")]
+    assert results["models"]["drope"]["temperature"]["mode"] == "length"
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"factors": "0"}, "factors"), ({"factors": "two"}, "factors"), ({"trials": 0}, "trials"),
+    ({"model": ["/nonexistent/model"]}, "neither"), ({"tasks": "single,haystack"}, "unknown task"),
+], ids=["factor0", "factor-text", "trials0", "missing-model", "bad-task"])
+def test_demo_bad_input(tmp_path, capsys, over, match):
+    assert cli.run(_args(tmp_path, **over)) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_demo_runs_and_reports_every_cell(tmp_path):
+    t0 = time.perf_counter()
+    assert cli.run(_args(tmp_path / "full")) == 0
+    seconds = time.perf_counter() - t0
+    rows = json.loads((tmp_path / "full" / "results.json").read_text())["results"]
+    assert len(rows) == len(cli.MODELS) * len(cli.DEFAULT_FACTORS) * len(TASKS)
+    print(f"full drope demo: {seconds:.0f} s")
