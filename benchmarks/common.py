@@ -285,6 +285,25 @@ def build_attention(case: Case, provider: str, device="cuda", *, train_len: int 
             "extra": {"G": case.G, "causal": not case.is_decode}}
 
 
+def run_cpu_smoke(benchmark, case: Case, provider: str) -> None:
+    """Time ``provider`` on the tiny ``case`` on the CPU (kernels in Triton's interpreter), checked first.
+
+    So the suite runs something on any machine; on a GPU the full-size cases time the same paths.
+    """
+    import pytest
+
+    if torch.cuda.is_available():
+        pytest.skip(f"CPU smoke case: on a GPU the {case.op} cases time these paths at full size")
+    try:
+        bound = build_attention(case, provider, "cpu", train_len=16)
+    except ProviderSkip as e:
+        pytest.skip(f"{provider}: {e}")
+    rel = bound["check"]()
+    assert rel <= 1e-4, f"{provider} smoke result differs from drope.reference: rel err {rel:.3e}"
+    benchmark.extra_info.update(op=f"{case.op}_smoke", provider=provider, rel_err=rel)
+    benchmark.pedantic(bound["call"], args=(bound["sets"][0],), rounds=2, warmup_rounds=0)
+
+
 def _sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend
 

@@ -6,7 +6,6 @@ interpreter at a tiny fp32 shape so that the suite runs something on any machine
 """
 
 import pytest
-import torch
 
 from benchmarks import common
 
@@ -25,13 +24,4 @@ def test_prefill(benchmark, bench_session, case, provider):
 @pytest.mark.quick
 @pytest.mark.parametrize("smoke_provider", ["drope_triton", "unfused"])
 def test_prefill_smoke_cpu(benchmark, smoke_provider):
-    if torch.cuda.is_available():
-        pytest.skip("CPU smoke case: on a GPU the prefill cases time these paths at full size")
-    try:
-        bound = common.build_attention(SMOKE, smoke_provider, "cpu", train_len=16)
-    except common.ProviderSkip as e:
-        pytest.skip(f"{smoke_provider}: {e}")
-    rel = bound["check"]()
-    assert rel <= 1e-4, f"{smoke_provider} smoke result differs from drope.reference: rel err {rel:.3e}"
-    benchmark.extra_info.update(op="prefill_fwd_smoke", provider=smoke_provider, rel_err=rel)
-    benchmark.pedantic(bound["call"], args=(bound["sets"][0],), rounds=2, warmup_rounds=0)
+    common.run_cpu_smoke(benchmark, SMOKE, smoke_provider)
