@@ -162,6 +162,18 @@ def render_markdown(record: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, title: str, out_stem: Path, kind: str) -> Path:
+    """Title, lay out, write ``<stem>-<kind>.png`` and close one figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = out_stem.with_name(f"{out_stem.name}-{kind}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(record: Dict[str, Any], out_stem: Path) -> List[Path]:
     """PNG plots: TFLOP/s vs S per provider (prefill) and GB/s vs cache length (decode, copy ceiling drawn)."""
     import matplotlib
@@ -195,12 +207,7 @@ def plot(record: Dict[str, Any], out_stem: Path) -> List[Path]:
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
-        fig.suptitle(f"drope prefill attention, {record.get('device', '?')}{tag}", fontsize=10)
-        fig.tight_layout()
-        path = out_stem.with_name(out_stem.name + "-prefill.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, f"drope prefill attention, {record.get('device', '?')}{tag}", out_stem, "prefill"))
     decode = [r for r in results if r["op"] == "decode" and r.get("gbps") is not None]
     if decode:
         batches = sorted({r["B"] for r in decode})
@@ -219,12 +226,7 @@ def plot(record: Dict[str, Any], out_stem: Path) -> List[Path]:
             ax.set_ylabel("GB/s (K+V bytes read)")
             ax.grid(alpha=0.3)
         axes.flat[0].legend(fontsize=7)
-        fig.suptitle(f"drope decode attention, {record.get('device', '?')}{tag}", fontsize=10)
-        fig.tight_layout()
-        path = out_stem.with_name(out_stem.name + "-decode.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, f"drope decode attention, {record.get('device', '?')}{tag}", out_stem, "decode"))
     return written
 
 
