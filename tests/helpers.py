@@ -14,3 +14,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def noncontiguous(x: torch.Tensor) -> torch.Tensor:
     """The same values as ``x`` (B, H, S, D) behind a (B, S, H, D) memory layout, as HF hands them."""
     return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def with_cache(model, cache) -> dict:
+    """Keyword argument passing a KV cache to ``model``: ``cache`` on transformers >= 5.24, else ``past_key_values``."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}

@@ -8,6 +8,7 @@ import torch
 
 import drope
 from drope.hf.fit import TemperatureFit, fit_temperature
+from helpers import with_cache
 
 V, TRAIN_LEN, TARGET_LEN, N_SEQ = 64, 4, 24, 32
 
@@ -40,7 +41,7 @@ def sample(model, n: int, length: int) -> torch.Tensor:
     cache, step = DynamicCache(config=model.config), x
     with torch.no_grad():
         for _ in range(length - 1):
-            logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1].double()
+            logits = model(input_ids=step, **with_cache(model, cache), use_cache=True).logits[:, -1].double()
             step = torch.multinomial(torch.softmax(logits, -1), 1)
             x = torch.cat([x, step], 1)
     return x

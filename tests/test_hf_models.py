@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GPT2Con
 
 import drope
 from drope.hf import LlamaDropeConfig, LlamaDropeForCausalLM, Qwen2DropeForCausalLM, Qwen3DropeForCausalLM
-from helpers import rel_err
+from helpers import rel_err, with_cache
 from hf_tiny import (DEVICE, VOCAB, drope_model, logits, perturb_norms, rope_model, tiny_config, tiny_tokenizer,
                      to_device)
 
@@ -82,10 +82,10 @@ def test_decode_with_static_and_dynamic_cache_equals_prefill():
     for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=20)):
         steps = []
         with torch.no_grad():
-            out = model(input_ids=ids[:, :9], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, :9], **with_cache(model, cache), use_cache=True)
             steps.append(out.logits)
             for t in range(9, 14):
-                out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                out = model(input_ids=ids[:, t:t + 1], **with_cache(model, cache), use_cache=True)
                 steps.append(out.logits)
         assert rel_err(torch.cat(steps, dim=1).cpu(), full) < TOL, type(cache).__name__
 

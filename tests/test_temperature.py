@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 import drope
 from drope.hf import temperature_rows, temperature_scale, validate_temperature
-from helpers import rel_err
+from helpers import rel_err, with_cache
 from hf_tiny import VOCAB, drope_model, logits, rope_model
 
 TOL = 1e-3
@@ -114,9 +114,9 @@ def test_cached_decoding_vs_prefill(mode):
     full = logits(model, "drope_triton", ids)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        steps = [model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True).logits]
+        steps = [model(input_ids=ids[:, :6], **with_cache(model, cache), use_cache=True).logits]
         for i in range(6, 12):
-            steps.append(model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(input_ids=ids[:, i:i + 1], **with_cache(model, cache), use_cache=True).logits)
     err = rel_err(torch.cat(steps, 1).cpu(), full)
     assert err < TOL if mode == "position" else err > 10 * TOL
 

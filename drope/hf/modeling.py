@@ -175,9 +175,10 @@ class DropeAttention(nn.Module):
             self.k_norm = None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
-        if past_key_values is None:
-            past_key_values = kwargs.pop("past_key_value", None)
+                past_key_values=None, cache=None, **kwargs):
+        # the KV cache arrives as `cache` (transformers >= 5.24), `past_key_values` or `past_key_value` (older)
+        if cache is None:
+            cache = past_key_values if past_key_values is not None else kwargs.pop("past_key_value", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         impl = self.config._attn_implementation
@@ -205,7 +206,7 @@ class DropeAttention(nn.Module):
         B, SQ = q.shape[0], q.shape[2]
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+            past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
             position_ids = torch.arange(past, past + SQ, device=q.device)[None]
         rows = temperature_rows(getattr(self.config, "drope_temperature", None), position_ids)
         extra = {}
@@ -216,9 +217,9 @@ class DropeAttention(nn.Module):
         elif rows is not None:
             q = q * rows[:, None, :, None].to(q.dtype)
 
-        if past_key_values is not None:
+        if cache is not None:
             cache_kwargs = {"cache_position": kwargs["cache_position"]} if "cache_position" in kwargs else {}
-            k, v = past_key_values.update(k, v, self.layer_idx, cache_kwargs)
+            k, v = cache.update(k, v, self.layer_idx, cache_kwargs)
 
         if impl == "eager" or impl is None:
             interface = eager_attention_forward

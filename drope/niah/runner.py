@@ -356,7 +356,10 @@ def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_id
     The prefill produces the first new token; ``decode_steps`` counts the forwards after it.
     Only the last position's logits are computed (``logits_to_keep=1``) when the model supports it.
     """
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    # transformers >= 5.24 names the KV cache `cache` (argument and output); older releases `past_key_values`
+    cache_name = "cache" if "cache" in params else "past_key_values"
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
     n = ids.shape[1]
     eos = set(eos_ids)
@@ -366,13 +369,13 @@ def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_id
         token = out.logits[:, -1].argmax(-1)
         new = [int(token.item())]
         t1 = prof.now(device)
-        past = out.past_key_values
+        past = getattr(out, cache_name)
         del out
         while len(new) < max_new_tokens and new[-1] not in eos:
             pos = torch.tensor([[n + len(new) - 1]], device=device)
-            out = model(input_ids=token[:, None], position_ids=pos, past_key_values=past, use_cache=True, **keep)
+            out = model(input_ids=token[:, None], position_ids=pos, use_cache=True, **{cache_name: past}, **keep)
             token = out.logits[:, -1].argmax(-1)
-            past = out.past_key_values
+            past = getattr(out, cache_name)
             new.append(int(token.item()))
         t2 = prof.now(device)
     return Generation(new, (t1 - t0) * 1e3, t2 - t1, len(new) - 1, mem.peak_mb, mem.kind)
