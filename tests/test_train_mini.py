@@ -42,12 +42,18 @@ def test_rows_exact_length_answers_retrievable(tokenizer, seed):
     for ids, mask in zip(batch["input_ids"].tolist(), batch["answer_mask"].tolist()):
         assert sum(mask) > 0
         text = tokenizer.decode(ids, skip_special_tokens=False)
-        n_copy += " mentioned in the provided text " not in text
+        if " mentioned in the provided text " not in text:
+            # a copy row: every target token repeats the token that followed an earlier copy of its
+            # predecessor (what an induction head predicts), and is drawn from the copy alphabet
+            n_copy += 1
+            for j in range(1, L_TRAIN):
+                if mask[j] and mask[j - 1]:
+                    assert 3 <= ids[j] < 3 + corpus.COPY_ALPHABET
+                    assert any(ids[i - 1] == ids[j - 1] and ids[i] == ids[j] for i in range(1, j - 1))
+            continue
         for doc in text.split(corpus.BOS)[1:]:
             if " mentioned in the provided text " not in doc:
-                # a copy row: a stretch of text, then the same stretch again
-                assert doc.count(doc[:40]) >= 2
-                continue
+                continue  # the copy half of a split row
             # every answered value was planted in a needle of the same document, in the drope.niah format
             needles = dict(re.findall(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", doc))
             question, _, answer = doc.rpartition(" mentioned in the provided text ")
@@ -57,6 +63,28 @@ def test_rows_exact_length_answers_retrievable(tokenizer, seed):
     assert 0 < n_copy < 24
     again = corpus.RowSampler(tokenizer, L_TRAIN, seed=seed).batch(0, 24)
     assert torch.equal(batch["input_ids"], again["input_ids"])
+
+
+def test_quiz_rows_ask_several_planted_keys(tokenizer):
+    import random
+
+    sampler = corpus.RowSampler(tokenizer, 256, seed=0)
+    n_questions = set()
+    for i in range(12):
+        ids, mask = sampler._kv(256, random.Random(i))
+        assert len(ids) == len(mask) == 256 and ids[-1] == tokenizer.eos_token_id
+        text = tokenizer.decode(ids)
+        needles = dict(re.findall(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", text))
+        asked = re.findall(r"The special magic number for ([a-z]+-[a-z]+) mentioned in the provided text is (\d{7})\.",
+                           text)
+        assert asked and len(needles) >= len(asked)
+        assert all(needles[k] == v for k, v in asked)
+        assert len({k for k, _ in asked}) == len(asked)
+        # the weighted targets are exactly the answers (" " + 7 digits + "." per question) and EOS
+        answers = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+        assert answers == "".join(f" {v}." for _, v in asked) + corpus.EOS
+        n_questions.add(len(asked))
+    assert max(n_questions) > 1
 
 
 def test_rows_differ_between_seeds_and_from_eval_prompts(tokenizer):

@@ -6,8 +6,9 @@ Everything is generated, nothing is downloaded:
 - retrieval rows: NIAH prompts built by :class:`drope.niah.PromptBuilder` in the exact needle, question
   and answer format of ``drope niah`` (single, multikey, multiquery, multivalue) followed by the
   answer and EOS; training samples use seeds disjoint from the evaluation seeds;
-- key-value fact rows: eight needles (the same sentence format) in a short haystack, one key asked;
-- copy rows: a stretch of haystack sentences and needles followed by the same stretch again.
+- key-value quiz rows: up to eight needles (the same sentence format) in a short haystack, then up to
+  four of their keys asked one after another, each question followed by its answer;
+- copy rows: episodes of 8-24 random tokens, a little haystack, and the same tokens again.
 
 The tokenizer is a byte-level BPE trained on that text with digits split one per token, so a
 7-digit value is always 7 tokens and can be copied digit by digit.
@@ -26,13 +27,17 @@ from ..niah.haystack import load_haystack
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # training seeds live far from the evaluation seed (0 by default in drope niah / drope demo)
 TRAIN_SEED_OFFSET = 1_000_003
-# row kinds and their share of the training rows
-# "copy" rows (a stretch of haystack and needles, then the same stretch again) are an induction-head
-# curriculum: every repeated token is a copy target, which a model this small needs to learn retrieval
-# within a few hundred steps (without them the first recipe never got past chance on the digits)
-MIX = (("single", 0.15), ("multikey", 0.15), ("multiquery", 0.15), ("multivalue", 0.15), ("kv", 0.1),
-       ("copy", 0.3))
+# row kinds and their share of the training rows:
+# - "copy" rows (random-token copy episodes) are an induction-head curriculum; without them, or with
+#   copy rows made of haystack text (which the model memorises instead of copying), none of our runs
+#   learned to copy at all, let alone retrieve (CONTRIBUTING.md, "The mini-model recipe");
+# - "kv" rows are quizzes: up to KV_NEEDLES needles, then up to KV_QUESTIONS of their keys asked in turn.
+MIX = (("single", 0.15), ("multikey", 0.15), ("multiquery", 0.1), ("multivalue", 0.1), ("kv", 0.1), ("copy", 0.4))
 KV_NEEDLES = 8
+KV_QUESTIONS = 4
+# copy episodes draw their tokens from ids 3 .. 3 + COPY_ALPHABET - 1 (byte tokens): a small alphabet
+# makes the induction head form within the CPU budget (with the full vocabulary it did not)
+COPY_ALPHABET = 64
 
 
 def _random_key(rng: random.Random) -> str:
@@ -144,6 +149,8 @@ class RowSampler:
         return sample.input_ids + ans, [0] * len(sample.input_ids) + [1] * len(ans)
 
     def _kv(self, length: int, rng: random.Random) -> Tuple[List[int], List[int]]:
+        """A quiz: up to ``KV_NEEDLES`` needles in a short haystack, then up to ``KV_QUESTIONS`` of their
+        keys asked one after another, each question followed by its answer (the lookups are the targets)."""
         keys: List[str] = []
         while len(keys) < KV_NEEDLES:
             k = _random_key(rng)
@@ -152,18 +159,31 @@ class RowSampler:
         values = [_value(rng) for _ in keys]
         head = self.builder._special_prefix + self._encode(niah_tasks.INTRO)
         needles = [self._encode(" " + niah_tasks.NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
-        ans_len = len(self._encode(answer_text([values[0]]))) + 1
-        fixed = len(head) + ans_len + len(self._encode("\n" + niah_tasks.QUESTION_ONE.format(key=keys[0]) + "\n"
-                                                       + niah_tasks.ANSWER_ONE.format(key=keys[0])))
-        while needles and fixed + sum(map(len, needles)) > length:
-            needles.pop()
-        if not needles:
-            raise ValueError(f"length {length} is too short for a key-value row")
-        asked = rng.randrange(len(needles))
-        tail = self._encode("\n" + niah_tasks.QUESTION_ONE.format(key=keys[asked]) + "\n"
-                            + niah_tasks.ANSWER_ONE.format(key=keys[asked]))
-        ans = self._encode(answer_text([values[asked]])) + [self.eos]
-        budget = length - len(head) - len(tail) - len(ans) - sum(map(len, needles))
+
+        def qa(i: int) -> Tuple[List[int], List[int]]:
+            q = self._encode("\n" + niah_tasks.QUESTION_ONE.format(key=keys[i]) + "\n"
+                             + niah_tasks.ANSWER_ONE.format(key=keys[i]))
+            a = self._encode(answer_text([values[i]]))
+            return q + a, [0] * len(q) + [1] * len(a)
+
+        n_q = min(rng.randint(1, KV_QUESTIONS), len(needles))
+        while True:
+            # the asked keys are the first n_q needles (needles are shuffled into the haystack below)
+            tail = [qa(i) for i in range(n_q)]
+            used = len(head) + sum(map(len, needles)) + sum(len(t[0]) for t in tail) + 1
+            if used <= length:
+                break
+            # too long: drop a needle that is not asked (down to 3), then a question, then needles
+            if len(needles) > max(n_q, 3):
+                needles.pop()
+            elif n_q > 1:
+                n_q -= 1
+            elif len(needles) > 1:
+                needles.pop()
+            else:
+                raise ValueError(f"length {length} is too short for a key-value row")
+        rng.shuffle(tail)
+        budget = length - used
         sents = self.builder._sentence_ids
         filler: List[List[int]] = []
         i = rng.randrange(len(sents))
@@ -174,26 +194,34 @@ class RowSampler:
             i += 1
         pieces = needles + filler
         rng.shuffle(pieces)
-        body = [t for p in pieces for t in p]
-        ids = head + body + tail + ans
-        return ids, [0] * (len(ids) - len(ans)) + [1] * len(ans)
+        ids = head + [t for p in pieces for t in p]
+        mask = [0] * len(ids)
+        for q_ids, q_mask in tail:
+            ids += q_ids
+            mask += q_mask
+        return ids + [self.eos], mask + [1]
 
     def _copy(self, length: int, rng: random.Random) -> Tuple[List[int], List[int]]:
-        head = self.builder._special_prefix
-        half = (length - len(head) + 1) // 2
-        pieces: List[List[int]] = []
+        """Copy episodes back to back: X (8-24 random ids of a ``COPY_ALPHABET``-token alphabet), 0-24
+        haystack tokens, X again; the repeated X is the target.
+
+        X cannot be memorised, so the only way to predict its repeat is to find the earlier occurrence
+        of the current token and copy what followed it: an induction head, the mechanism every
+        retrieval task builds on.
+        """
+        ids = list(self.builder._special_prefix)
+        mask = [0] * len(ids)
         sents = self.builder._sentence_ids
-        filled = 0
-        while filled < half:
-            if rng.random() < 0.3:
-                piece = self._encode(" " + niah_tasks.NEEDLE.format(key=_random_key(rng), value=_value(rng)))
-            else:
-                piece = sents[rng.randrange(len(sents))]
-            pieces.append(piece)
-            filled += len(piece)
-        seg = [t for p in pieces for t in p][:half]
-        ids = (head + seg + seg)[:length]
-        return ids, [0] * (len(head) + len(seg)) + [1] * (len(ids) - len(head) - len(seg))
+        while len(ids) < length:
+            x = [rng.randrange(3, 3 + COPY_ALPHABET) for _ in range(rng.randint(8, 24))]
+            gap: List[int] = []
+            n_gap = rng.randint(0, 24)
+            while len(gap) < n_gap:
+                gap += sents[rng.randrange(len(sents))]
+            gap = gap[:n_gap]
+            ids += x + gap + x
+            mask += [0] * (len(x) + len(gap)) + [1] * len(x)
+        return ids[:length], mask[:length]
 
     def row(self, index: int) -> Tuple[List[int], List[int]]:
         """Row ``index``: ``(input_ids, answer_mask)``, each exactly ``length`` long.
@@ -262,21 +290,32 @@ def held_out_stream(tokenizer, n_tokens: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+# held-out document sets of niah_stream: "fit" (the temperature fit) and "eval" (the demo's perplexity)
+SPLITS = {"fit": 104729, "eval": 130363}
+
+
 def niah_stream(tokenizer, target_length: int, n_windows: int, seed: int = 0,
-                tasks: Optional[Sequence[str]] = None) -> torch.Tensor:
+                tasks: Optional[Sequence[str]] = None, split: str = "fit") -> torch.Tensor:
     """Held-out NIAH prompts of exactly ``target_length`` tokens with their answers, (n_windows, target_length).
 
-    The temperature is fitted on these: long-context retrieval text of the target length.
+    The temperature is fitted on the ``"fit"`` split (long-context retrieval text of the target length);
+    ``drope demo`` measures perplexity on the disjoint ``"eval"`` split.
+
+    Raises:
+        ValueError: an unknown ``split``.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     tasks = list(tasks or niah_tasks.TASKS)
     builder = niah_tasks.PromptBuilder(tokenizer, haystack="essay", chat_template="off")
     rows = []
     for i in range(n_windows):
         task = tasks[i % len(tasks)]
-        rng = random.Random(f"fit|{seed}|{i}")
+        rng = random.Random(f"{split}|{seed}|{i}")
         n_values = 1 if task in ("single", "multikey") else niah_tasks.NUM_NEEDLES
         n_ans = len(tokenizer(answer_text(["1000000"] * n_values), add_special_tokens=False)["input_ids"]) + 1
-        s = builder.build(task, target_length - n_ans, rng.random(), seed=TRAIN_SEED_OFFSET + seed + 104729, trial=i)
+        s = builder.build(task, target_length - n_ans, rng.random(), seed=TRAIN_SEED_OFFSET + seed + SPLITS[split],
+                          trial=i)
         ans = list(tokenizer(answer_text(s.answers), add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
         rows.append(s.input_ids + ans)
     return torch.tensor(rows, dtype=torch.long)

@@ -48,9 +48,9 @@ class Recipe:
 
     size: str = "mini"
     train_length: int = 256
-    steps: int = 500
+    steps: int = 5000
     batch: int = 8
-    lr: float = 3e-3
+    lr: float = 1e-3
     recal_lr: float = 1e-3
     recal_fraction: float = 0.2
     warmup: float = 0.05
