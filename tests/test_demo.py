@@ -16,7 +16,7 @@ ROW_KEYS = {"model", "factor", "length", "task", "accuracy"}
 
 def _args(out, **over):
     d = dict(out=str(out), model=[], factors="1,2,4,8", tasks="all", depths="0.25,0.75", trials=1,
-             train_length=None, attn="auto", device="cpu", seed=0)
+             train_length=None, attn="auto", device="cpu", seed=0, ppl_windows=1)
     d.update(over)
     return argparse.Namespace(**d)
 
@@ -88,7 +88,15 @@ def test_demo_reduced_grid_end_to_end(tmp_path, capsys):
     assert {(r["factor"], r["length"]) for r in rows} == {(1, L), (2, 2 * L)}
     assert data["config"]["attn"] == "sdpa"  # never Triton's interpreter on CPU
     assert (out / "accuracy_vs_factor.png").stat().st_size > 1000
+    assert (out / "perplexity_vs_factor.png").stat().st_size > 1000
     assert "mean over tasks" in printed and "rope-yarn" in printed
+    ppl = data["perplexity"]
+    assert {(r["model"], r["factor"], r["length"]) for r in ppl} == {(m, f, f * L) for m in cli.MODELS for f in (1, 2)}
+    assert all(1.0 < r["perplexity"] < 1e4 for r in ppl)
+    # at 1x the scalings are the identity, so the RoPE baselines score the same documents the same way
+    at1 = {r["model"]: r["perplexity"] for r in ppl if r["factor"] == 1}
+    assert at1["rope-pi"] == pytest.approx(at1["rope"], rel=1e-5) and at1["rope-yarn"] == pytest.approx(at1["rope"], rel=1e-5)
+    assert "perplexity" in printed
     runs = json.loads((out / "runs" / "rope-yarn-x2" / "results.json").read_text())
     assert runs["config"]["rope_parameters"]["rope_type"] == "yarn"
     assert runs["config"]["rope_parameters"]["factor"] == 2.0
@@ -101,10 +109,33 @@ def test_demo_user_model(tmp_path):
     assert results["models"]["drope"]["temperature"]["mode"] == "length"
 
 
+def test_held_out_perplexity_matches_full_logits():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drope.demo.corpus import niah_stream
+
+    path = cli.checkpoint_path("drope")
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    n = 2 * model.config.max_position_embeddings  # beyond L_train: the stored temperature acts
+    ids = niah_stream(tok, n, 2, seed=3, split="eval")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    # chunked logits (100 positions at a time) give the plain full-logits perplexity
+    assert cli.held_out_perplexity(model, tok, n, windows=2, seed=3, chunk=100) == pytest.approx(
+        float(nll.exp()), rel=1e-4)
+    # the evaluation documents are not the temperature-fit documents
+    assert not torch.equal(ids, niah_stream(tok, n, 2, seed=3, split="fit"))
+    with pytest.raises(ValueError, match="split"):
+        niah_stream(tok, n, 1, split="test")
+
+
 @pytest.mark.parametrize("over,match", [
     ({"factors": "0"}, "factors"), ({"factors": "two"}, "factors"), ({"trials": 0}, "trials"),
     ({"model": ["/nonexistent/model"]}, "neither"), ({"tasks": "single,haystack"}, "unknown task"),
-], ids=["factor0", "factor-text", "trials0", "missing-model", "bad-task"])
+    ({"ppl_windows": -1}, "ppl_windows"),
+], ids=["factor0", "factor-text", "trials0", "missing-model", "bad-task", "ppl-windows-neg"])
 def test_demo_bad_input(tmp_path, capsys, over, match):
     assert cli.run(_args(tmp_path, **over)) == 2
     assert match in capsys.readouterr().err
@@ -115,6 +146,7 @@ def test_full_demo_runs_and_reports_every_cell(tmp_path):
     t0 = time.perf_counter()
     assert cli.run(_args(tmp_path / "full")) == 0
     seconds = time.perf_counter() - t0
-    rows = json.loads((tmp_path / "full" / "results.json").read_text())["results"]
-    assert len(rows) == len(cli.MODELS) * len(cli.DEFAULT_FACTORS) * len(TASKS)
+    data = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert len(data["results"]) == len(cli.MODELS) * len(cli.DEFAULT_FACTORS) * len(TASKS)
+    assert len(data["perplexity"]) == len(cli.MODELS) * len(cli.DEFAULT_FACTORS)
     print(f"full drope demo: {seconds:.0f} s")

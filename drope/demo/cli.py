@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -112,11 +113,65 @@ def _mean(xs: Sequence[float]) -> float:
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def held_out_perplexity(model, tokenizer, length: int, windows: int = 4, seed: int = 0, chunk: int = 2048) -> float:
+    """Perplexity of ``model`` on ``windows`` held-out NIAH documents of exactly ``length`` tokens.
+
+    The documents are :func:`drope.demo.corpus.niah_stream`'s ``"eval"`` split (haystack, needles,
+    question and answer; disjoint from training and from the temperature fit), scored on every next
+    token. Logits are formed ``chunk`` positions at a time from the last hidden state, so a large
+    vocabulary at a long length does not need an (L x vocab) buffer.
+    """
+    import torch
+
+    from .corpus import niah_stream
+
+    ids = niah_stream(tokenizer, length, windows, seed=seed, split="eval")
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in ids:
+            row = row[None].to(device)
+            hidden = model.base_model(input_ids=row, use_cache=False).last_hidden_state
+            for a in range(0, length - 1, chunk):
+                b = min(a + chunk, length - 1)
+                logits = head(hidden[:, a:b]).float()
+                total += float(torch.nn.functional.cross_entropy(logits[0], row[0, a + 1:b + 1], reduction="sum"))
+                count += b - a
+    return math.exp(total / count)
+
+
+def plot_perplexity(rows: Sequence[Dict[str, object]], path: Path) -> Path:
+    """Held-out perplexity (log scale) against the multiple of the training length, one line per model."""
+    from ..niah import report
+
+    plt = report._pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        pts = sorted((r["factor"], r["perplexity"]) for r in rows if r["model"] == model)
+        ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=model)
+    factors = sorted({r["factor"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(factors, [f"{f}x" for f in factors])
+    ax.minorticks_off()
+    ax.axvline(1, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("context length / training length")
+    ax.set_ylabel("held-out perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = DEFAULT_FACTORS,
              tasks: Optional[Sequence[str]] = None, depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 1,
              train_length: Optional[int] = None, attn: str = "auto", device: str = "auto", seed: int = 0,
-             log=print) -> Dict[str, object]:
-    """Run the comparison and write ``out/results.json`` and ``out/accuracy_vs_factor.png``.
+             ppl_windows: int = 4, log=print) -> Dict[str, object]:
+    """Run the comparison and write ``out/results.json``, ``out/accuracy_vs_factor.png`` and (with
+    ``ppl_windows``) ``out/perplexity_vs_factor.png``.
 
     Args:
         out: output directory; per-model NIAH runs go to ``out/runs/<model>-x<factor>`` or ``out/runs/<model>``.
@@ -129,12 +184,14 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
         attn: ``auto`` (drope_triton on CUDA, sdpa on CPU) or an implementation name.
         device: ``auto``, ``cpu``, ``cuda``.
         seed: seed of the NIAH samples.
+        ppl_windows: held-out documents per length for the perplexity table (0: skip it).
         log: where progress lines go.
 
     Returns:
         ``{"results": [{"model", "factor", "length", "task", "accuracy"}, ...], "models": {...},
-        "config": {...}}`` as written to results.json; accuracy is a fraction in [0, 1] averaged over
-        depths and trials.
+        "perplexity": [{"model", "factor", "length", "perplexity"}, ...], "config": {...}}`` as written
+        to results.json; accuracy is a fraction in [0, 1] averaged over depths and trials; perplexity is
+        :func:`held_out_perplexity` with the same model settings (scaling, temperature) as the NIAH runs.
 
     Raises:
         ValueError: bad factors, trials, depths, tasks or models; errors of :func:`drope.niah.run`.
@@ -142,7 +199,7 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
     import torch
 
     from ..niah import report
-    from ..niah.runner import RunConfig
+    from ..niah.runner import RunConfig, load_model, resolve_device, resolve_dtype
     from ..niah.runner import run as run_sweep
     from ..niah.tasks import TASKS
 
@@ -153,6 +210,8 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
     tasks = list(tasks or TASKS)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
+    if isinstance(ppl_windows, bool) or not isinstance(ppl_windows, int) or ppl_windows < 0:
+        raise ValueError(f"ppl_windows must be an int >= 0 (0 skips the perplexity table), got {ppl_windows!r}")
     if attn == "auto":
         on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         attn = "drope_triton" if on_cuda else "sdpa"
@@ -160,6 +219,7 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: List[Dict[str, object]] = []
+    ppl_rows: List[Dict[str, object]] = []
     niah_runs: List[Dict[str, object]] = []
     info: Dict[str, object] = {}
     t_all = time.perf_counter()
@@ -184,20 +244,36 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
             for task in tasks:
                 accs = [c["accuracy"] for c in cells if c["task"] == task and c["length"] == n]
                 rows.append({"model": label, "factor": f, "length": n, "task": task, "accuracy": _mean(accs)})
+        if ppl_windows:
+            dev = resolve_device(device)
+            model = None
+            for n, f in lengths.items():
+                if model is None or scaling:  # a scaling baseline is reloaded with the factor of each length
+                    cfg = RunConfig(model=str(path), lengths=[n], attn=attn, device=device,
+                                    rope_scaling=f"{scaling}:{f}" if scaling else None)
+                    model, tokenizer, _ = load_model(cfg, dev, resolve_dtype("auto", dev))
+                ppl = held_out_perplexity(model, tokenizer, n, ppl_windows, seed=seed)
+                ppl_rows.append({"model": label, "factor": f, "length": n, "perplexity": ppl})
+            del model
         niah_runs.append({"config": {"label": label}, "results": cells})
         info[label]["seconds"] = round(time.perf_counter() - t0, 1)
         mean = {f: _mean([r["accuracy"] for r in rows if r["model"] == label and r["factor"] == f]) for f in factors}
+        ppl = {r["factor"]: r["perplexity"] for r in ppl_rows if r["model"] == label}
         log(f"{label:>12}: " + "  ".join(f"{f}x {100 * a:5.1f}%" for f, a in mean.items())
+            + ("   ppl " + " ".join(f"{ppl[f]:.2f}" for f in factors) if ppl else "")
             + f"   ({info[label]['seconds']:.0f} s)")
     results = {
-        "results": rows, "models": info,
+        "results": rows, "perplexity": ppl_rows, "models": info,
         "config": {"factors": factors, "tasks": tasks, "depths": list(depths), "trials": trials, "attn": attn,
+                   "ppl_windows": ppl_windows,
                    "device": device, "seed": seed, "seconds": round(time.perf_counter() - t_all, 1),
                    "torch": torch.__version__},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     L0 = min(v["train_length"] for v in info.values())
     report.plot_accuracy_vs_length(niah_runs, out / "accuracy_vs_factor.png", train_length=L0)
+    if ppl_rows:
+        plot_perplexity(ppl_rows, out / "perplexity_vs_factor.png")
     return results
 
 
@@ -218,6 +294,12 @@ def format_table(results: Dict[str, object]) -> str:
                 vals.append(f"{100 * _mean(accs):7.1f}%")
             lines.append(f"  {m:<12}" + "".join(f"{v:>8}" for v in vals))
         lines.append("")
+    ppl = results.get("perplexity") or []
+    if ppl:
+        lines.append(f"{'perplexity':<14}" + "".join(f"{str(f) + 'x':>8}" for f in factors))
+        for m in models:
+            vals = {r["factor"]: r["perplexity"] for r in ppl if r["model"] == m}
+            lines.append(f"  {m:<12}" + "".join(f"{vals[f]:8.2f}" if f in vals else f"{'-':>8}" for f in factors))
     return "\n".join(lines).rstrip()
 
 
@@ -237,6 +319,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", default="auto", help="auto (drope_triton on CUDA, sdpa on CPU), drope_triton, sdpa, eager")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed of the NIAH samples")
+    parser.add_argument("--ppl-windows", type=int, default=4,
+                        help="held-out documents per length for the perplexity table (0: skip it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -255,13 +339,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--factors must be a comma list of positive ints, got {args.factors!r}") from None
         results = run_demo(Path(args.out), models=args.model, factors=factors, tasks=parse_tasks(args.tasks),
                            depths=parse_depths(args.depths), trials=args.trials, train_length=args.train_length,
-                           attn=args.attn, device=args.device, seed=args.seed)
+                           attn=args.attn, device=args.device, seed=args.seed, ppl_windows=args.ppl_windows)
     except ValueError as e:
         print(f"drope demo: error: {e}", file=sys.stderr)
         return 2
     print()
-    print("NIAH accuracy (%) vs multiple of the training length")
+    print("NIAH accuracy (%) and held-out perplexity vs multiple of the training length")
     print(format_table(results))
-    print(f"\nwrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'accuracy_vs_factor.png'} "
-          f"in {time.perf_counter() - t0:.0f} s")
+    pngs = ", ".join(str(Path(args.out) / p) for p in ("accuracy_vs_factor.png", "perplexity_vs_factor.png")
+                     if (Path(args.out) / p).is_file())
+    print(f"\nwrote {Path(args.out) / 'results.json'}, {pngs} in {time.perf_counter() - t0:.0f} s")
     return 0
