@@ -110,7 +110,8 @@ def test_answer_text_and_bad_inputs(tokenizer):
 @pytest.mark.parametrize("kwargs,match", [
     ({"steps": 0}, "steps"), ({"size": "huge"}, "size"), ({"train_length": 64}, "train_length"),
     ({"recal_fraction": 1.0}, "recal_fraction"), ({"lr": 0.0}, "lr"), ({"answer_weight": -1.0}, "answer_weight"),
-], ids=["steps0", "size-huge", "L64", "recal1", "lr0", "answer-weight-neg"])
+    ({"device": "tpu"}, "device"),
+], ids=["steps0", "size-huge", "L64", "recal1", "lr0", "answer-weight-neg", "device-tpu"])
 def test_recipe_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         train.Recipe(**kwargs)
@@ -132,7 +133,7 @@ def test_weighted_loss_matches_cross_entropy():
 def _args(out, **over):
     d = dict(out=str(out), size="tiny", steps=20, batch=2, train_length=L_TRAIN, lr=3e-3, recal_lr=1e-3,
              recal_fraction=0.2, answer_weight=4.0, vocab_size=1024, fit_factor=2, fit_windows=1, eval_every=10,
-             variants="rope,nope,drope", threads=1, seed=0)
+             variants="rope,nope,drope", threads=1, seed=0, device="cpu")
     d.update(over)
     return argparse.Namespace(**d)
 

@@ -11,8 +11,9 @@ Three variants with the same token budget (``steps`` rows of ``batch`` x ``L_tra
 
 A plain PyTorch loop (AdamW, warm-up then cosine decay) rather than the HF Trainer: on a 2-core CPU
 it is simpler and faster, and the whole recipe fits in one file. The loss is next-token cross-entropy
-over every token, with answer tokens (the retrieved values and EOS) weighted ``1 + answer_weight``
-so that a few minutes of training are spent on retrieval rather than on the filler text.
+over every token, with target tokens (the retrieved values and EOS, and the repeats of copy episodes)
+weighted ``1 + answer_weight`` so that the CPU budget is spent on copying and retrieval rather than
+on the filler text.
 
 After training, the softmax-temperature coefficient of the DroPE (and NoPE) model is fitted with
 :func:`drope.hf.fit.fit_temperature` on held-out NIAH prompts of ``fit_factor * L_train`` tokens and
@@ -52,7 +53,7 @@ class Recipe:
     batch: int = 8
     lr: float = 1e-3
     recal_lr: float = 1e-3
-    recal_fraction: float = 0.2
+    recal_fraction: float = 0.4
     warmup: float = 0.05
     weight_decay: float = 0.1
     answer_weight: float = 4.0
@@ -63,6 +64,7 @@ class Recipe:
     fit_windows: int = 4
     eval_every: int = 100
     threads: int = 0
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -79,6 +81,16 @@ class Recipe:
             raise ValueError(f"lr and recal_lr must be positive, got {self.lr!r}, {self.recal_lr!r}")
         if self.answer_weight < 0:
             raise ValueError(f"answer_weight must be >= 0, got {self.answer_weight!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        """``auto``: CUDA when available, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: CUDA is not available on this machine")
+        return torch.device(self.device)
 
     @property
     def recal_steps(self) -> int:
@@ -151,12 +163,13 @@ def train_steps(model, sampler, recipe: Recipe, *, first: int, last: int, total:
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                        {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     model.train()
+    device = next(model.parameters()).device
     t0 = time.perf_counter()
     for step in range(first, last):
         cur = _lr_at(step - lr_offset, total, lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = cur
-        batch = sampler.batch(step * recipe.batch, recipe.batch)
+        batch = {k: v.to(device) for k, v in sampler.batch(step * recipe.batch, recipe.batch).items()}
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits
         loss = weighted_loss(logits, batch["input_ids"], batch["answer_mask"], recipe.answer_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -214,13 +227,15 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
         raise ValueError(f"variants must be a non-empty subset of {', '.join(VARIANTS)}, got {list(variants)}")
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    device = recipe.torch_device()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     tokenizer = train_tokenizer(recipe.vocab_size, seed=recipe.seed)
     tokenizer.save_pretrained(out / "tokenizer")
     sampler = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed)
-    probe = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed + 7919).batch(0, 32)
+    probe_rows = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed + 7919).batch(0, 32)
+    probe = {k: v.to(device) for k, v in probe_rows.items()}
     warmup = max(1, round(recipe.warmup * recipe.steps))
     log: List[Dict[str, object]] = []
     times: Dict[str, float] = {}
@@ -229,7 +244,7 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
 
     if "rope" in variants or "drope" in variants:
         t0 = time.perf_counter()
-        model = new_model(recipe, tokenizer, "rope")
+        model = new_model(recipe, tokenizer, "rope").to(device)
         opt = train_steps(model, sampler, recipe, first=0, last=cut, total=recipe.steps, lr=recipe.lr, warmup=warmup,
                           log=log, name="rope", probe=probe)
         times["rope_shared"] = time.perf_counter() - t0
@@ -256,7 +271,7 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
         del model
     if "nope" in variants:
         t0 = time.perf_counter()
-        nope = new_model(recipe, tokenizer, "nope")
+        nope = new_model(recipe, tokenizer, "nope").to(device)
         train_steps(nope, sampler, recipe, first=0, last=recipe.steps, total=recipe.steps, lr=recipe.lr, warmup=warmup,
                     log=log, name="nope", probe=probe)
         fits["nope"] = fit(nope, tokenizer, recipe)
@@ -272,7 +287,8 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
         "wall_time_s": {k: round(v, 1) for k, v in times.items()},
         "total_wall_time_s": round(time.perf_counter() - t_start, 1),
         "temperature": fits, "log": log,
-        "machine": {"device": "cpu", "threads": torch.get_num_threads(), "processor": platform.processor(),
+        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "threads": torch.get_num_threads(), "processor": platform.processor(),
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "command": "drope train-mini " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train-mini"] else None,
     }
@@ -301,6 +317,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of rope, nope, drope")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of data, initialisation and tokenizer")
+    parser.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -313,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
         recipe = Recipe(size=args.size, train_length=args.train_length, steps=args.steps, batch=args.batch, lr=args.lr,
                         recal_lr=args.recal_lr, recal_fraction=args.recal_fraction, answer_weight=args.answer_weight,
                         vocab_size=args.vocab_size, seed=args.seed, fit_factor=args.fit_factor,
-                        fit_windows=args.fit_windows, eval_every=args.eval_every, threads=args.threads)
+                        fit_windows=args.fit_windows, eval_every=args.eval_every, threads=args.threads,
+                        device=getattr(args, "device", "auto"))
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         manifest = train_all(recipe, Path(args.out), variants)
     except ValueError as e:
