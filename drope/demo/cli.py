@@ -12,7 +12,9 @@ training length for six models:
   softmax temperature is stored in its config.
 
 Everything goes through :func:`drope.niah.run` (prompts, greedy decoding, scoring); this module only
-chooses the grid, aggregates, prints and plots. On CUDA the attention is ``drope_triton``; on CPU it is
+chooses the grid, aggregates, prints and plots. Beside accuracy it measures each model's perplexity
+on held-out NIAH documents of every length (:func:`held_out_perplexity`), which shows how each
+positional scheme degrades past the training length even where no model retrieves. On CUDA the attention is ``drope_triton``; on CPU it is
 ``sdpa`` (the same math as ``drope.reference``), so the demo never runs Triton's interpreter.
 """
 
@@ -32,7 +34,7 @@ MODELS = ("rope", "rope-pi", "rope-ntk", "rope-yarn", "nope", "drope")
 CHECKPOINTS = ("rope", "nope", "drope")
 SCALINGS = {"rope-pi": "linear", "rope-ntk": "dynamic", "rope-yarn": "yarn"}
 DEFAULT_FACTORS = (1, 2, 4, 8)
-DEFAULT_DEPTHS = (0.25, 0.75)
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def checkpoint_path(name: str) -> Path:
