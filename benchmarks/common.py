@@ -529,14 +529,17 @@ def build_model_case(model, case: Case, provider: str, *, seed: int = 0) -> Dict
         raise ValueError(f"case.op must be model_prefill or model_decode, got {case.op!r}")
     # the cache is filled through SDPA (eager could not hold 64k x 64k weights); the timed step uses provider
     model.set_attn_implementation("sdpa")
+    from drope.hf import cache_argument
+
+    name = cache_argument(model)
     with torch.inference_mode():
-        cache = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+        cache = getattr(model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1), name)
     model.set_attn_implementation(provider)
     keep = case.S - 1
 
     def call(x):
         with torch.inference_mode():
-            logits = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=x, use_cache=True, logits_to_keep=1, **{name: cache}).logits
         extra_tokens = cache.get_seq_length() - keep
         if extra_tokens > 0:  # a negative crop removes tokens in every transformers 4.4x-5.x
             cache.crop(-extra_tokens)

@@ -18,7 +18,6 @@ def noncontiguous(x: torch.Tensor) -> torch.Tensor:
 
 def with_cache(model, cache) -> dict:
     """Keyword argument passing a KV cache to ``model``: ``cache`` on transformers >= 5.24, else ``past_key_values``."""
-    import inspect
+    from drope.hf import cache_argument
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {cache_argument(model): cache}

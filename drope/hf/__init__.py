@@ -19,6 +19,7 @@ from .modeling import (
     Qwen3DropeConfig,
     Qwen3DropeForCausalLM,
     Qwen3DropeModel,
+    cache_argument,
 )
 from .temperature import get_temperature, set_temperature, temperature_rows, temperature_scale, validate_temperature
 
@@ -29,5 +30,5 @@ __all__ = [
     "ATTN_IMPLEMENTATION", "drope_attention_forward", "drope_mask", "to_drope", "DropeAttention",
     "LlamaDropeConfig", "LlamaDropeForCausalLM", "LlamaDropeModel", "Qwen2DropeConfig", "Qwen2DropeForCausalLM",
     "Qwen2DropeModel", "Qwen3DropeConfig", "Qwen3DropeForCausalLM", "Qwen3DropeModel", "get_temperature",
-    "set_temperature", "temperature_rows", "temperature_scale", "validate_temperature",
+    "set_temperature", "temperature_rows", "temperature_scale", "validate_temperature", "cache_argument",
 ]

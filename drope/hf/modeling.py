@@ -19,6 +19,7 @@ torch (the reference path). The model types ``llama_drope``, ``qwen2_drope`` (Sa
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -50,6 +51,13 @@ __all__ = [
 
 ATTENTION_TYPES = ("nope", "qk_norm_nope", "q_norm_nope", "k_norm_nope")
 QK_NORM_TYPES = ("full", "head")
+
+
+def cache_argument(model) -> str:
+    """Name of the KV-cache argument (and output field) of ``model.forward``: ``"cache"`` on
+    transformers >= 5.24, ``"past_key_values"`` before (5.24 still accepts the old name, with a
+    deprecation warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def check_drope_config(config) -> None:

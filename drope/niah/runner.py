@@ -356,10 +356,10 @@ def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_id
     The prefill produces the first new token; ``decode_steps`` counts the forwards after it.
     Only the last position's logits are computed (``logits_to_keep=1``) when the model supports it.
     """
-    params = inspect.signature(model.forward).parameters
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    # transformers >= 5.24 names the KV cache `cache` (argument and output); older releases `past_key_values`
-    cache_name = "cache" if "cache" in params else "past_key_values"
+    from drope.hf.modeling import cache_argument
+
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    cache_name = cache_argument(model)
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
     n = ids.shape[1]
     eos = set(eos_ids)
