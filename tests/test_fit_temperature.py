@@ -10,7 +10,7 @@ import drope
 from drope.hf.fit import TemperatureFit, fit_temperature
 from helpers import with_cache
 
-V, TRAIN_LEN, TARGET_LEN, N_SEQ = 64, 4, 24, 32
+V, TRAIN_LEN, TARGET_LEN, N_SEQ = 64, 4, 24, 128
 
 
 def tiny_drope_model(seed: int):
@@ -53,7 +53,7 @@ def planted():
 
     E_{x ~ p_c*}[-log p_c(x)] = H(p_c*) + KL(p_c* || p_c), minimal at c = c* ("position" mode is
     causal-consistent, so sampling with the cache draws from exactly the distribution scored at full
-    length). 32 sequences of 24 tokens pin c* to a few hundredths.
+    length). 128 sequences of 24 tokens pin c* to about 0.015 (32 missed the 0.06 tolerance on ~1 seed in 5).
     """
     seed = random.randrange(2**31)
     cstar = round(random.uniform(0.15, 0.5), 3)
@@ -99,9 +99,10 @@ def test_golden_section_matches_a_brute_force_grid(planted, mode):
     fit = fit_temperature(model, ids.reshape(-1), target_length=TARGET_LEN, train_length=TRAIN_LEN, mode=mode,
                           grid=(0.0, 0.2, 0.4, 0.6, 0.8), refine_steps=6, batch_size=16, show_progress=False)
     assert model.training
-    # the refined optimum is within a grid step of the brute-force one and no worse than it
+    # the refined optimum is within a grid step of the brute-force one and as good as it: golden section
+    # ends within ~0.01 of the true optimum, which need not be a 0.05 grid point, so allow 1e-3 relative
     assert abs(fit.coef - best) <= 0.05 + 1e-9, (fit.coef, best, seed)
-    assert fit.perplexity <= brute[best] * (1 + 1e-6)
+    assert fit.perplexity <= brute[best] * (1 + 1e-3), (fit.perplexity, brute[best], seed)
     assert model.config.drope_temperature == {"mode": mode, "coef": fit.coef, "train_length": TRAIN_LEN}
 
 
