@@ -14,8 +14,9 @@ training length for six models:
 Everything goes through :func:`drope.niah.run` (prompts, greedy decoding, scoring); this module only
 chooses the grid, aggregates, prints and plots. Beside accuracy it measures each model's perplexity
 on held-out NIAH documents of every length (:func:`held_out_perplexity`), which shows how each
-positional scheme degrades past the training length even where no model retrieves. On CUDA the attention is ``drope_triton``; on CPU it is
-``sdpa`` (the same math as ``drope.reference``), so the demo never runs Triton's interpreter.
+positional scheme degrades past the training length even where no model retrieves. On CUDA the
+attention is ``drope_triton``; on CPU it is ``sdpa`` (the same math as ``drope.reference``), so the
+demo never runs Triton's interpreter.
 """
 
 from __future__ import annotations

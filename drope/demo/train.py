@@ -331,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
                         recal_lr=args.recal_lr, recal_fraction=args.recal_fraction, answer_weight=args.answer_weight,
                         vocab_size=args.vocab_size, seed=args.seed, fit_factor=args.fit_factor,
                         fit_windows=args.fit_windows, eval_every=args.eval_every, threads=args.threads,
-                        device=getattr(args, "device", "auto"))
+                        device=args.device)
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         manifest = train_all(recipe, Path(args.out), variants)
     except ValueError as e:
