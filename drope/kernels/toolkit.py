@@ -58,6 +58,40 @@ def named_strides(prefix: str, t: Optional[torch.Tensor], dims: str) -> Dict[str
     return {f"stride_{prefix}{d}": s for d, s in zip(dims, strides(t, len(dims)))}
 
 
+def _tma_target(t: torch.Tensor) -> bool:
+    """Whether launches on ``t`` can use TMA descriptors: Hopper or newer, the interpreter, or recording."""
+    if t.device.type == "meta":
+        return is_recording()
+    if interpreter_enabled():
+        return t.device.type == "cpu"
+    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether every (B, H, S, D) tensor can be read through [S, D] TMA descriptors.
+
+    TMA needs a unit stride along D, 16-byte aligned bases and 16-byte multiples for the other
+    strides; anything else (a sliced or odd-strided view) takes the pointer path, with the same results.
+    """
+    if not hasattr(tl, "make_tensor_descriptor") or not _tma_target(tensors[0]):
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    if tensors[0].device.type == "cuda":
+        _ensure_allocator()
+    return True
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors live in a small global scratch: give Triton an allocator if none is set."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 @triton.jit
 def mm(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with fp32 accumulation; under UPCAST the operands are multiplied in fp32."""
