@@ -15,6 +15,8 @@ Keys are cached normalised. With ``attn_implementation="drope_triton"`` the per-
 the temperature run inside the kernel; with ``"eager"``/``"sdpa"`` the same model applies them in
 torch (the reference path). The model types ``llama_drope``, ``qwen2_drope`` (SakanaAI's) and
 ``qwen3_drope`` are registered with ``AutoConfig``, ``AutoModel`` and ``AutoModelForCausalLM``.
+
+Every per-family class is built from one row of :data:`FAMILIES` (see :class:`Family`).
 """
 
 from __future__ import annotations
