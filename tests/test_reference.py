@@ -11,7 +11,7 @@ from helpers import rel_err
 
 
 def naive_attention(q, k, v, causal, scale_rows, cos, sin, wq, wk, eps):
-    """Row by row, head by head, exactly DESIGN.md's five steps in float64."""
+    """Row by row, head by head, exactly docs/design.md's five steps in float64."""
     B, HQ, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
     G = HQ // HKV
