@@ -138,8 +138,6 @@ def _refuse_interpreter() -> None:
             "(`env -u TRITON_INTERPRET python -m drope.kernels.inspect ...`).")
 
 
-# ---------------------------------------------------------------------------------------------- recording
-
 @dataclass(frozen=True)
 class Shape:
     """What one inspected call looks like (the CLI's arguments)."""
@@ -227,8 +225,6 @@ def record_op(s: Shape) -> Tuple[Dict[str, Any], List[toolkit.Launch]]:
         out.backward(torch.empty_like(out))
     return args, launches
 
-
-# ---------------------------------------------------------------------------------------------- compiling
 
 def _jit_function(kernel):
     """(the JITFunction, heuristics to apply) behind an Autotuner / Heuristics / JITFunction."""
@@ -452,8 +448,6 @@ def analyse(ck, arch: str = "sm_90a") -> Dict[str, Any]:
     return result
 
 
-# ---------------------------------------------------------------------------------------------- the op
-
 def _config_of(launch: toolkit.Launch, config: Optional[triton.Config], ck) -> Dict[str, Any]:
     """BM/BN/num_warps/num_stages (+ the other block sizes); kernels without a key block report their tile."""
     meta = {**launch.args, **(config.kwargs if config is not None else {})}
@@ -570,8 +564,6 @@ def summary_table(manifest: Dict[str, Any]) -> str:
              f"D{a['head_dim']} {' '.join(flags)} -- {manifest['arch']}, triton {manifest['triton']}")
     return title.strip() + "\n\n" + "\n".join(rows)
 
-
-# ---------------------------------------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m drope.kernels.inspect", description=__doc__.split("\n\n")[0])
