@@ -3,7 +3,6 @@
 import argparse
 import json
 import shutil
-import time
 
 import pytest
 import torch
@@ -144,12 +143,8 @@ def test_demo_bad_input(tmp_path, capsys, over, match):
 
 @pytest.mark.slow
 def test_full_demo_runs_and_reports_every_cell(tmp_path):
-    t0 = time.perf_counter()
+    # the demo's duration is a measured README figure (results.json "seconds"), never a test bound
     assert cli.run(_args(tmp_path / "full")) == 0
-    seconds = time.perf_counter() - t0
     data = json.loads((tmp_path / "full" / "results.json").read_text())
     assert len(data["results"]) == len(cli.MODELS) * len(cli.DEFAULT_FACTORS) * len(TASKS)
     assert len(data["perplexity"]) == len(cli.MODELS) * len(cli.DEFAULT_FACTORS)
-    print(f"full drope demo: {seconds:.0f} s")
-    # the budget is 2-3 minutes on an idle 2-core CPU (58 s measured); CI shares the cores with a second worker
-    assert seconds < 300, f"drope demo took {seconds:.0f} s"
