@@ -47,6 +47,32 @@ def test_shipped_checkpoint_loads_and_round_trips(name, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == tok.get_vocab()
 
 
+def test_drope_models_generate_past_max_position_embeddings_without_a_warning():
+    """A NoPE model has no position limit, so transformers' "exceeded the maximum length" reminder is off
+    for the DroPE classes (and on, as before, for the RoPE model)."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.generation.stopping_criteria")
+    logger.addHandler(handler)
+    try:
+        for name, warns in (("drope", False), ("nope", False), ("rope", True)):
+            model = AutoModelForCausalLM.from_pretrained(cli.checkpoint_path(name), attn_implementation="sdpa").eval()
+            L = model.config.max_position_embeddings
+            logging.Logger.warning_once.cache_clear()  # transformers warns once per message and process
+            records.clear()
+            out = model.generate(input_ids=torch.randint(3, 100, (1, 2 * L)), max_new_tokens=2, min_new_tokens=2,
+                                 do_sample=False, pad_token_id=0)
+            assert out.shape[1] == 2 * L + 2
+            assert any("maximum length" in r.getMessage() for r in records) == warns, name
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_shipped_tokenizer_builds_every_task_at_every_factor():
     from transformers import AutoTokenizer
 
