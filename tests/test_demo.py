@@ -16,7 +16,7 @@ ROW_KEYS = {"model", "factor", "length", "task", "accuracy"}
 def _args(out, **over):
     # the CLI's defaults
     d = dict(out=str(out), model=[], factors="1,2,4,8", tasks="all", depths=",".join(map(str, cli.DEFAULT_DEPTHS)),
-             trials=1, train_length=None, attn="auto", device="cpu", seed=0, ppl_windows=4)
+             trials=1, train_length=None, attn="auto", device="cpu", seed=0, ppl_windows=4, threads="auto")
     d.update(over)
     return argparse.Namespace(**d)
 
