@@ -487,18 +487,21 @@ def check_attention_path(attn: str, device: torch.device) -> Dict[str, object]:
     if attn != "drope_triton" or not path["slow"]:
         return path
     if prof.interpreter_enabled():
-        if device.type == "cpu" and kernels_interpreted() is False:
+        compiled = kernels_interpreted() is False
+        if compiled and device.type == "cpu":
             raise NIAHError(
                 "--attn drope_triton: TRITON_INTERPRET=1 was set after drope was imported, so its Triton kernels were "
                 "built for a GPU and cannot run on CPU tensors (Triton's \"0 active drivers\" error). Unset "
                 "TRITON_INTERPRET (the HF layer then takes its CPU path), or use --attn sdpa; set TRITON_INTERPRET=1 "
                 "before importing drope only to test the kernels (slow)"
             )
+        what = ("makes drope's compiled kernels take their interpreter-only settings (untuned tiles, fp32 dots for "
+                "bf16)" if compiled else "runs drope's Triton kernels in Triton's interpreter, which executes every "
+                "kernel program in Python")
         warnings.warn(
-            f"--attn drope_triton with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} exported runs "
-            "drope's Triton kernels in Triton's interpreter, which executes every kernel program in Python: far "
-            "slower than --attn sdpa. It is meant for tests; for real runs unset it "
-            "(`env -u TRITON_INTERPRET drope niah ...`) or use --attn sdpa",
+            f"--attn drope_triton with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} exported {what}: not "
+            "what a measurement should run. The interpreter is meant for tests; for real runs unset it "
+            "(`env -u TRITON_INTERPRET drope niah ...`), or use --attn sdpa",
             SlowPathWarning, stacklevel=3,
         )
     else:
