@@ -392,7 +392,7 @@ def test_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setattr(profile.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(profile.torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(profile.torch, "get_num_threads", lambda: 3)
     monkeypatch.setattr(profile.os, "getloadavg", lambda: (2.2, 1.0, 1.0))
     assert profile.choose_threads("auto") == 2
     monkeypatch.setattr(profile.os, "getloadavg", lambda: (7.0, 1.0, 1.0))
@@ -400,7 +400,7 @@ def test_threads(monkeypatch):
     monkeypatch.setattr(profile.os, "getloadavg", lambda: (0.1, 1.0, 1.0))
     assert profile.choose_threads("auto") == 4
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert profile.choose_threads("auto") == 4  # torch read OMP_NUM_THREADS at start-up: its count stands
+    assert profile.choose_threads("auto") == 3  # torch read OMP_NUM_THREADS at start-up: its count stands
     assert profile.choose_threads("3") == 3 and profile.choose_threads(2) == 2
     for bad in ("0", "-1", "many", True):
         with pytest.raises(ValueError, match="--threads"):

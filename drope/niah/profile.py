@@ -15,11 +15,11 @@ import torch
 from ..validation import interpreter_enabled
 
 MB = 1024.0 ** 2
-# bytes per element of an (Hq, L, L) score matrix, where an attention path materialises one
-# (see attention_path); 0 = the path needs O(L) memory
-_SCORE_BYTES_REFERENCE = 12  # drope.reference in float32: logits, probabilities and masked probabilities
-# drope_triton on CPU without Triton's interpreter runs drope.reference today (measured at 16k on the
-# mini models: 7.0 GB, against 0.7 GB with sdpa).
+# bytes per (Hq, L, L) score element on the drope.reference path: float32 logits, probabilities and
+# masked probabilities live at once
+_SCORE_BYTES_REFERENCE = 12
+# drope_triton on CPU without Triton's interpreter runs drope.reference today (one 16k request of the
+# mini DroPE model peaked at 7054 MiB, against 763 MiB with sdpa).
 # TODO(issue 17): "sdpa" once the HF layer's SDPA-based CPU path (the HF-zoo issue) lands.
 DROPE_TRITON_CPU_PATH = "reference"
 
@@ -181,9 +181,9 @@ def choose_threads(spec: Union[str, int, None] = "auto") -> int:
     Args:
         spec: an int >= 1 (or its string), or ``"auto"``/None: ``OMP_NUM_THREADS`` (or
             ``MKL_NUM_THREADS``) when set, which torch already honours; otherwise the cores this
-            process may run on (``os.sched_getaffinity``) minus the one-minute load average, at
-            least 1 and at most torch's default. On a busy machine more threads than free cores
-            are slower, not faster (oversubscription).
+            process may run on (``os.sched_getaffinity``) minus the one-minute load average
+            (rounded), at least 1. On a busy machine more threads than free cores are slower, not
+            faster (oversubscription).
 
     Returns:
         The thread count.
@@ -202,7 +202,7 @@ def choose_threads(spec: Union[str, int, None] = "auto") -> int:
             busy = os.getloadavg()[0]
         except (AttributeError, OSError):
             busy = 0.0
-        return max(1, min(torch.get_num_threads(), cores - math.floor(busy + 0.5)))
+        return max(1, cores - math.floor(busy + 0.5))
     try:
         n = 0 if isinstance(spec, bool) else int(str(spec).strip())
     except ValueError:
