@@ -420,3 +420,21 @@ def test_cli_threads_and_help_defaults(model_dir, tmp_path, capsys):
         for text in expected:
             assert text in shown, (command, text)
 
+
+
+def test_plots_keep_ties_visible_and_the_training_length_named(tmp_path):
+    styles = [report.series_style(i, 6) for i in range(6)]
+    assert len({s["dx"] for s in styles}) == 6 and len({s["marker"] for s in styles}) == 6
+    assert styles[0]["linewidth"] > styles[-1]["linewidth"] and styles[0]["zorder"] < styles[-1]["zorder"]
+    plt = report.pyplot()
+    fig, ax = plt.subplots()
+    report.log2_length_axis(ax, [4096, 8192, 32768])
+    assert report.mark_train_length(ax, 2048)[1] == "training length 2k, left of the axis"
+    assert report.mark_train_length(ax, 8192)[1] == "training length (8k)"
+    assert report.mark_train_length(ax, None) is None
+    plt.close(fig)
+    one_cell = {"config": {"label": "one"}, "results": [
+        {"task": "single", "length": 4096, "depth": 0.5, "accuracy": 1.0, "partial": 1.0}]}
+    (path,) = report.plot_heatmaps(one_cell, tmp_path)
+    height, width = plt.imread(path).shape[:2]
+    assert height >= 300 and width >= 450
