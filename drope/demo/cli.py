@@ -145,25 +145,35 @@ def held_out_perplexity(model, tokenizer, length: int, windows: int = 4, seed: i
 
 
 def plot_perplexity(rows: Sequence[Dict[str, object]], path: Path) -> Path:
-    """Held-out perplexity (log scale) against the multiple of the training length, one line per model."""
-    from ..niah import report
+    """Held-out perplexity (log scale, labelled ticks) against the multiple of the training length,
+    one line per model; equal values stay visible (offsets and markers of :func:`drope.niah.series_style`)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    plt = report._pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
-        pts = sorted((r["factor"], r["perplexity"]) for r in rows if r["model"] == model)
-        ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=model)
+    from .. import niah
+
+    plt = niah.pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), layout="constrained")
+    models = list(dict.fromkeys(r["model"] for r in rows))
     factors = sorted({r["factor"] for r in rows})
-    ax.set_xscale("log", base=2)
+    niah.log2_length_axis(ax, factors, lambda f: f"{f}x")
+    for i, model in enumerate(models):
+        st = niah.series_style(i, len(models))
+        pts = sorted((r["factor"], r["perplexity"]) for r in rows if r["model"] == model)
+        ax.plot([f * st["dx"] for f, _ in pts], [p for _, p in pts], marker=st["marker"], color=st["color"],
+                label=model, linewidth=st["linewidth"], markersize=st["markersize"], zorder=st["zorder"])
     ax.set_yscale("log")
-    ax.set_xticks(factors, [f"{f}x" for f in factors])
-    ax.minorticks_off()
-    ax.axvline(1, color="grey", linestyle=":", linewidth=1)
+    lo, hi = ax.get_ylim()
+    # 1-2-5 ticks, each labelled: a log axis over one or two decades otherwise shows a single label
+    ticks = [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
+    ax.yaxis.set_major_locator(FixedLocator([t for t in ticks if lo <= t <= hi]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    line, text = niah.mark_train_length(ax, 1, lambda f: f"{f}x")
     ax.set_xlabel("context length / training length")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_ylabel("held-out perplexity (log scale)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles + [line], labels + [text], fontsize=8, loc="upper left")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -201,16 +211,13 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
     """
     import torch
 
-    from ..niah import report
-    from ..niah.runner import RunConfig, load_model, resolve_device, resolve_dtype
-    from ..niah.runner import run as run_sweep
-    from ..niah.tasks import TASKS
+    from .. import niah
 
     factors = list(factors)
     if not factors or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in factors):
         raise ValueError(f"factors must be positive ints (multiples of the training length), got {factors!r}")
     factors = sorted(dict.fromkeys(factors))
-    tasks = list(tasks or TASKS)
+    tasks = list(tasks or niah.TASKS)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
     if isinstance(ppl_windows, bool) or not isinstance(ppl_windows, int) or ppl_windows < 0:
@@ -225,6 +232,7 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
     ppl_rows: List[Dict[str, object]] = []
     niah_runs: List[Dict[str, object]] = []
     info: Dict[str, object] = {}
+    machine = niah.machine()
     t_all = time.perf_counter()
     for label, path, scaling in runs:
         L = int(train_length or _train_length(path))
@@ -238,23 +246,23 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
         cells: List[Dict[str, object]] = []
         for group_lengths, rope in groups:
             sub = out / "runs" / (label if rope is None else f"{label}-x{lengths[group_lengths[0]]}")
-            cfg = RunConfig(model=str(path), lengths=group_lengths, tasks=tasks, depths=list(depths), trials=trials,
-                            attn=attn, rope_scaling=rope, device=device, seed=seed, warmup=0, label=label,
-                            chat_template="off")
-            result = run_sweep(cfg, sub, overwrite=True, progress=False)
+            cfg = niah.RunConfig(model=str(path), lengths=group_lengths, tasks=tasks, depths=list(depths),
+                                 trials=trials, attn=attn, rope_scaling=rope, device=device, seed=seed, warmup=0,
+                                 label=label, chat_template="off")
+            result = niah.run(cfg, sub, overwrite=True, progress=False)
             cells += result["results"]
         for n, f in lengths.items():
             for task in tasks:
                 accs = [c["accuracy"] for c in cells if c["task"] == task and c["length"] == n]
                 rows.append({"model": label, "factor": f, "length": n, "task": task, "accuracy": _mean(accs)})
         if ppl_windows:
-            dev = resolve_device(device)
+            dev = niah.resolve_device(device)
             model = None
             for n, f in lengths.items():
                 if model is None or scaling:  # a scaling baseline is reloaded with the factor of each length
-                    cfg = RunConfig(model=str(path), lengths=[n], attn=attn, device=device,
-                                    rope_scaling=f"{scaling}:{f}" if scaling else None)
-                    model, tokenizer, _ = load_model(cfg, dev, resolve_dtype("auto", dev))
+                    cfg = niah.RunConfig(model=str(path), lengths=[n], attn=attn, device=device,
+                                         rope_scaling=f"{scaling}:{f}" if scaling else None)
+                    model, tokenizer, _ = niah.load_model(cfg, dev, niah.resolve_dtype("auto", dev))
                 ppl = held_out_perplexity(model, tokenizer, n, ppl_windows, seed=seed)
                 ppl_rows.append({"model": label, "factor": f, "length": n, "perplexity": ppl})
             del model
@@ -270,11 +278,14 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
         "config": {"factors": factors, "tasks": tasks, "depths": list(depths), "trials": trials, "attn": attn,
                    "ppl_windows": ppl_windows,
                    "device": device, "seed": seed, "seconds": round(time.perf_counter() - t_all, 1),
+                   "machine": {"cpus": machine["cpus"], "threads": machine["threads"],
+                               "loadavg_start": machine["loadavg"], "loadavg_end": niah.machine()["loadavg"]},
                    "torch": torch.__version__},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     L0 = min(v["train_length"] for v in info.values())
-    report.plot_accuracy_vs_length(niah_runs, out / "accuracy_vs_factor.png", train_length=L0)
+    niah.plot_accuracy_vs_length(niah_runs, out / "accuracy_vs_factor.png", train_length=L0,
+                                 length_label=lambda n: f"{n // L0}x\n{n}" if n % L0 == 0 else str(n))
     if ppl_rows:
         plot_perplexity(ppl_rows, out / "perplexity_vs_factor.png")
     return results
@@ -308,10 +319,13 @@ def format_table(results: Dict[str, object]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``drope demo``."""
-    parser.add_argument("--out", default="drope-demo", help="output directory (default: drope-demo)")
+    from ..niah import DefaultsHelpFormatter
+
+    parser.formatter_class = DefaultsHelpFormatter
+    parser.add_argument("--out", default="drope-demo", help="output directory")
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
-                        help="your own model directory, or a directory of them (repeatable); default: the shipped "
-                             "rope / nope / drope mini models")
+                        help="your own model directory, or a directory of them (repeatable) (default: the shipped "
+                             "rope / nope / drope mini models)")
     parser.add_argument("--factors", default=",".join(map(str, DEFAULT_FACTORS)),
                         help="multiples of the training length to test")
     parser.add_argument("--tasks", default="all", help="single, multikey, multiquery, multivalue (comma list) or all")
@@ -324,6 +338,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the NIAH samples")
     parser.add_argument("--ppl-windows", type=int, default=4,
                         help="held-out documents per length for the perplexity table (0: skip it)")
+    parser.add_argument("--threads", default="auto",
+                        help="torch CPU threads: N, or auto (OMP_NUM_THREADS when set, else the cores not busy now)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -332,10 +348,11 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 on success, 2 on bad input.
     """
-    from ..niah.tasks import parse_depths, parse_tasks
+    from ..niah import parse_depths, parse_tasks, set_threads
 
     t0 = time.perf_counter()
     try:
+        threads = set_threads(args.threads)
         try:
             factors = [int(x) for x in str(args.factors).split(",") if x.strip()]
         except ValueError:
@@ -351,5 +368,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results))
     pngs = ", ".join(str(Path(args.out) / p) for p in ("accuracy_vs_factor.png", "perplexity_vs_factor.png")
                      if (Path(args.out) / p).is_file())
-    print(f"\nwrote {Path(args.out) / 'results.json'}, {pngs} in {time.perf_counter() - t0:.0f} s")
+    m = results["config"]["machine"]
+    load = "unknown" if m["loadavg_start"] is None else f"{m['loadavg_start'][0]:.1f} at the start"
+    print(f"\nwrote {Path(args.out) / 'results.json'}, {pngs} in {time.perf_counter() - t0:.0f} s "
+          f"({m['cpus']} CPUs usable, {threads} torch thread{'s' * (threads > 1)}, load average {load})")
     return 0

@@ -41,13 +41,14 @@ ANSWER_ALL = "The special magic numbers for {key} mentioned in the provided text
 
 _CHAT_MARK = "@@NIAH-CONTENT@@"
 
-_KEY_ADJ = (
+# keys are ADJECTIVE-NOUN, e.g. whispering-workhorse
+KEY_ADJECTIVES = (
     "whispering silent glowing hungry sleepy brave clumsy fuzzy jolly lucky mighty nimble proud "
     "rapid shiny sneaky swift tiny witty zealous amber bitter calm dusty eager fancy gloomy hollow "
     "icy jagged kind lively mellow noisy odd pale quirky rough scarlet tame upbeat vivid wild "
     "young zany ancient bold crisp daring elegant frosty giant humble"
 ).split()
-_KEY_NOUN = (
+KEY_NOUNS = (
     "workhorse badger lantern meadow pebble falcon harbor kettle compass violin walrus pepper "
     "glacier turnip beacon canyon dolphin ember feather goblet hammock igloo jigsaw kayak ladder "
     "magnet nectar otter parrot quiver raccoon saddle tortoise umbrella velvet wagon yak zephyr "
@@ -168,7 +169,8 @@ def score(prediction: str, answers: Sequence[str]) -> Tuple[float, float]:
     return float(hits == len(answers)), hits / len(answers)
 
 
-def _join_keys(keys: Sequence[str]) -> str:
+def join_keys(keys: Sequence[str]) -> str:
+    """``"a"``, ``"a, and b"``, ``"a, b, and c"``: how questions list keys and answers list values."""
     return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + ", and " + keys[-1]
 
 
@@ -180,6 +182,11 @@ class PromptBuilder:
         haystack: ``"essay"``, ``"noise"`` or a path to a text file (see :func:`load_haystack`).
         chat_template: ``"auto"`` (use the tokenizer's chat template when it has one), ``"on"``
             or ``"off"``.
+
+    Attributes:
+        use_chat: whether prompts are wrapped in the chat template.
+        special_prefix: the token ids the tokenizer puts in front of a text (BOS; none with a chat
+            template, which carries its own); every prompt starts with them.
 
     Raises:
         ValueError: unknown ``chat_template`` value, ``"on"`` with a tokenizer without a chat
@@ -203,22 +210,22 @@ class PromptBuilder:
             if rendered.count(_CHAT_MARK) != 1:
                 raise ValueError("the tokenizer's chat template does not reproduce the user message verbatim")
             self._chat_pre, self._chat_post = rendered.split(_CHAT_MARK)
-            self._special_prefix: List[int] = []
+            self.special_prefix: List[int] = []
         else:
             self._chat_pre = self._chat_post = ""
             with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
             plain = tokenizer("a", add_special_tokens=False)["input_ids"]
             # keep only the tokens the tokenizer puts in front (BOS); never a trailing EOS
             n_front = next((i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain), 0)
-            self._special_prefix = list(with_special[:n_front])
+            self.special_prefix = list(with_special[:n_front])
 
     def _encode(self, text: str) -> List[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _tail(self, task: str, keys: Sequence[str]) -> List[int]:
         many = task in ("multiquery", "multivalue")
-        question = (QUESTION_ALL if many else QUESTION_ONE).format(key=_join_keys(keys))
-        answer = (ANSWER_ALL if many else ANSWER_ONE).format(key=_join_keys(keys))
+        question = (QUESTION_ALL if many else QUESTION_ONE).format(key=join_keys(keys))
+        answer = (ANSWER_ALL if many else ANSWER_ONE).format(key=join_keys(keys))
         if self.use_chat:
             return self._encode("\n" + question + self._chat_post + answer)
         return self._encode("\n" + question + "\n" + answer)
@@ -251,7 +258,7 @@ class PromptBuilder:
         rng = random.Random(f"niah|{seed}|{task}|{length}|{float(depth):.6f}|{trial}")
 
         n_keys = 1 if task in ("single", "multivalue") else NUM_NEEDLES
-        keys = [f"{a}-{n}" for a, n in zip(rng.sample(_KEY_ADJ, n_keys), rng.sample(_KEY_NOUN, n_keys))]
+        keys = [f"{a}-{n}" for a, n in zip(rng.sample(KEY_ADJECTIVES, n_keys), rng.sample(KEY_NOUNS, n_keys))]
         n_values = NUM_NEEDLES if task != "single" else 1
         values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), n_values)]
         pairs = [(keys[0], v) for v in values] if task == "multivalue" else list(zip(keys, values))
@@ -259,7 +266,7 @@ class PromptBuilder:
         query_keys = keys[:1] if task in ("single", "multikey", "multivalue") else keys
         answers = values[:1] if task in ("single", "multikey") else values
 
-        head = self._special_prefix + self._encode(self._chat_pre + INTRO)
+        head = self.special_prefix + self._encode(self._chat_pre + INTRO)
         tail = self._tail(task, query_keys)
         needle_ids = [self._encode(" " + NEEDLE.format(key=k, value=v)) for k, v in pairs]
         budget = length - len(head) - len(tail) - sum(map(len, needle_ids))
