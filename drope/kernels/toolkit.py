@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validation import check_kernel_device, interpreter_enabled
+from ..validation import DeviceError, check_kernel_device, interpreter_enabled
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -149,10 +149,27 @@ def compiled(t: torch.Tensor) -> bool:
 
 
 def check_device(t: torch.Tensor, op: str) -> None:
-    """``validation.check_kernel_device``, which also lets ``meta`` tensors through while recording."""
+    """``validation.check_kernel_device``, which also lets ``meta`` tensors through while recording.
+
+    Also catches ``TRITON_INTERPRET=1`` set after drope was imported: the kernels were then defined
+    as compiled GPU functions, and Triton would fail with "0 active drivers".
+    """
     if t.device.type == "meta" and is_recording():
         return
     check_kernel_device(t, op)
+    if t.device.type == "cpu" and not _defined_interpreted():
+        raise DeviceError(
+            f"drope.kernels.{op}: TRITON_INTERPRET=1 was set after drope was imported, so the kernels were "
+            "defined for a GPU and cannot run in Triton's interpreter; set it before the import (export "
+            "TRITON_INTERPRET=1 in the shell, or os.environ before `import drope`), or call "
+            f"drope.reference.{op}")
+
+
+def _defined_interpreted() -> bool:
+    """Whether this module's jit functions were defined under Triton's interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(mm, InterpretedFunction)
 
 
 def launch(kernel, grid, *, role: str, configs: Sequence[triton.Config] = (), **args) -> None:
