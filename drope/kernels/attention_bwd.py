@@ -27,7 +27,8 @@ import triton.language as tl
 
 from .qk_transform import packed_tables, qk_epilogue, qk_prologue
 from ..validation import interpreter_enabled
-from .toolkit import LOG2E_C, dot_precision, launch, mm, named_strides, operand, padded_dim, tanh, tma_ok, upcast
+from .toolkit import LOG2E_C, dot_precision, launch, mm, named_strides, operand, padded_dim, phases, tanh, \
+    tma_ok, upcast
 
 __all__ = ["attention_backward"]
 
@@ -154,15 +155,6 @@ def _full_keys(m0, SQ, SK, DOC, DSTART, WINDOW, CHUNK, BM: tl.constexpr, IS_CAUS
             f_lo = tl.maximum(f_lo, c * CHUNK)
     f_hi = tl.where(ok, f_hi, f_lo)
     return f_lo, f_hi
-
-
-@triton.jit
-def _phases(lo, hi, f_lo, f_hi, B: tl.constexpr):
-    """Split the block starts lo, lo + B, ... < hi into masked [lo, a), unmasked [a, b), masked [b, hi)."""
-    n = tl.maximum(hi - lo + B - 1, 0) // B
-    a = tl.minimum((tl.maximum(f_lo - lo, 0) + B - 1) // B, n)
-    b = tl.maximum(a, tl.minimum(tl.maximum(f_hi - lo, 0) // B, n))
-    return lo + a * B, lo + b * B, lo + n * B
 
 
 @triton.jit
@@ -341,7 +333,7 @@ def _dkdv_kernel(
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
     f_lo, f_hi = _full_rows(n0, SQ, SK, DOC, DSTART, DEND, WINDOW, CHUNK, BN, IS_CAUSAL, PACKED, HAS_WINDOW,
                             HAS_CHUNK)
-    ph_a, ph_b, ph_end = _phases(lo, hi, f_lo, f_hi, BM)
+    ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BM)
     for g in range(G):
         i_h = i_hk * G + g
         p_q = p_qb + i_h * stride_qh
@@ -440,7 +432,7 @@ def _dq_kernel(
     lo = (lo // BN) * BN
     f_lo, f_hi = _full_keys(m0, SQ, SK, DOC, DSTART, WINDOW, CHUNK, BM, IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK,
                             DEND)
-    ph_a, ph_b, ph_end = _phases(lo, hi, f_lo, f_hi, BN)
+    ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     for n0 in range(lo, ph_a, BN):
         b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,

@@ -109,6 +109,15 @@ def operand(x, dtype, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def phases(lo, hi, f_lo, f_hi, B: tl.constexpr):
+    """Split the block starts lo, lo + B, ... < hi into masked [lo, a), unmasked [a, b), masked [b, hi)."""
+    n = tl.maximum(hi - lo + B - 1, 0) // B
+    a = tl.minimum((tl.maximum(f_lo - lo, 0) + B - 1) // B, n)
+    b = tl.maximum(a, tl.minimum(tl.maximum(f_hi - lo, 0) // B, n))
+    return lo + a * B, lo + b * B, lo + n * B
+
+
+@triton.jit
 def tanh(x):
     """tanh through exp2 (exact at the ends: +-1 for |x| large, no inf/inf)."""
     return 1.0 - 2.0 / (1.0 + tl.math.exp2(x * (2.0 * LOG2E_C)))
