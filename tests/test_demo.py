@@ -10,13 +10,14 @@ import torch
 from drope.demo import cli
 from drope.niah.tasks import TASKS, PromptBuilder
 
-ROW_KEYS = {"model", "factor", "length", "task", "accuracy"}
+ROW_KEYS = {"model", "factor", "length", "task", "value_type", "accuracy"}
 
 
 def _args(out, **over):
     # the CLI's defaults
     d = dict(out=str(out), model=[], factors="1,2,4,8", tasks="all", depths=",".join(map(str, cli.DEFAULT_DEPTHS)),
-             trials=1, train_length=None, attn="auto", device="cpu", seed=0, ppl_windows=4, threads="auto")
+             trials=1, train_length=None, attn="auto", device="cpu", seed=0, ppl_windows=4, threads="auto",
+             value_types=",".join(cli.DEFAULT_VALUE_TYPES))
     d.update(over)
     return argparse.Namespace(**d)
 
@@ -107,8 +108,13 @@ def test_demo_reduced_grid_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     data = json.loads((out / "results.json").read_text())
     rows = data["results"]
-    assert len(rows) == len(cli.MODELS) * 2 * 2
+    assert len(rows) == len(cli.MODELS) * 2 * 2 * len(cli.DEFAULT_VALUE_TYPES)
     assert all(set(r) == ROW_KEYS and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert {r["value_type"] for r in rows} == {"number", "word"}
+    assert (out / "accuracy_vs_factor_word.png").stat().st_size > 1000
+    assert "(numbers)" in printed and "(words)" in printed
+    words = json.loads((out / "runs" / "drope-word" / "samples.jsonl").read_text().splitlines()[0])
+    assert all(a.isalpha() for a in words["answers"])
     assert {r["model"] for r in rows} == set(cli.MODELS)
     L = data["models"]["rope"]["train_length"]
     assert {(r["factor"], r["length"]) for r in rows} == {(1, L), (2, 2 * L)}
@@ -130,7 +136,7 @@ def test_demo_reduced_grid_end_to_end(tmp_path, capsys):
 
 def test_demo_user_model(tmp_path):
     results = cli.run_demo(tmp_path, models=[str(cli.checkpoint_path("drope"))], factors=[2], tasks=["single"],
-                           depths=[0.5], device="cpu", log=lambda *_: None)
+                           depths=[0.5], device="cpu", value_types=["number"], log=lambda *_: None)
     assert [(r["model"], r["factor"], r["task"]) for r in results["results"]] == [("drope", 2, "single")]
     assert results["models"]["drope"]["temperature"]["mode"] == "length"
 

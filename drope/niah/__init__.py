@@ -15,8 +15,8 @@ from .report import (format_table, load_run, log2_length_axis, mark_train_length
 from .runner import (NIAHError, RunConfig, SlowPathWarning, SweepStopped, greedy_generate, load_model, load_tokenizer,
                      resolve_device, resolve_dtype, run)
 from .tasks import (ANSWER_ALL, ANSWER_ONE, INTRO, KEY_ADJECTIVES, KEY_NOUNS, NEEDLE, NUM_NEEDLES, QUESTION_ALL,
-                    QUESTION_ONE, TASKS, Needle, PromptBuilder, Sample, join_keys, parse_depths, parse_lengths,
-                    parse_tasks, score)
+                    QUESTION_ONE, TASKS, VALUE_TYPES, Needle, PromptBuilder, Sample, join_keys, parse_depths,
+                    parse_lengths, parse_tasks, parse_values, score, templates)
 
 __all__ = [
     "DefaultsHelpFormatter",
@@ -27,6 +27,6 @@ __all__ = [
     "NIAHError", "RunConfig", "SlowPathWarning", "SweepStopped", "greedy_generate", "load_model", "load_tokenizer",
     "resolve_device", "resolve_dtype", "run",
     "ANSWER_ALL", "ANSWER_ONE", "INTRO", "KEY_ADJECTIVES", "KEY_NOUNS", "NEEDLE", "NUM_NEEDLES", "QUESTION_ALL",
-    "QUESTION_ONE", "TASKS", "Needle", "PromptBuilder", "Sample", "join_keys", "parse_depths", "parse_lengths",
-    "parse_tasks", "score",
+    "QUESTION_ONE", "TASKS", "VALUE_TYPES", "Needle", "PromptBuilder", "Sample", "join_keys", "parse_depths",
+    "parse_lengths", "parse_tasks", "parse_values", "score", "templates",
 ]

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", default=None, metavar="MODE:COEF:TRAIN_LENGTH",
                         help="DroPE softmax temperature: none, length:C:L or position:C:L (default: the model's stored one)")
     parser.add_argument("--haystack", default="essay", help="essay (shipped, generated), noise (RULER) or a text file")
+    parser.add_argument("--value-type", default="number", choices=("number", "word", "uuid"),
+                        help="needle values (RULER's types): 7-digit numbers (the DroPE paper's), words that are one "
+                             "token of the model's tokenizer, or UUIDs")
     parser.add_argument("--chat-template", default="auto", choices=("auto", "on", "off"),
                         help="wrap the prompt in the tokenizer's chat template (auto: when it has one)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
@@ -101,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = RunConfig(
             model=args.model, lengths=parse_lengths(args.lengths), tasks=parse_tasks(args.tasks),
             depths=parse_depths(args.depths), trials=args.trials, attn=args.attn, rope_scaling=args.rope_scaling,
-            temperature=args.temperature, haystack=args.haystack, chat_template=args.chat_template, dtype=args.dtype,
+            temperature=args.temperature, haystack=args.haystack, chat_template=args.chat_template,
+            value_type=args.value_type, dtype=args.dtype,
             device=args.device, max_new_tokens=args.max_new_tokens, seed=args.seed, warmup=args.warmup,
             trace=args.trace, memory_budget_mb=args.memory_budget_mb, label=args.label,
         )

@@ -197,7 +197,7 @@ def plot_heatmaps(run: Dict[str, object], out_dir) -> List[Path]:
 
 
 def plot_accuracy_vs_length(runs: Sequence[Dict[str, object]], path, train_length: Optional[int] = None,
-                            length_label=None) -> Path:
+                            length_label=None, title_suffix: str = "") -> Path:
     """Accuracy (averaged over depths) against length, one panel per task, one line per run.
 
     Lengths are on a log2 axis spanning the lengths run; series with equal values are offset a
@@ -210,6 +210,7 @@ def plot_accuracy_vs_length(runs: Sequence[Dict[str, object]], path, train_lengt
         train_length: draws a dashed vertical line at the training context length when it is on
             the axis, named in the legend (which says where it is when it is off the axis).
         length_label: formats a length for the ticks (default ``4k`` style).
+        title_suffix: appended to each panel's title (e.g. the value type).
 
     Returns:
         ``path``.
@@ -240,7 +241,7 @@ def plot_accuracy_vs_length(runs: Sequence[Dict[str, object]], path, train_lengt
                         linewidth=st["linewidth"], markersize=st["markersize"], zorder=st["zorder"])
         note = mark_train_length(ax, train_length, length_label) or note
         ax.set_ylim(-4, 104)
-        ax.set_title(task)
+        ax.set_title(task + title_suffix)
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy % (mean over depths)")

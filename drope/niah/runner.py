@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from . import profile as prof
-from .tasks import DEFAULT_MAX_NEW_TOKENS, TASKS, PromptBuilder, Sample, score
+from .tasks import DEFAULT_MAX_NEW_TOKENS, TASKS, VALUE_TYPES, PromptBuilder, Sample, score
 
 ATTN_IMPLEMENTATIONS = ("drope_triton", "sdpa", "eager", "flash_attention_2")
 ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
@@ -35,7 +35,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 # fields that must agree between a results.json and a run that resumes it
 IDENTITY_FIELDS = ("model", "trials", "attn", "rope_scaling", "temperature", "haystack", "chat_template",
-                   "dtype", "max_new_tokens", "seed")
+                   "value_type", "dtype", "max_new_tokens", "seed")
+# identity fields added later, with the value a run written before them used
+IDENTITY_DEFAULTS = {"value_type": "number"}
 
 
 class NIAHError(ValueError):
@@ -64,6 +66,7 @@ class RunConfig:
     temperature: Optional[str] = None
     haystack: str = "essay"
     chat_template: str = "auto"
+    value_type: str = "number"
     dtype: str = "auto"
     device: str = "auto"
     max_new_tokens: Optional[int] = None
@@ -87,6 +90,8 @@ class RunConfig:
             raise NIAHError(f"lengths must be positive token counts, got {self.lengths!r}")
         if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise NIAHError(f"depths must be fractions in [0, 1], got {self.depths!r}")
+        if self.value_type not in VALUE_TYPES:
+            raise NIAHError(f"value_type must be one of {', '.join(VALUE_TYPES)}, got {self.value_type!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise NIAHError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.rope_scaling is not None:
@@ -609,7 +614,7 @@ def resumed_rows(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool
             "continue it or --overwrite to start over"
         )
     old = previous["config"].get("identity", {})
-    diff = [k for k in IDENTITY_FIELDS if old.get(k) != cfg.identity()[k]]
+    diff = [k for k in IDENTITY_FIELDS if old.get(k, IDENTITY_DEFAULTS.get(k)) != cfg.identity()[k]]
     if diff:
         raise NIAHError(
             f"--resume: {out_dir / 'results.json'} was written with different settings: "
@@ -660,7 +665,7 @@ def score_requests(samples: Sequence[Sample], gens: Sequence[Generation], tokeni
     out = []
     for s, g in zip(samples, gens):
         pred = tokenizer.decode(g.token_ids, skip_special_tokens=True)
-        out.append(Scored(s, g, pred, *score(pred, s.answers)))
+        out.append(Scored(s, g, pred, *score(pred, s.answers, s.meta.get("value_type", "number"))))
     return out
 
 
@@ -809,7 +814,8 @@ def run(cfg: RunConfig, out_dir, *, resume: bool = False, overwrite: bool = Fals
     path = check_attention_path(cfg.attn, device)
     check_model_settings(cfg)
     try:
-        builder = PromptBuilder(tokenizer, haystack=cfg.haystack, chat_template=cfg.chat_template)
+        builder = PromptBuilder(tokenizer, haystack=cfg.haystack, chat_template=cfg.chat_template,
+                                value_type=cfg.value_type)
     except ValueError as e:
         raise NIAHError(str(e)) from None
     check_lengths(cfg, builder)
