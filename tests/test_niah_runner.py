@@ -299,7 +299,8 @@ def test_smollm360m_shape_32k_profile(tmp_path, attn):
 def test_each_request_decoded_and_scored_once(model_dir, tmp_path, monkeypatch):
     calls = []
     real = runner.score
-    monkeypatch.setattr(runner, "score", lambda pred, answers, value_type="number": calls.append(pred) or real(pred, answers, value_type))
+    monkeypatch.setattr(runner, "score", lambda pred, answers, value_type="number":
+                        calls.append(pred) or real(pred, answers, value_type))
     res = runner.run(_cfg(model_dir, lengths=[128], depths=[0.0, 1.0], trials=2), tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(calls) == len(lines) == 4
