@@ -460,3 +460,16 @@ def test_tma_and_pointer_paths_agree(layout, device):
     with poisoned_empty():
         out = attention(q, k, v, **kw)
     assert rel_err(out, reference.attention(q64, k64, v64, **kw64)) < TOL[c.dtype]
+
+
+def test_interpreter_switched_on_after_import_is_explained():
+    """TRITON_INTERPRET=1 set after `import drope` (kernels compiled at import): a DeviceError says what to do."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch\nos.environ.pop('TRITON_INTERPRET', None)\nimport drope.kernels as k\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\nq = torch.randn(1, 2, 8, 16)\n"
+            "try:\n    k.attention(q, q, q)\nexcept ValueError as e:\n    print(type(e).__name__, e)\n")
+    env = {n: v for n, v in __import__("os").environ.items() if n != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
+    assert "DeviceError" in out and "set after drope was imported" in out, out

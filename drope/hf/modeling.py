@@ -243,6 +243,16 @@ class _DynamicAttention:
     def _can_set_attn_implementation(cls) -> bool:
         return True
 
+    def _get_stopping_criteria(self, *args, **kwargs):
+        # a NoPE model has no position limit: no "exceeded the model's predefined maximum length" reminder
+        from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for c in criteria:
+            if isinstance(c, MaxLengthCriteria):
+                c.max_position_embeddings = None
+        return criteria
+
 
 def _config_class(family: Family) -> type:
     def __init__(self, attention_type: str = family.attention_type, qk_norm_type: str = family.qk_norm_type,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validation import check_kernel_device, interpreter_enabled
+from ..validation import DeviceError, check_kernel_device, interpreter_enabled
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -109,6 +109,15 @@ def operand(x, dtype, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def phases(lo, hi, f_lo, f_hi, B: tl.constexpr):
+    """Split the block starts lo, lo + B, ... < hi into masked [lo, a), unmasked [a, b), masked [b, hi)."""
+    n = tl.maximum(hi - lo + B - 1, 0) // B
+    a = tl.minimum((tl.maximum(f_lo - lo, 0) + B - 1) // B, n)
+    b = tl.maximum(a, tl.minimum(tl.maximum(f_hi - lo, 0) // B, n))
+    return lo + a * B, lo + b * B, lo + n * B
+
+
+@triton.jit
 def tanh(x):
     """tanh through exp2 (exact at the ends: +-1 for |x| large, no inf/inf)."""
     return 1.0 - 2.0 / (1.0 + tl.math.exp2(x * (2.0 * LOG2E_C)))
@@ -149,10 +158,27 @@ def compiled(t: torch.Tensor) -> bool:
 
 
 def check_device(t: torch.Tensor, op: str) -> None:
-    """``validation.check_kernel_device``, which also lets ``meta`` tensors through while recording."""
+    """``validation.check_kernel_device``, which also lets ``meta`` tensors through while recording.
+
+    Also catches ``TRITON_INTERPRET=1`` set after drope was imported: the kernels were then defined
+    as compiled GPU functions, and Triton would fail with "0 active drivers".
+    """
     if t.device.type == "meta" and is_recording():
         return
     check_kernel_device(t, op)
+    if t.device.type == "cpu" and not _defined_interpreted():
+        raise DeviceError(
+            f"drope.kernels.{op}: TRITON_INTERPRET=1 was set after drope was imported, so the kernels were "
+            "defined for a GPU and cannot run in Triton's interpreter; set it before the import (export "
+            "TRITON_INTERPRET=1 in the shell, or os.environ before `import drope`), or call "
+            f"drope.reference.{op}")
+
+
+def _defined_interpreted() -> bool:
+    """Whether this module's jit functions were defined under Triton's interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(mm, InterpretedFunction)
 
 
 def launch(kernel, grid, *, role: str, configs: Sequence[triton.Config] = (), **args) -> None:
