@@ -37,7 +37,7 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # torch first (the CPU wheel: it has no triton dependency), then triton without letting it touch torch
 "${PIP[@]}" "torch==$TORCH"
 "${PIP[@]}" --no-deps "triton==$TRITON"
-"${PIP[@]}" "transformers==$TRANSFORMERS" accelerate einops safetensors tokenizers tqdm pytest hypothesis "$NUMPY"
+"${PIP[@]}" "transformers==$TRANSFORMERS" accelerate einops safetensors tokenizers tqdm matplotlib pytest hypothesis "$NUMPY"
 # drope itself from a copy (pip builds in the source folder: keep build/ and *.egg-info out of the repo)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

@@ -41,8 +41,8 @@ from triton.backends.driver import DriverBase
 from ..validation import interpreter_enabled
 from . import toolkit
 
-__all__ = ["ARCHS", "StandInDriver", "stand_in", "record_op", "compile_launch", "analyse", "sass_census",
-           "inspect_op", "summary_table", "main"]
+__all__ = ["ARCHS", "Shape", "StandInDriver", "stand_in", "record_op", "compile_launch", "compile_entries", "analyse",
+           "sass_census", "ctas_per_sm", "inspect_op", "problems", "summary_table", "main"]
 
 # arch name -> compute capability; Triton names sm_90 "sm_90a" itself (wgmma, setmaxnreg)
 ARCHS = {"sm_90a": 90}
