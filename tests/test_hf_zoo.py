@@ -1,0 +1,105 @@
+"""drope_triton equals eager on every decoder architecture of the zoo (tests/hf_tiny.py::ZOO), with its windows,
+chunks, sinks and soft-caps switched on and shorter than the prompt: logits, a left-padded batch, cached generate.
+
+Two paths: "kernels" (drope.kernels: Triton's interpreter on CPU, compiled on CUDA) and "sdpa" (the exact CPU
+path, TRITON_INTERPRET=0). Each case also checks that the features it switched on reached the attention calls,
+so a model whose window silently stopped mattering fails.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
+
+from drope.hf import attention as hfa
+from helpers import rel_err, with_cache
+from hf_tiny import DEVICE, VOCAB, ZOO, zoo_model
+
+TOL = 1e-4  # fp32, relative error against eager
+PATHS = [pytest.param("kernels", marks=pytest.mark.interpreter), "sdpa"]
+
+
+def _use_path(monkeypatch, path):
+    """The device for ``path``, with the environment that selects it; a spy on the features reaching attention."""
+    if path == "sdpa":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    seen = set()
+    ops_of = hfa._ops
+
+    class Spy:
+        def __init__(self, ops):
+            self.ops = ops
+
+        def attention(self, *args, **kwargs):
+            seen.update(k for k in ("window", "sinks", "softcap") if kwargs.get(k) is not None)
+            return self.ops.attention(*args, **kwargs)
+
+        def decode_attention(self, *args, **kwargs):
+            seen.update(k for k in ("window", "sinks", "softcap") if kwargs.get(k) is not None)
+            return self.ops.decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(hfa, "_ops", lambda device: Spy(ops_of(device)))
+    mask_fn = AttentionMaskInterface._global_mapping[hfa.ATTN_IMPLEMENTATION]
+
+    def mask_spy(*args, **kwargs):
+        mask = mask_fn(*args, **kwargs)
+        if mask.chunk is not None and mask.segments is not None:
+            seen.add("chunk")
+        return mask
+
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, hfa.ATTN_IMPLEMENTATION, mask_spy)
+    return ("cpu" if path == "sdpa" else DEVICE), seen
+
+
+def _run(model, impl, fn):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return fn()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("model_type", list(ZOO))
+def test_zoo_matches_eager(monkeypatch, model_type, path):
+    device, seen = _use_path(monkeypatch, path)
+    model = zoo_model(model_type, device=device)
+    g = torch.Generator().manual_seed(len(model_type))
+    ids = torch.randint(3, VOCAB, (2, 24), generator=g).to(device)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :6] = 0
+    mask = mask.to(device)
+    real = mask.bool().cpu()
+
+    def forward():
+        return model(input_ids=ids).logits.cpu(), model(input_ids=ids, attention_mask=mask).logits.cpu()
+
+    def generate():
+        out = model.generate(input_ids=ids[:, :19], attention_mask=mask[:, :19], max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        return out.sequences.cpu(), torch.stack(out.logits, 1).cpu()
+
+    ref, ref_padded = _run(model, "eager", forward)
+    ref_seq, ref_steps = _run(model, "eager", generate)
+    out, out_padded = _run(model, hfa.ATTN_IMPLEMENTATION, forward)
+    seq, steps = _run(model, hfa.ATTN_IMPLEMENTATION, generate)
+    assert rel_err(out, ref) < TOL
+    assert rel_err(out_padded[real], ref_padded[real]) < TOL
+    assert torch.equal(seq, ref_seq)
+    assert rel_err(steps, ref_steps) < TOL
+    assert seen == ZOO[model_type][1]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("model_type", ["mistral", "gpt_oss", "llama4_text"])
+def test_zoo_token_by_token_equals_prefill(monkeypatch, model_type, path):
+    """A cache read step by step (windows rolling out of a sliding cache, chunk boundaries crossed) equals one pass."""
+    device, _ = _use_path(monkeypatch, path)
+    model = zoo_model(model_type, device=device)
+    model.set_attn_implementation(hfa.ATTN_IMPLEMENTATION)
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(input_ids=ids[:, :9], **with_cache(model, cache), use_cache=True).logits]
+        for t in range(9, 20):
+            steps.append(model(input_ids=ids[:, t:t + 1], **with_cache(model, cache), use_cache=True).logits)
+    assert rel_err(torch.cat(steps, 1).cpu(), full.cpu()) < TOL
