@@ -1,8 +1,8 @@
 """Pure-PyTorch oracle of the kernels: same signatures, same semantics, any float dtype, CPU or GPU.
 
 Arithmetic is float32 for 16/32-bit inputs and float64 for float64 inputs. It materialises the
-full (Sq, Sk) logits: it is the reference for tests and the CPU fallback of the Hugging Face layer,
-not a fast path.
+full (Sq, Sk) logits: it is the oracle of every test, not a fast path (the Hugging Face layer's
+CPU path is built on SDPA instead).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .validation import check_attention, check_decode, scale_rows
+from .validation import check_attention, check_decode, split_scale
 
 __all__ = ["attention", "decode_attention", "rms_norm", "apply_rope", "rope_tables"]
 
@@ -50,18 +50,43 @@ def rope_tables(seq_len: int, head_dim: int, *, base: float = 10000.0, device=No
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _attend(q, k, v, scale, visible):
-    """softmax(q k^T * scale, masked by ``visible``) @ v with zeros for rows that see nothing.
+def _visible(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[int], chunk: Optional[int]) -> torch.Tensor:
+    """Causal visibility (.., Sq, Sk) of keys at ``pos_k`` (Sk,) to queries at ``pos_q`` (.., Sq).
+
+    Key j is visible to position p iff j <= p, and p - window < j (sliding window), and
+    j // chunk == p // chunk (chunked attention).
+    """
+    p, j = pos_q[..., :, None], pos_k
+    vis = j <= p
+    if window is not None:
+        vis = vis & (j > p - window)
+    if chunk is not None:
+        vis = vis & (torch.div(j, chunk, rounding_mode="floor") == torch.div(p, chunk, rounding_mode="floor"))
+    return vis
+
+
+def _attend(q, k, v, scale, visible, sinks=None, softcap=None):
+    """softmax(cap(q k^T * scale), masked by ``visible``, sink logits in the denominator) @ v.
 
     ``q`` (B, Hq, Sq, D); ``k``/``v`` (B, Hq, Sk, D); ``scale`` broadcastable to (B, Hq, Sq, 1);
-    ``visible`` broadcastable bool (.., Sq, Sk). Returns (out, lse) with lse = -inf on empty rows.
+    ``visible`` broadcastable bool (.., Sq, Sk) or None; ``sinks`` (Hq,) or None; ``softcap`` float
+    or None. Returns (out, lse): rows that see no key output zeros, lse = -inf (the sink logit
+    when ``sinks`` is given: it is then the whole denominator).
     """
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    any_visible = None
     if visible is not None:
         logits = logits.masked_fill(~visible, torch.finfo(logits.dtype).min)
         any_visible = visible.any(-1, keepdim=True)
-    else:
-        any_visible = None
+    if sinks is not None:
+        sink = sinks.to(logits.dtype)[None, :, None, None].expand(*logits.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat((logits, sink), dim=-1), dim=-1, keepdim=True)
+        p = torch.exp(logits - lse)
+        if visible is not None:
+            p = p * visible
+        return torch.matmul(p, v), lse.squeeze(-1)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     p = torch.exp(logits - lse)
     if any_visible is not None:
@@ -87,21 +112,29 @@ def _prepare_qk(q, k, rope, q_norm_weight, k_norm_weight, norm_eps, q_pos0: int)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               softmax_scale=None, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
               q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None,
-              norm_eps: float = 1e-6, cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False):
-    """Reference of :func:`drope.kernels.attention` (see shared/DESIGN.md for the contract).
+              norm_eps: float = 1e-6, cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False,
+              window: Optional[int] = None, chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
+              softcap: Optional[float] = None):
+    """Reference of :func:`drope.kernels.attention` (contract: docs/design.md).
 
     Args:
         q: (B, Hq, Sq, D). k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA, query head h reads
             KV head h // (Hq // Hkv)).
         causal: bottom-right aligned causal mask: key j visible to row i iff j <= Sk - Sq + i.
-        softmax_scale: None (D**-0.5), a float, or a (Sq,) / (B, Sq) tensor of per-row scales.
+        softmax_scale: None (D**-0.5), a float, or a tensor of per-row / per-head multipliers:
+            (Sq,), (B, Sq), (Hq,) or (B, Hq, Sq) (3-D with 1s broadcast; a 1-D tensor of length
+            Sq == Hq is read as (Sq,)).
         rope: optional (cos, sin) tables (>= Sk, D/2); query row i is at position Sk - Sq + i.
         q_norm_weight, k_norm_weight: optional per-head RMSNorm weights, (D,) or (H, D).
         norm_eps: RMSNorm epsilon.
         cu_seqlens: optional (N+1,) boundaries of documents packed along S (B must be 1, Sq == Sk);
             each document is attended alone, positions restarting at 0.
         return_lse: also return the natural-log log-sum-exp of the scaled logits, (B, Hq, Sq),
-            -inf on rows with no visible key.
+            -inf on rows with no visible key (the sink logit when ``sinks`` is given).
+        window: sliding window (needs causal): key j visible to position p iff p - window < j <= p.
+        chunk: chunked attention (needs causal): visible iff j <= p and j // chunk == p // chunk.
+        sinks: (Hq,) logits, one per query head, added to the softmax denominator only.
+        softcap: logits become ``softcap * tanh(s / softcap)`` after the scale.
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
@@ -111,34 +144,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
-                            cu_seqlens=cu_seqlens, kernel=False)
-    B, HQ, SQ, SK, D, G = shape.B, shape.HQ, shape.SQ, shape.SK, shape.D, shape.G
+                            cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
+                            kernel=False)
+    B, HQ, SQ, SK, G = shape.B, shape.HQ, shape.SQ, shape.SK, shape.G
     ct = _compute_dtype(q.dtype)
-    const, rows = scale_rows(softmax_scale, B, SQ, D, q.device, ct)
-    scale = const if rows is None else rows[:, None, :, None]
+    const, rows = split_scale(softmax_scale, shape, q.device, ct)
+    scale = const if rows is None else rows[..., None]
     qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
+    extra = dict(sinks=None if sinks is None else sinks.to(ct), softcap=softcap)
+    dev = q.device
 
     if cu_seqlens is None:
         qf, kf = _prepare_qk(qf, kf, rope, q_norm_weight, k_norm_weight, norm_eps, SK - SQ)
         kf, vf = _repeat_kv(kf, G), _repeat_kv(vf, G)
         visible = None
         if causal:
-            i = torch.arange(SQ, device=q.device)[:, None]
-            j = torch.arange(SK, device=q.device)[None, :]
-            visible = j <= (SK - SQ) + i
-        out, lse = _attend(qf, kf, vf, scale, visible)
+            visible = _visible(torch.arange(SQ, device=dev) + (SK - SQ), torch.arange(SK, device=dev), window, chunk)
+        out, lse = _attend(qf, kf, vf, scale, visible, **extra)
     else:
         outs, lses = [], []
         bounds = cu_seqlens.tolist()
         for a, b in zip(bounds[:-1], bounds[1:]):
             qd, kd = _prepare_qk(qf[:, :, a:b], kf[:, :, a:b], rope, q_norm_weight, k_norm_weight, norm_eps, 0)
             kd, vd = _repeat_kv(kd, G), _repeat_kv(vf[:, :, a:b], G)
-            n = b - a
-            visible = None
-            if causal:
-                visible = torch.arange(n, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None]
+            pos = torch.arange(b - a, device=dev)
+            visible = _visible(pos, pos, window, chunk) if causal else None
             sd = scale if rows is None else scale[:, :, a:b]
-            o, l = _attend(qd, kd, vd, sd, visible)
+            o, l = _attend(qd, kd, vd, sd, visible, **extra)
             outs.append(o)
             lses.append(l)
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
@@ -154,17 +186,19 @@ def _repeat_kv(x: torch.Tensor, G: int) -> torch.Tensor:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      cache_seqlens: Optional[torch.Tensor] = None, softmax_scale=None,
                      num_splits: Optional[int] = None, return_lse: bool = False,
-                     max_seqlen: Optional[int] = None):
+                     max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
+                     sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
     """Reference of :func:`drope.kernels.decode_attention` (NoPE attention of a few queries to a cache).
 
     Args:
         q: (B, Hq, Sq, D), the Sq newest tokens. k_cache, v_cache: (B, Hkv, Smax, D).
         cache_seqlens: (B,) int32/int64 valid lengths including the Sq new tokens (None: all Smax).
             Query row i of batch b sits at position cache_seqlens[b] - Sq + i and sees keys 0..that.
-        softmax_scale: None (D**-0.5), a float, or a (B, Sq) tensor of per-row scales.
+        softmax_scale: None (D**-0.5), a float, or a (Sq,), (B, Sq), (Hq,) or (B, Hq, Sq) tensor.
         num_splits: accepted for signature parity; the reference does not split.
         return_lse: also return the natural-log log-sum-exp (B, Hq, Sq).
         max_seqlen: accepted (and range-checked) for signature parity; the kernel's split-count hint.
+        window, chunk, sinks, softcap: as in :func:`attention`, positions as above.
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype (or ``(out, lse)``).
@@ -173,18 +207,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ValueError: on any input outside the contract, naming the argument.
     """
     shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
-                         num_splits=num_splits, kernel=False, max_seqlen=max_seqlen)
-    B, HQ, SQ, SMAX, D, G = shape.B, shape.HQ, shape.SQ, shape.SK, shape.D, shape.G
+                         num_splits=num_splits, kernel=False, max_seqlen=max_seqlen, window=window, chunk=chunk,
+                         sinks=sinks, softcap=softcap)
+    B, SQ, SMAX, G = shape.B, shape.SQ, shape.SK, shape.G
     ct = _compute_dtype(q.dtype)
-    const, rows = scale_rows(softmax_scale, B, SQ, D, q.device, ct)
-    scale = const if rows is None else rows[:, None, :, None]
+    const, rows = split_scale(softmax_scale, shape, q.device, ct)
+    scale = const if rows is None else rows[..., None]
     kf, vf = _repeat_kv(k_cache.to(ct), G), _repeat_kv(v_cache.to(ct), G)
     if cache_seqlens is None:
         lens = torch.full((B,), SMAX, device=q.device, dtype=torch.int64)
     else:
         lens = cache_seqlens.to(device=q.device, dtype=torch.int64)
     pos = lens[:, None] - SQ + torch.arange(SQ, device=q.device)[None, :]  # (B, Sq)
-    visible = torch.arange(SMAX, device=q.device)[None, None, :] <= pos[:, :, None]  # (B, Sq, Smax)
-    out, lse = _attend(q.to(ct), kf, vf, scale, visible[:, None])
+    visible = _visible(pos, torch.arange(SMAX, device=q.device), window, chunk)  # (B, Sq, Smax)
+    out, lse = _attend(q.to(ct), kf, vf, scale, visible[:, None],
+                       sinks=None if sinks is None else sinks.to(ct), softcap=softcap)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

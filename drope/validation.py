@@ -14,7 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+# any multiple of 8 up to 256: the kernels pad D to a power of two with masked loads, no copies
+KERNEL_HEAD_DIMS = tuple(range(8, 257, 8))
 
 
 class DeviceError(ValueError, RuntimeError):
@@ -73,7 +74,7 @@ def check_qkv(q, k, v, *, kernel: bool) -> AttentionShape:
         if q.dtype not in KERNEL_DTYPES:
             raise ValueError(f"q/k/v dtype {q.dtype} is not supported; accepted: float16, bfloat16, float32")
         if D not in KERNEL_HEAD_DIMS:
-            raise ValueError(f"head dim D={D} is not supported; accepted: {', '.join(map(str, KERNEL_HEAD_DIMS))}")
+            raise ValueError(f"head dim D={D} is not supported; accepted: a multiple of 8 from 8 to 256")
     elif not q.dtype.is_floating_point:
         raise ValueError(f"q/k/v must be floating point, got {q.dtype}")
     _check_same_device(q, k=k, v=v)
@@ -107,21 +108,55 @@ def check_rope(rope, SK: int, D: int, q: torch.Tensor) -> None:
         _check_same_device(q, **{name: t})
 
 
-def check_scale(softmax_scale, B: int, SQ: int, q: torch.Tensor, *, rows_name: str = "Sq") -> None:
+def check_scale(softmax_scale, B: int, HQ: int, SQ: int, q: torch.Tensor, *, rows_name: str = "Sq") -> None:
+    """None, a float, or a tensor of shape (Sq,), (B, Sq), (Hq,) or (B, Hq, Sq) (1s broadcast in 3-D).
+
+    A 1-D tensor whose length is both Sq and Hq is read as (Sq,): pass (1, Hq, 1) for per-head.
+    """
     if softmax_scale is None:
         return
+    accepted = f"({rows_name},), (B, {rows_name}), (Hq,) or (B, Hq, {rows_name}) = ({SQ},), ({B}, {SQ}), ({HQ},) or ({B}, {HQ}, {SQ})"
     if isinstance(softmax_scale, torch.Tensor):
-        if tuple(softmax_scale.shape) not in ((SQ,), (B, SQ)):
-            raise ValueError(
-                f"softmax_scale tensor must have shape ({SQ},) or ({B}, {SQ}) = ({rows_name},) or (B, {rows_name}), "
-                f"got {_shape(softmax_scale)}"
-            )
+        shp = tuple(softmax_scale.shape)
+        ok = shp in ((SQ,), (B, SQ), (HQ,)) or (
+            len(shp) == 3 and shp[0] in (1, B) and shp[1] in (1, HQ) and shp[2] in (1, SQ))
+        if not ok:
+            raise ValueError(f"softmax_scale tensor must have shape {accepted}, got {_shape(softmax_scale)}")
         if not softmax_scale.dtype.is_floating_point:
             raise ValueError(f"softmax_scale tensor must be floating point, got {softmax_scale.dtype}")
         _check_same_device(q, softmax_scale=softmax_scale)
+        # values are checked where that costs no device sync; on a GPU a negative entry gives NaN rows
+        if softmax_scale.device.type == "cpu" and softmax_scale.numel() and not bool((softmax_scale >= 0).all()):
+            raise ValueError("softmax_scale tensor must hold multipliers >= 0 (a temperature), got a negative "
+                             "or NaN entry")
         return
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, Real):
-        raise ValueError(f"softmax_scale must be None, a float, or a tensor of shape ({rows_name},) or (B, {rows_name}); got {type(softmax_scale).__name__}")
+        raise ValueError(f"softmax_scale must be None, a float, or a tensor of shape {accepted}; "
+                         f"got {type(softmax_scale).__name__}")
+    if not softmax_scale >= 0 or softmax_scale == float("inf"):
+        raise ValueError(f"softmax_scale must be a finite multiplier >= 0, got {softmax_scale!r}")
+
+
+def check_features(*, causal: bool, window, chunk, sinks, softcap, HQ: int, q: torch.Tensor) -> None:
+    """Sliding window, chunked attention, attention sinks and logit soft-capping (None = off)."""
+    for name, value in (("window", window), ("chunk", chunk)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be None or a positive int (a number of positions), got {value!r}")
+        if not causal:
+            raise ValueError(f"{name}={value} needs causal=True: it restricts the causal mask "
+                             "(key j visible to position p only if j <= p)")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, Real) or not softcap > 0
+                                or softcap == float("inf")):
+        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (HQ,):
+            got = _shape(sinks) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+            raise ValueError(f"sinks must be a ({HQ},) tensor (one logit per query head), got {got}")
+        if not sinks.dtype.is_floating_point:
+            raise ValueError(f"sinks must be floating point, got {sinks.dtype}")
+        _check_same_device(q, sinks=sinks)
 
 
 def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor) -> int:
@@ -149,7 +184,7 @@ def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor) -> int:
 
 
 def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_norm_weight, norm_eps, cu_seqlens=None,
-                    kernel: bool) -> AttentionShape:
+                    window=None, chunk=None, sinks=None, softcap=None, kernel: bool) -> AttentionShape:
     """Every check of the ``attention`` contract; returns the problem's sizes."""
     shape = check_qkv(q, k, v, kernel=kernel)
     if not isinstance(causal, bool):
@@ -169,26 +204,31 @@ def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_no
     check_norm_weight("k_norm_weight", k_norm_weight, shape.HKV, shape.D, q)
     if isinstance(norm_eps, bool) or not isinstance(norm_eps, Real) or not norm_eps >= 0:
         raise ValueError(f"norm_eps must be a non-negative float, got {norm_eps!r}")
-    check_scale(softmax_scale, shape.B, shape.SQ, q)
+    check_scale(softmax_scale, shape.B, shape.HQ, shape.SQ, q)
+    check_features(causal=causal, window=window, chunk=chunk, sinks=sinks, softcap=softcap, HQ=shape.HQ, q=q)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, shape, q)
     return shape
 
 
-def scale_rows(softmax_scale, B: int, SQ: int, D: int, device,
-               dtype: torch.dtype = torch.float32) -> Tuple[float, Optional[torch.Tensor]]:
-    """Split ``softmax_scale`` into a constant and an optional (B, Sq) per-row tensor of ``dtype``.
+def split_scale(softmax_scale, shape: AttentionShape, device,
+                dtype: torch.dtype = torch.float32) -> Tuple[float, Optional[torch.Tensor]]:
+    """Split ``softmax_scale`` into a constant and an optional (B, Hq, Sq) tensor of ``dtype``.
 
-    A (Sq,) tensor comes back as a stride-0 (B, Sq) view, never copied when already of ``dtype``.
+    The tensor is a broadcast (stride-0) view wherever the caller's tensor has fewer dims: (Sq,),
+    (B, Sq), (Hq,) and 3-D forms with 1s are never copied when already of ``dtype``.
     """
+    B, HQ, SQ = shape.B, shape.HQ, shape.SQ
     if softmax_scale is None:
-        return D ** -0.5, None
-    if isinstance(softmax_scale, torch.Tensor):
-        rows = softmax_scale.to(device=device, dtype=dtype)
-        if rows.dim() == 1:
-            rows = rows.unsqueeze(0).expand(B, SQ)
-        return 1.0, rows
-    return float(softmax_scale), None
+        return shape.D ** -0.5, None
+    if not isinstance(softmax_scale, torch.Tensor):
+        return float(softmax_scale), None
+    t = softmax_scale.to(device=device, dtype=dtype)
+    if t.dim() == 1:
+        t = t[None, None, :] if t.shape[0] == SQ else t[None, :, None]
+    elif t.dim() == 2:
+        t = t[:, None, :]
+    return 1.0, t.expand(B, HQ, SQ)
 
 
 def interpreter_enabled() -> bool:
@@ -211,7 +251,7 @@ def check_kernel_device(q: torch.Tensor, op: str) -> None:
 
 
 def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_splits, kernel: bool,
-                 max_seqlen=None) -> AttentionShape:
+                 max_seqlen=None, window=None, chunk=None, sinks=None, softcap=None) -> AttentionShape:
     """Every check of the ``decode_attention`` contract; returns sizes with SK = Smax (cache capacity).
 
     Lengths in ``cache_seqlens`` are range-checked only when they live on the CPU (no device sync).
@@ -238,7 +278,8 @@ def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_split
                 raise ValueError(f"cache_seqlens holds a length {hi} > Smax={shape.SK}, the cache capacity")
     elif shape.SQ > shape.SK:
         raise ValueError(f"q has Sq={shape.SQ} rows but the cache holds only Smax={shape.SK} positions")
-    check_scale(softmax_scale, shape.B, shape.SQ, q)
+    check_scale(softmax_scale, shape.B, shape.HQ, shape.SQ, q)
+    check_features(causal=True, window=window, chunk=chunk, sinks=sinks, softcap=softcap, HQ=shape.HQ, q=q)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)

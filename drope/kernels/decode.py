@@ -34,32 +34,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validation import check_decode, check_kernel_device, interpreter_enabled, scale_rows
+from ..validation import check_decode, split_scale
+from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, check_device, dot_precision, launch, mm, named_strides, \
+    operand, padded_dim, tanh, upcast
 
 __all__ = ["decode_attention", "choose_num_splits"]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-# jit functions may read only constexpr globals
-_LN2_C = tl.constexpr(LN2)
 MAX_GRID_Y = 65535
 
 
-# lengths and split counts change from call to call: one compile for all of them
-@triton.jit(do_not_specialize=["SQ", "SMAX", "NUM_SPLITS"])
+# lengths, split counts and window sizes change from call to call: one compile for all of them
+@triton.jit(do_not_specialize=["SQ", "SMAX", "NUM_SPLITS", "WINDOW", "CHUNK"])
 def _decode_split_kernel(
-    Q, K, V, O, LSE, SEQLENS, ROW_SCALE,
+    Q, K, V, O, LSE, SEQLENS, SCALE, SINKS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_os, stride_ob, stride_oh, stride_om, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lm,
-    stride_sl, stride_rb, stride_rm,
-    qk_scale, lse_scale,
-    HKV, SQ, SMAX, NUM_SPLITS,
-    G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    stride_sl, stride_rb, stride_rh, stride_rs,
+    qk_scale, softcap2, lse_scale,
+    HKV, SQ, SMAX, NUM_SPLITS, WINDOW, CHUNK,
+    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ADD_SINKS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -78,76 +76,101 @@ def _decode_split_kernel(
     m_row = o_m < G * SQ
     o_i = o_m // G
     o_h = i_hkv * G + o_m % G
-    o_d = tl.arange(0, D)
-    # last key visible to each packed row; negative when the row sees nothing
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    # each packed row sees keys [lo_r, pos + 1); pos is negative when the row sees nothing
     pos = L - SQ + o_i
+    lo_r = pos * 0
+    # the batch row's earliest visible key (query row 0's window / chunk start): splits cover [k_lo, L)
+    k_lo = L * 0
+    if HAS_WINDOW:
+        lo_r = tl.maximum(lo_r, pos - WINDOW + 1)
+        k_lo = tl.maximum(k_lo, L - SQ - WINDOW + 1)
+    if HAS_CHUNK:
+        lo_r = tl.maximum(lo_r, (tl.maximum(pos, 0) // CHUNK) * CHUNK)
+        k_lo = tl.maximum(k_lo, (tl.maximum(L - SQ, 0) // CHUNK) * CHUNK)
 
-    n_tiles = (L + BN - 1) // BN
+    n_tiles = (L - k_lo + BN - 1) // BN
     tiles_per_split = (n_tiles + NUM_SPLITS - 1) // NUM_SPLITS
-    lo = i_split * tiles_per_split * BN
+    lo = k_lo + i_split * tiles_per_split * BN
     last_i = (tl.minimum(i_m * BM + BM, G * SQ) - 1) // G
     hi = tl.minimum(lo + tiles_per_split * BN, L - SQ + last_i + 1)
 
     p_q = (Q + i_b64 * stride_qb + o_h[:, None].to(tl.int64) * stride_qh
            + o_i[:, None].to(tl.int64) * stride_qs + o_d[None, :] * stride_qd)
-    b_q = tl.load(p_q, mask=m_row[:, None], other=0.0)  # [BM, D]
-    if UPCAST_DOT:
-        b_q = b_q.to(tl.float32)
-    if HAS_ROW_SCALE:
-        b_scale = tl.load(ROW_SCALE + i_b64 * stride_rb + o_i.to(tl.int64) * stride_rm, mask=m_row,
-                          other=0.0).to(tl.float32) * qk_scale
+    b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+    if HAS_SCALE:
+        b_sc = tl.load(SCALE + i_b64 * stride_rb + o_h.to(tl.int64) * stride_rh + o_i.to(tl.int64) * stride_rs,
+                       mask=m_row, other=0.0).to(tl.float32) * qk_scale
     else:
-        b_scale = tl.zeros([BM], dtype=tl.float32) + qk_scale
+        b_sc = tl.zeros([BM], dtype=tl.float32) + qk_scale
 
     p_k = K + i_b64 * stride_kb + i_hkv.to(tl.int64) * stride_kh
     p_v = V + i_b64 * stride_vb + i_hkv.to(tl.int64) * stride_vh
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
-    b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     for start in range(lo, hi, BN):
         o_n = start + tl.arange(0, BN)
         m_n = o_n < hi
         o_n64 = o_n.to(tl.int64)
-        b_k = tl.load(p_k + o_n64[None, :] * stride_ks + o_d[:, None] * stride_kd, mask=m_n[None, :], other=0.0)  # [D, BN]
-        if UPCAST_DOT:
-            b_k = b_k.to(tl.float32)
-        b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * b_scale[:, None]  # [BM, BN], log2 units
-        b_s = tl.where((o_n[None, :] <= pos[:, None]) & m_n[None, :], b_s, float("-inf"))
+        m_kv = m_n[:, None] & m_d[None, :]
+        b_k = tl.load(p_k + o_n64[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_kv, other=0.0)  # [BN, BD]
+        b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
+        if HAS_SOFTCAP:
+            b_s = tanh(b_s * b_sc[:, None]) * softcap2
+        else:
+            b_s = b_s * b_sc[:, None]  # log2 units
+        vis = (o_n[None, :] <= pos[:, None]) & m_n[None, :]
+        if HAS_WINDOW or HAS_CHUNK:
+            vis = vis & (o_n[None, :] >= lo_r[:, None])
+        b_s = tl.where(vis, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         # rows that have seen no key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
         b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
         b_p = tl.exp2(b_s - b_ref[:, None])
         b_alpha = tl.exp2(b_m - b_ref)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = tl.load(p_v + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_n[:, None], other=0.0)  # [BN, D]
-        b_p = b_p.to(b_v.dtype)
-        if UPCAST_DOT:
-            b_p, b_v = b_p.to(tl.float32), b_v.to(tl.float32)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v, input_precision=DOT_PRECISION)
+        b_v = tl.load(p_v + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_kv, other=0.0)  # [BN, BD]
+        b_acc = mm(operand(b_p, b_v.dtype, UPCAST), b_v, b_acc * b_alpha[:, None], DOT_PREC, UPCAST)
         b_m = b_m_new
 
+    if ADD_SINKS:
+        # one split: the head's sink logit joins the denominator here (else in the merge)
+        b_sink = tl.load(SINKS + o_h, mask=m_row, other=float("-inf")).to(tl.float32) * LOG2E_C
+        b_m_new = tl.maximum(b_m, b_sink)
+        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.exp2(b_m - b_ref)
+        b_l = b_l * b_alpha + tl.exp2(b_sink - b_ref)
+        b_acc = b_acc * b_alpha[:, None]
+        b_m = b_m_new
     has = b_l > 0
     b_l_safe = tl.where(has, b_l, 1.0)
     b_o = b_acc / b_l_safe[:, None]
     b_lse = tl.where(has, (b_m + tl.log2(b_l_safe)) * lse_scale, float("-inf"))
     p_o = (O + i_split.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h[:, None].to(tl.int64) * stride_oh
            + o_i[:, None].to(tl.int64) * stride_om + o_d[None, :] * stride_od)
-    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None])
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
     p_lse = (LSE + i_split.to(tl.int64) * stride_ls + i_b64 * stride_lb + o_h.to(tl.int64) * stride_lh
              + o_i.to(tl.int64) * stride_lm)
     tl.store(p_lse, b_lse, mask=m_row)
 
 
 @triton.jit(do_not_specialize=["ROWS", "NUM_SPLITS"])
-def _decode_merge_kernel(O_PART, LSE_PART, OUT, LSE, stride_os, stride_ls, ROWS, NUM_SPLITS,
-                         D: tl.constexpr, BR: tl.constexpr):
+def _decode_merge_kernel(O_PART, LSE_PART, OUT, LSE, SINKS, stride_os, stride_ls, ROWS, NUM_SPLITS, HQ, SQ,
+                         D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, HAS_SINKS: tl.constexpr):
     # rows r of (B, Hq, Sq) flattened; partials are (splits, rows, D) and (splits, rows), output (rows, D)
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     m_r = o_r < ROWS
-    o_d = tl.arange(0, D)
+    o_d = tl.arange(0, BD)
+    m_rd = m_r[:, None] & (o_d < D)[None, :]
     b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BR], dtype=tl.float32)
-    b_acc = tl.zeros([BR, D], dtype=tl.float32)
+    b_acc = tl.zeros([BR, BD], dtype=tl.float32)
+    if HAS_SINKS:
+        # the sink is one more "split" with weight exp(sink) and no output
+        b_m = tl.load(SINKS + (o_r // SQ) % HQ, mask=m_r, other=float("-inf")).to(tl.float32) * LOG2E_C
+        b_l = tl.where(b_m == float("-inf"), 0.0, 1.0)
     # pointers advance split by split: 64-bit pointer sums, no int32 product of split x stride
     p_lse = LSE_PART + o_r
     p_o = O_PART + o_r[:, None] * D + o_d[None, :]
@@ -158,15 +181,14 @@ def _decode_merge_kernel(O_PART, LSE_PART, OUT, LSE, stride_os, stride_ls, ROWS,
         b_alpha = tl.exp2(b_m - b_ref)
         b_w = tl.exp2(b_lse_s - b_ref)
         b_l = b_l * b_alpha + b_w
-        b_acc = b_acc * b_alpha[:, None] + b_w[:, None] * tl.load(p_o, mask=m_r[:, None], other=0.0)
+        b_acc = b_acc * b_alpha[:, None] + b_w[:, None] * tl.load(p_o, mask=m_rd, other=0.0)
         b_m = b_m_new
         p_lse += stride_ls
         p_o += stride_os
     has = b_l > 0
     b_l_safe = tl.where(has, b_l, 1.0)
-    tl.store(OUT + o_r[:, None] * D + o_d[None, :], (b_acc / b_l_safe[:, None]).to(OUT.dtype.element_ty),
-             mask=m_r[:, None])
-    tl.store(LSE + o_r, tl.where(has, (b_m + tl.log2(b_l_safe)) * _LN2_C, float("-inf")), mask=m_r)
+    tl.store(OUT + o_r[:, None] * D + o_d[None, :], (b_acc / b_l_safe[:, None]).to(OUT.dtype.element_ty), mask=m_rd)
+    tl.store(LSE + o_r, tl.where(has, (b_m + tl.log2(b_l_safe)) * LN2_C, float("-inf")), mask=m_r)
 
 
 def choose_num_splits(max_seqlen: int, programs: int, num_sms: int, *, block_n: int = 64,
@@ -228,19 +250,14 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """Every buffer the launcher allocates comes from here (tests replace it to poison them with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def _blocks(G: int, SQ: int, BD: int):
+    """(BM, BN, num_warps, num_stages) for the packed G*Sq rows (BD: the padded head dim).
 
-
-def _blocks(G: int, SQ: int, D: int):
-    """(BM, BN, num_warps, num_stages) for the packed G*Sq rows.
-
-    TODO(issue 6): tune on an H100/H200 with the decode benchmark; these are untuned defaults.
+    TODO(issue 13): tune on an H100/H200 with the decode benchmark; these are untuned defaults.
     """
-    bm_cap = 64 if D <= 128 else 32
+    bm_cap = 64 if BD <= 128 else 32
     BM = min(bm_cap, max(16, triton.next_power_of_2(G * SQ)))
-    BN = 64 if D <= 128 else 32
+    BN = 64 if BD <= 128 else 32
     return BM, BN, 4, 2
 
 
@@ -255,78 +272,77 @@ def _live_bound(cache_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int]
     return SMAX
 
 
-def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, max_seqlen):
+def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, max_seqlen, window, chunk, sinks,
+                softcap):
     shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
-                         num_splits=num_splits, kernel=True, max_seqlen=max_seqlen)
+                         num_splits=num_splits, kernel=True, max_seqlen=max_seqlen, window=window, chunk=chunk,
+                         sinks=sinks, softcap=softcap)
     B, HQ, HKV, SQ, SMAX, D, G = shape.B, shape.HQ, shape.HKV, shape.SQ, shape.SK, shape.D, shape.G
-    check_kernel_device(q, "decode_attention")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        raise ValueError("decode_attention is inference-only (no backward): q/k_cache/v_cache require grad; "
+    check_device(q, "decode_attention")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, sinks)):
+        raise ValueError("decode_attention is inference-only (no backward): q/k_cache/v_cache/sinks require grad; "
                          "call it under torch.no_grad() or use drope.kernels.attention for a differentiable pass")
 
-    out = _empty((B, HQ, SQ, D), q.dtype, q.device)
-    lse = _empty((B, HQ, SQ), torch.float32, q.device)
+    out = torch.empty((B, HQ, SQ, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
 
-    BM, BN, num_warps, num_stages = _blocks(G, SQ, D)
+    BD = padded_dim(D)
+    BM, BN, num_warps, num_stages = _blocks(G, SQ, BD)
     m_blocks = triton.cdiv(G * SQ, BM)
+    live = _live_bound(cache_seqlens, max_seqlen, SMAX)
+    if window is not None:
+        live = min(live, window + SQ - 1)
+    if chunk is not None:
+        live = min(live, chunk + SQ - 1)
     n_key_tiles = max(1, triton.cdiv(SMAX, BN))
     if num_splits is None:
-        splits = choose_num_splits(_live_bound(cache_seqlens, max_seqlen, SMAX), B * HKV * m_blocks,
-                                   _num_sms(q.device), block_n=BN)
+        splits = choose_num_splits(live, B * HKV * m_blocks, _num_sms(q.device), block_n=BN)
     else:
         splits = num_splits
     # beyond one split per key tile of the capacity every extra split would be empty
     splits = min(splits, n_key_tiles, MAX_GRID_Y)
 
-    const, rows = scale_rows(softmax_scale, B, SQ, D, q.device, torch.float32)
+    const, rows = split_scale(softmax_scale, shape, q.device, torch.float32)
     if splits == 1:
         o_buf, lse_buf, lse_scale = out, lse, LN2
         o_strides = (0, *out.stride())
         l_strides = (0, *lse.stride())
     else:
-        o_buf = _empty((splits, B, HQ, SQ, D), torch.float32, q.device)
-        lse_buf = _empty((splits, B, HQ, SQ), torch.float32, q.device)
+        o_buf = torch.empty((splits, B, HQ, SQ, D), dtype=torch.float32, device=q.device)
+        lse_buf = torch.empty((splits, B, HQ, SQ), dtype=torch.float32, device=q.device)
         lse_scale = 1.0
         o_strides, l_strides = o_buf.stride(), lse_buf.stride()
 
-    # Triton's interpreter computes tl.dot on bf16 wrongly: there, bf16 operands go through fp32
-    upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreter_enabled()
-    qs, ks, vs = q.stride(), k_cache.stride(), v_cache.stride()
-    grid = (B * HKV, splits, m_blocks)
-    _decode_split_kernel[grid](
-        Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens, ROW_SCALE=rows,
-        stride_qb=qs[0], stride_qh=qs[1], stride_qs=qs[2], stride_qd=qs[3],
-        stride_kb=ks[0], stride_kh=ks[1], stride_ks=ks[2], stride_kd=ks[3],
-        stride_vb=vs[0], stride_vh=vs[1], stride_vs=vs[2], stride_vd=vs[3],
-        stride_os=o_strides[0], stride_ob=o_strides[1], stride_oh=o_strides[2], stride_om=o_strides[3],
-        stride_od=o_strides[4],
-        stride_ls=l_strides[0], stride_lb=l_strides[1], stride_lh=l_strides[2], stride_lm=l_strides[3],
-        stride_sl=cache_seqlens.stride(0) if cache_seqlens is not None else 0,
-        stride_rb=rows.stride(0) if rows is not None else 0,
-        stride_rm=rows.stride(1) if rows is not None else 0,
-        qk_scale=const * LOG2E, lse_scale=lse_scale,
-        HKV=HKV, SQ=SQ, SMAX=SMAX, NUM_SPLITS=splits,
-        G=G, D=D, BM=BM, BN=BN,
-        HAS_SEQLENS=cache_seqlens is not None, HAS_ROW_SCALE=rows is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST_DOT=upcast,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    launch(_decode_split_kernel, (B * HKV, splits, m_blocks), role="attention",
+           Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens, SCALE=rows, SINKS=sinks,
+           **named_strides("q", q, "bhsd"), **named_strides("k", k_cache, "bhsd"), **named_strides("v", v_cache, "bhsd"),
+           **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"), o_strides)),
+           **dict(zip(("stride_ls", "stride_lb", "stride_lh", "stride_lm"), l_strides)),
+           stride_sl=cache_seqlens.stride(0) if cache_seqlens is not None else 0, **named_strides("r", rows, "bhs"),
+           qk_scale=const / softcap if softcap is not None else const * LOG2E,
+           softcap2=softcap * LOG2E if softcap is not None else 0.0, lse_scale=lse_scale,
+           HKV=HKV, SQ=SQ, SMAX=SMAX, NUM_SPLITS=splits, WINDOW=window or 0, CHUNK=chunk or 0,
+           G=G, D=D, BD=BD, BM=BM, BN=BN, HAS_SEQLENS=cache_seqlens is not None, HAS_SCALE=rows is not None,
+           HAS_WINDOW=window is not None, HAS_CHUNK=chunk is not None, HAS_SOFTCAP=softcap is not None,
+           ADD_SINKS=sinks is not None and splits == 1, DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
+           num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         rows_total = B * HQ * SQ
         BR = 16
-        _decode_merge_kernel[(triton.cdiv(rows_total, BR),)](
-            O_PART=o_buf, LSE_PART=lse_buf, OUT=out, LSE=lse, stride_os=o_buf.stride(0), stride_ls=lse_buf.stride(0),
-            ROWS=rows_total, NUM_SPLITS=splits, D=D, BR=BR, num_warps=4,
-        )
+        launch(_decode_merge_kernel, (triton.cdiv(rows_total, BR),), role="merge",
+               O_PART=o_buf, LSE_PART=lse_buf, OUT=out, LSE=lse, SINKS=sinks, stride_os=o_buf.stride(0),
+               stride_ls=lse_buf.stride(0), ROWS=rows_total, NUM_SPLITS=splits, HQ=HQ, SQ=SQ, D=D, BD=BD, BR=BR,
+               HAS_SINKS=sinks is not None, num_warps=4)
     return out, lse
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      cache_seqlens: Optional[torch.Tensor] = None, softmax_scale=None,
                      num_splits: Optional[int] = None, return_lse: bool = False,
-                     max_seqlen: Optional[int] = None):
+                     max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
+                     sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
     """NoPE attention of a few new query rows against a long KV cache, split over the keys (flash-decoding).
 
     Query row ``i`` of batch ``b`` sits at position ``cache_seqlens[b] - Sq + i`` and sees keys
@@ -335,15 +351,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     Args:
         q: (B, Hq, Sq, D), the Sq newest tokens (1 for decode; up to ~64 for chunked prefill or
-            speculative steps). fp16, bf16 or fp32; D in 16, 32, 64, 128, 256. Any strides.
+            speculative steps). fp16, bf16 or fp32; D any multiple of 8 up to 256. Any strides.
         k_cache, v_cache: (B, Hkv, Smax, D), same dtype as q, Hq % Hkv == 0. Any strides (e.g. a view
             of a (B, Smax, Hkv, D) buffer); positions at or past a row's live length are never read.
         cache_seqlens: (B,) int32 (int64 accepted) live lengths *including* the Sq new tokens, on q's
             device; None means every row holds Smax. Each must lie in [Sq, Smax]; checked on the host
             only when the tensor lives on the CPU (no device sync). On the device a length is clamped
             to [0, Smax]; rows whose position is then negative output zeros (LSE -inf).
-        softmax_scale: None (D**-0.5), a float, or a (B, Sq) / (Sq,) tensor of per-row multipliers
-            (DroPE temperature on top of D**-0.5 goes in here).
+        softmax_scale: None (D**-0.5), a float >= 0, or a tensor of multipliers >= 0 of shape
+            (Sq,), (B, Sq), (Hq,) or (B, Hq, Sq) (DroPE temperature on top of D**-0.5 goes in here).
         num_splits: None picks it with :func:`choose_num_splits` from the longest live length and the
             device's SM count; an int forces it (capped at one split per key tile of the capacity,
             beyond which extra splits would be empty). Results agree for every split count.
@@ -351,6 +367,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         max_seqlen: optional host-side int, the longest entry of ``cache_seqlens``, used only to pick
             the split count when ``cache_seqlens`` lives on the GPU (reading it there would sync).
             Results never depend on it; a wrong hint only costs speed.
+        window: sliding window: key j visible to the row at position p iff p - window < j <= p;
+            splits then cover only the keys some row can see.
+        chunk: chunked attention: visible iff j <= p and j // chunk == p // chunk.
+        sinks: (Hq,) logits, one per query head, added to the softmax denominator only.
+        softcap: logits become ``softcap * tanh(s / softcap)`` after the scale.
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
@@ -360,5 +381,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             max_seqlen), naming the argument; also when an input requires grad with grad enabled.
         DeviceError: CPU tensors without ``TRITON_INTERPRET=1`` (a ``ValueError`` subclass).
     """
-    out, lse = _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, max_seqlen)
+    out, lse = _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, max_seqlen, window, chunk,
+                           sinks, softcap)
     return (out, lse) if return_lse else out

@@ -1,0 +1,144 @@
+"""What every kernel module shares: constants, dot precision, small jit helpers and the launch hook.
+
+Flag names used by all kernels: ``HAS_<feature>`` for an optional input (None = off, a constexpr
+False costs nothing), ``IS_CAUSAL``, ``PACKED``, ``DOT_PREC`` (``tl.dot`` input precision) and
+``UPCAST`` (multiply in fp32: Triton's interpreter computes bf16 ``tl.dot`` wrongly).
+
+Every launch goes through :func:`launch`. Normally it just launches; inside :func:`recording` it
+records the kernel, its arguments and its candidate configs instead, so the compile inspector
+(``drope.kernels.inspect``) sees exactly the launches a user's call would make, on ``meta``
+tensors, without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..validation import check_kernel_device, interpreter_enabled
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# jit functions may read only constexpr globals
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: fp32 follows torch's TF32 switch (off by default: exact products)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """bf16 in Triton's interpreter multiplies fp32 copies of the (bf16-valued) operands."""
+    return dtype == torch.bfloat16 and interpreter_enabled()
+
+
+def padded_dim(D: int) -> int:
+    """The power-of-two block that holds a head dim (at least 16, the smallest ``tl.dot`` K)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def strides(t: Optional[torch.Tensor], n: int) -> tuple:
+    """``t.stride()``, or n zeros for an absent optional tensor."""
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def named_strides(prefix: str, t: Optional[torch.Tensor], dims: str) -> Dict[str, int]:
+    """``{"stride_<prefix><d>": ...}`` for each letter of ``dims``, zeros when ``t`` is None."""
+    return {f"stride_{prefix}{d}": s for d, s in zip(dims, strides(t, len(dims)))}
+
+
+@triton.jit
+def mm(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; under UPCAST the operands are multiplied in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def operand(x, dtype, UPCAST: tl.constexpr):
+    """An fp32 tile as a dot operand of ``dtype`` (kept fp32 under UPCAST: the interpreter truncates)."""
+    if UPCAST:
+        return x
+    return x.to(dtype)
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp2 (exact at the ends: +-1 for |x| large, no inf/inf)."""
+    return 1.0 - 2.0 / (1.0 + tl.math.exp2(x * (2.0 * LOG2E_C)))
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a user's call makes it."""
+
+    kernel: Any                      # a triton JITFunction (or an Autotuner around one)
+    grid: Any                        # a tuple, or a callable of the meta-parameters
+    role: str                        # "attention" | "prologue" | "epilogue" | "merge" | "other"
+    args: Dict[str, Any]
+    configs: List[triton.Config] = field(default_factory=list)  # candidates; empty = fixed meta in args
+
+
+_RECORDER: ContextVar[Optional[List[Launch]]] = ContextVar("drope_launch_recorder", default=None)
+
+
+@contextlib.contextmanager
+def recording():
+    """Record launches instead of running them; kernels then accept ``meta`` tensors."""
+    launches: List[Launch] = []
+    token = _RECORDER.set(launches)
+    try:
+        yield launches
+    finally:
+        _RECORDER.reset(token)
+
+
+def is_recording() -> bool:
+    return _RECORDER.get() is not None
+
+
+def compiled(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` launches compiled GPU kernels (CUDA, or meta while recording)."""
+    return (t.device.type == "cuda" and not interpreter_enabled()) or (t.device.type == "meta" and is_recording())
+
+
+def check_device(t: torch.Tensor, op: str) -> None:
+    """``validation.check_kernel_device``, which also lets ``meta`` tensors through while recording."""
+    if t.device.type == "meta" and is_recording():
+        return
+    check_kernel_device(t, op)
+
+
+def launch(kernel, grid, *, role: str, configs: Sequence[triton.Config] = (), **args) -> None:
+    """Launch ``kernel[grid](**args)``, or record it inside :func:`recording`.
+
+    ``configs`` lists the autotune candidates that survive pruning for these arguments (pass them
+    when ``kernel`` is an Autotuner); the recorder keeps them, a real launch lets Triton choose.
+    """
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.append(Launch(kernel, grid, role, dict(args), list(configs)))
+        return
+    kernel[grid](**args)
+
+
+def autotuned(fn: Callable, configs: List[triton.Config], key: List[str], keep: Callable) -> Any:
+    """``triton.autotune`` over ``configs`` with ``keep(config, args) -> bool`` as the pruning rule."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return [c for c in configs if keep(c, args)]
+
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
