@@ -103,3 +103,26 @@ def test_zoo_token_by_token_equals_prefill(monkeypatch, model_type, path):
         for t in range(9, 20):
             steps.append(model(input_ids=ids[:, t:t + 1], **with_cache(model, cache), use_cache=True).logits)
     assert rel_err(torch.cat(steps, 1).cpu(), full.cpu()) < TOL
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "cohere2", "gpt_oss", "llama4_text"])
+def test_zoo_static_cache_generate(monkeypatch, model_type, path):
+    """generate with a StaticCache (sliding layers roll their buffer; generate hands precomputed masks back)."""
+    device, _ = _use_path(monkeypatch, path)
+    model = zoo_model(model_type, device=device)
+    ids = torch.randint(3, VOCAB, (2, 15), generator=torch.Generator().manual_seed(5)).to(device)
+    mask = torch.ones(2, 15, dtype=torch.long)
+    mask[0, :3] = 0
+    mask = mask.to(device)
+
+    def generate():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                             cache_implementation="static")
+        return out.sequences.cpu(), torch.stack(out.logits, 1).cpu()
+
+    ref_seq, ref_steps = _run(model, "eager", generate)
+    seq, steps = _run(model, hfa.ATTN_IMPLEMENTATION, generate)
+    assert torch.equal(seq, ref_seq)
+    assert rel_err(steps, ref_steps) < TOL

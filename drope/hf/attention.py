@@ -88,6 +88,17 @@ class DropeMask:
     pattern: str = "causal"
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
+    # generate() precomputes the masks of a compileable (static) cache and hands them back to the model, whose
+    # mask creation treats them as 2-D padding masks: these let it pass one through to drope_mask unchanged
+    ndim = 2
+
+    @property
+    def shape(self):
+        return (self.batch, self.live)
+
+    def to(self, *args, **kwargs) -> "DropeMask":
+        return self
+
     def contiguous_rows(self) -> bool:
         """Whether each row's real tokens form one run of slots (left or right padding only)."""
         if "contiguous" not in self._memo:
@@ -178,6 +189,13 @@ def drope_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optio
     q_offset, kv_offset, q_length = int(q_offset), int(kv_offset), int(q_length)
     live = q_offset + q_length - kv_offset
     pattern = _read_pattern(mask_function)
+    if isinstance(attention_mask, DropeMask):
+        # made by this function already (generate's precomputed masks): it must describe this very call
+        if attention_mask.batch != batch_size or attention_mask.live != live or attention_mask.window != pattern["window"] \
+                or attention_mask.chunk != pattern["chunk"]:
+            raise ValueError(f"drope_triton got back a mask made for batch {attention_mask.batch}, {attention_mask.live} "
+                             f"key slots, {attention_mask.pattern}; this call has batch {batch_size}, {live} key slots")
+        return attention_mask
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"drope_triton takes a 2-D (batch, tokens) attention_mask, got shape "

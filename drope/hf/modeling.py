@@ -1,4 +1,4 @@
-"""DroPE model classes for Llama (SmolLM included), Qwen2 and Qwen3.
+"""DroPE model classes for Llama (SmolLM, SmolLM3 and Mistral convert to it), Qwen2, Qwen3 and Gemma.
 
 A DroPE model is its RoPE family's model with RoPE removed and an optional QK-norm:
 
@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gemma.configuration_gemma import GemmaConfig
+from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaForCausalLM, GemmaModel
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
@@ -46,6 +48,7 @@ __all__ = [
     "LlamaDropeConfig", "LlamaDropeModel", "LlamaDropeForCausalLM",
     "Qwen2DropeConfig", "Qwen2DropeModel", "Qwen2DropeForCausalLM",
     "Qwen3DropeConfig", "Qwen3DropeModel", "Qwen3DropeForCausalLM",
+    "GemmaDropeConfig", "GemmaDropeModel", "GemmaDropeForCausalLM",
     "register",
 ]
 
@@ -120,6 +123,18 @@ class Qwen3DropeConfig(Qwen3Config):
     model_type = "qwen3_drope"
 
     def __init__(self, attention_type: str = "qk_norm_nope", qk_norm_type: str = "head",
+                 drope_temperature: Optional[dict] = None, **kwargs):
+        _init_drope_fields(self, attention_type, qk_norm_type, drope_temperature)
+        super().__init__(**kwargs)
+        check_drope_config(self)
+
+
+class GemmaDropeConfig(GemmaConfig):
+    """Config of a Gemma (v1) DroPE model (``model_type`` ``gemma_drope``); fields as :class:`LlamaDropeConfig`."""
+
+    model_type = "gemma_drope"
+
+    def __init__(self, attention_type: str = "nope", qk_norm_type: str = "full",
                  drope_temperature: Optional[dict] = None, **kwargs):
         _init_drope_fields(self, attention_type, qk_norm_type, drope_temperature)
         super().__init__(**kwargs)
@@ -252,6 +267,7 @@ _FAMILIES = {
     "llama": (LlamaDecoderLayer, lambda c: bool(c.attention_bias), lambda c: bool(c.attention_bias)),
     "qwen2": (Qwen2DecoderLayer, lambda c: True, lambda c: False),
     "qwen3": (Qwen3DecoderLayer, lambda c: bool(c.attention_bias), lambda c: bool(c.attention_bias)),
+    "gemma": (GemmaDecoderLayer, lambda c: bool(c.attention_bias), lambda c: bool(c.attention_bias)),
 }
 
 
@@ -349,11 +365,36 @@ class Qwen3DropeForCausalLM(_DynamicAttention, Qwen3ForCausalLM):
         self.post_init()
 
 
+class GemmaDropeModel(_DynamicAttention, GemmaModel):
+    """Gemma backbone without RoPE."""
+
+    config_class = GemmaDropeConfig
+    _can_record_outputs = _records("gemma")
+
+    def __init__(self, config: GemmaDropeConfig):
+        super().__init__(config)
+        _make_nope(self, config, "gemma")
+        self.post_init()
+
+
+class GemmaDropeForCausalLM(_DynamicAttention, GemmaForCausalLM):
+    """Gemma (v1) DroPE causal LM (``model_type`` ``gemma_drope``)."""
+
+    config_class = GemmaDropeConfig
+    _can_record_outputs = _records("gemma")
+
+    def __init__(self, config: GemmaDropeConfig):
+        super().__init__(config)
+        self.model = GemmaDropeModel(config)
+        self.post_init()
+
+
 # RoPE family model_type -> (DroPE config, DroPE causal LM, family)
 DROPE_CLASSES = {
     "llama": (LlamaDropeConfig, LlamaDropeForCausalLM, "llama"),
     "qwen2": (Qwen2DropeConfig, Qwen2DropeForCausalLM, "qwen2"),
     "qwen3": (Qwen3DropeConfig, Qwen3DropeForCausalLM, "qwen3"),
+    "gemma": (GemmaDropeConfig, GemmaDropeForCausalLM, "gemma"),
 }
 
 
@@ -363,6 +404,7 @@ def register() -> None:
         (LlamaDropeConfig, LlamaDropeModel, LlamaDropeForCausalLM),
         (Qwen2DropeConfig, Qwen2DropeModel, Qwen2DropeForCausalLM),
         (Qwen3DropeConfig, Qwen3DropeModel, Qwen3DropeForCausalLM),
+        (GemmaDropeConfig, GemmaDropeModel, GemmaDropeForCausalLM),
     ):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, base_cls, exist_ok=True)
