@@ -8,7 +8,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, DataCollatorWithFlattening
 from transformers.masking_utils import (AttentionMaskInterface, and_masks, causal_mask_function,
                                        chunked_causal_mask_function, or_masks, sliding_window_causal_mask_function,
-                                       sliding_window_overlay)
+                                       padding_mask_function, sliding_window_overlay)
 
 import drope
 from drope.hf import attention as hfa
@@ -325,6 +325,13 @@ def test_mask_function_reads_transformers_patterns():
     assert m.chunk == 3 and m.window is None
     # chunk ids (slot - left padding) // 3: row 0 -1 -1 0 0 0 1 1 1, row 1 0 0 0 1 1 1 2 2
     assert m.segments.tolist() == [[0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 0, 1, 1, 1, 2, 2]]
+    # older transformers put the 2-D mask into the tree too: the call's own is accepted, another refused
+    pad2 = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    tree = and_masks(causal_mask_function, padding_mask_function(pad2))
+    assert torch.equal(hfa.drope_mask(2, q_length=4, kv_length=4, attention_mask=pad2, mask_function=tree).valid,
+                       pad2.bool())
+    with pytest.raises(ValueError, match="padding mask other than"):
+        hfa.drope_mask(2, q_length=4, kv_length=4, attention_mask=torch.ones(2, 4), mask_function=tree)
     # a sliding cache past its window: keys start at absolute position kv_offset
     m = hfa.drope_mask(1, q_length=1, kv_length=4, q_offset=10, kv_offset=7,
                        mask_function=sliding_window_causal_mask_function(4), attention_mask=torch.ones(1, 11))

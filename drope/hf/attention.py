@@ -121,7 +121,8 @@ def _closure(fn: Callable) -> dict:
 def _read_pattern(mask_function: Optional[Callable]) -> dict:
     """The parts of transformers' mask-function tree (masking_utils): and_masks of causal, sliding-window,
     chunked and packed-sequence functions, maybe under a packed-position remap. Unknown parts raise."""
-    found = {"causal": False, "window": None, "chunk": None, "left_padding": None, "packed": None, "positions": None}
+    found = {"causal": False, "window": None, "chunk": None, "left_padding": None, "packed": None, "positions": None,
+             "padding": []}
     if mask_function is None:
         found["causal"] = True
         return found
@@ -139,6 +140,9 @@ def _read_pattern(mask_function: Optional[Callable]) -> dict:
         elif name.startswith("chunked_overlay.") and "chunk_size" in cells:
             found["chunk"] = int(cells["chunk_size"])
             found["left_padding"] = cells.get("left_padding")
+        elif name.startswith("padding_mask_function.") and "padding_mask" in cells:
+            # older transformers fold the 2-D attention_mask into the tree as well
+            found["padding"].append(cells["padding_mask"])
         elif name.startswith("packed_sequence_mask_function.") and "packed_sequence_mask" in cells:
             found["packed"] = cells["packed_sequence_mask"]
         elif name.startswith("remap_positions_for_packed_sequence.") and "position_ids" in cells:
@@ -206,6 +210,11 @@ def drope_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optio
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens but the call has "
                              f"{q_offset} cached + {q_length} new")
         device = attention_mask.device
+    for padding in pattern["padding"]:
+        if attention_mask is None or not (padding is attention_mask or (
+                padding.shape == attention_mask.shape and torch.equal(padding.bool(), attention_mask.bool()))):
+            raise ValueError("drope_triton: the mask function carries a padding mask other than the call's "
+                             f"attention_mask; use {_OTHERS}")
     end = kv_offset + live
     valid = None
     if attention_mask is not None:
