@@ -175,6 +175,9 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, softmax_scale=N
         lens = cache_seqlens.to(device=q.device, dtype=torch.int64)
     n = SMAX if max_seqlen is None else min(int(max_seqlen), SMAX)
     k_cache, v_cache = k_cache[:, :, :n], v_cache[:, :, :n]
+    if cache_seqlens is None and n == SMAX and window is None and chunk is None and sinks is None and SQ == 1:
+        # one query that sees every key: no mask, so SDPA keeps its fused CPU kernel
+        return _sdpa(q, k_cache, v_cache, None, None)
     pos = lens[:, None] - SQ + torch.arange(SQ, device=q.device)[None, :]  # (B, Sq)
     j = torch.arange(n, device=q.device)[None, None, :]
     vis = j <= pos[:, :, None]
