@@ -265,10 +265,56 @@ def test_bad_input():
         hfa.drope_mask(1, q_length=6, kv_length=6, mask_function=and_masks(sliding_window_overlay(3)))
 
 
+SDPA_CASES = {
+    # name: (B, Hq, Hkv, Sq, Sk, D, kwargs of the call)
+    "causal-gqa": (2, 4, 2, 37, 37, 16, {}),
+    "bottom-right": (2, 4, 1, 9, 40, 24, {}),
+    "window": (1, 4, 2, 1100, 1100, 16, {"window": 300}),
+    "chunk": (2, 2, 2, 70, 70, 16, {"chunk": 16}),
+    "window-chunk-sinks": (1, 4, 2, 50, 61, 40, {"window": 9, "chunk": 20, "sinks": True}),
+    "packed-window": (1, 4, 2, 30, 30, 16, {"cu_seqlens": [0, 7, 19, 30], "window": 5}),
+    "decode-window-chunk-sinks": (2, 4, 2, 3, 45, 16, {"window": 9, "chunk": 20, "sinks": True}),
+    "head-scale-norm": (2, 4, 2, 17, 17, 16, {"scale": "head", "norm": True}),
+    "row-head-scale": (2, 4, 2, 17, 23, 16, {"scale": "row-head"}),
+}
+
+
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+def test_sdpa_path_equals_the_reference(case):
+    """The CPU SDPA path against drope.reference in float64: blocks (BLOCK=512 queries), bands, sinks, scales."""
+    B, HQ, HKV, SQ, SK, D, kw = SDPA_CASES[case]
+    g = torch.Generator().manual_seed(len(case))
+    q = torch.randn(B, HQ, SQ, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, HKV, SK, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, HKV, SK, D, generator=g, dtype=torch.float64)
+    args = {key: kw[key] for key in ("window", "chunk") if key in kw}
+    if kw.get("sinks"):
+        args["sinks"] = torch.randn(HQ, generator=g, dtype=torch.float64)
+    if "cu_seqlens" in kw:
+        args["cu_seqlens"] = torch.tensor(kw["cu_seqlens"], dtype=torch.int32)
+    if kw.get("scale") == "head":
+        args["softmax_scale"] = 0.1 + torch.rand(HQ, generator=g, dtype=torch.float64)
+    elif kw.get("scale") == "row-head":
+        args["softmax_scale"] = 0.1 + torch.rand(B, HQ, SQ, generator=g, dtype=torch.float64)
+    if kw.get("norm"):
+        args["q_norm_weight"] = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
+    out = hfa.sdpa_path.attention(q, k, v, **args)
+    ref = drope.reference.attention(q, k, v, **args)
+    assert rel_err(out, ref) < 1e-10
+    if "cu_seqlens" not in args and "q_norm_weight" not in args and SQ <= 16:
+        lens = torch.tensor([SK] * B, dtype=torch.int32)
+        dec = {key: val for key, val in args.items() if key != "q_norm_weight"}
+        assert rel_err(hfa.sdpa_path.decode_attention(q, k, v, cache_seqlens=lens, **dec),
+                       drope.reference.decode_attention(q, k, v, cache_seqlens=lens, **dec)) < 1e-10
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_training_gradients_match_eager(layout):
+def test_training_gradients_match_eager(monkeypatch, layout, path):
     """Recalibration path: loss and every parameter gradient through drope_triton equal eager's."""
-    model = drope_model("llama", qk_norm="head", temperature={"mode": "position", "coef": 0.3, "train_length": 4})
+    device, _ = _path(monkeypatch, path)
+    model = drope_model("llama", qk_norm="head", temperature={"mode": "position", "coef": 0.3, "train_length": 4},
+                        device=device)
     model.train()
     g = torch.Generator().manual_seed(6)
     if layout == "padded":

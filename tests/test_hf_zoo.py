@@ -31,11 +31,11 @@ def _use_path(monkeypatch, path):
             self.ops = ops
 
         def attention(self, *args, **kwargs):
-            seen.update(k for k in ("window", "sinks", "softcap") if kwargs.get(k) is not None)
+            seen.update(k for k in ("window", "chunk", "sinks", "softcap") if kwargs.get(k) is not None)
             return self.ops.attention(*args, **kwargs)
 
         def decode_attention(self, *args, **kwargs):
-            seen.update(k for k in ("window", "sinks", "softcap") if kwargs.get(k) is not None)
+            seen.update(k for k in ("window", "chunk", "sinks", "softcap") if kwargs.get(k) is not None)
             return self.ops.decode_attention(*args, **kwargs)
 
     monkeypatch.setattr(hfa, "_ops", lambda device: Spy(ops_of(device)))

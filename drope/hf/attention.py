@@ -74,6 +74,9 @@ class DropeMask:
         segments: (B, L) int64, non-decreasing along each row; a query sees only keys of its own
             segment (chunks of chunked attention, packed documents); None = one segment.
         chunk: the chunk size behind ``segments``, if any.
+        chunk_aligned: whether key slot j's chunk is ``j // chunk`` in every row (no left padding, no
+            packed positions, the cache's first slot at a chunk boundary), so the kernels' ``chunk``
+            expresses it directly.
         packed: whether ``segments`` holds packed documents (transformers found them in position_ids).
         pattern: the mask pattern in words, for error messages.
     """
@@ -84,6 +87,7 @@ class DropeMask:
     window: Optional[int] = None
     segments: Optional[torch.Tensor] = None
     chunk: Optional[int] = None
+    chunk_aligned: bool = False
     packed: bool = False
     pattern: str = "causal"
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
@@ -244,6 +248,8 @@ def drope_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optio
             lp = torch.zeros(batch_size, dtype=torch.long, device=device) if lp is None else lp.to(device)
             where = slots[None, :] - lp[:, None]
         chunk_ids = torch.div(where, chunk, rounding_mode="floor")
+        aligned = pattern["positions"] is None and kv_offset % chunk == 0 and (
+            pattern["left_padding"] is None or not bool(pattern["left_padding"].any()))
     if packed or chunk is not None:
         ids = [t for t in ((pattern["packed"].to(device).expand(batch_size, -1) if packed else None),
                            (chunk_ids.expand(batch_size, -1) if chunk is not None else None)) if t is not None]
@@ -254,7 +260,7 @@ def drope_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optio
         if not bool(change.any()):
             segments = None
     return DropeMask(batch=batch_size, live=live, valid=valid, window=window, segments=segments, chunk=chunk,
-                     packed=packed, pattern=", ".join(words) or "causal")
+                     chunk_aligned=chunk is not None and aligned, packed=packed, pattern=", ".join(words) or "causal")
 
 
 def _packed_from_positions(position_ids: Optional[torch.Tensor], B: int, S: int) -> Optional[torch.Tensor]:
@@ -465,6 +471,10 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         raise ValueError(f"drope_triton mask covers {L} key slots but the layer has only {SK}")
     valid = None if mask is None else mask.valid
     segments = None if mask is None else mask.segments
+    if segments is not None and mask.chunk_aligned and not mask.packed and valid is None:
+        # chunks that start at slot multiples of the chunk size: the kernels' own chunk argument
+        features["chunk"] = mask.chunk
+        segments = None
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
         if B != 1 or valid is not None or SQ != L or (mask is not None and mask.chunk is not None):

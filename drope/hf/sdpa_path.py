@@ -26,13 +26,17 @@ __all__ = ["BLOCK", "attention", "decode_attention"]
 BLOCK = 512
 
 
-def _scale_tensor(softmax_scale, B: int, HQ: int, SQ: int, D: int, device) -> torch.Tensor:
-    """The softmax scale as an fp32 tensor broadcastable to (B, Hq, Sq, 1)."""
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scale_tensor(softmax_scale, B: int, HQ: int, SQ: int, D: int, device, dtype) -> torch.Tensor:
+    """The softmax scale as a tensor (``dtype``) broadcastable to (B, Hq, Sq, 1)."""
     if softmax_scale is None:
-        return torch.tensor(D ** -0.5, dtype=torch.float32, device=device)
+        return torch.tensor(D ** -0.5, dtype=dtype, device=device)
     if not isinstance(softmax_scale, torch.Tensor):
-        return torch.tensor(float(softmax_scale), dtype=torch.float32, device=device)
-    s = softmax_scale.to(device=device, dtype=torch.float32)
+        return torch.tensor(float(softmax_scale), dtype=dtype, device=device)
+    s = softmax_scale.to(device=device, dtype=dtype)
     if s.dim() == 1 and s.shape[0] == SQ:
         return s[None, None, :, None]
     if s.dim() == 1 and s.shape[0] == HQ:
@@ -45,15 +49,21 @@ def _scale_tensor(softmax_scale, B: int, HQ: int, SQ: int, D: int, device) -> to
                      f"got {tuple(s.shape)} for B={B}, Hq={HQ}, Sq={SQ}")
 
 
+def _rms(x, weight, eps):
+    """Per-head RMSNorm in fp32 (fp64 for fp64 inputs), as the kernels' prologue."""
+    ct = _compute_dtype(x.dtype)
+    xf = x.to(ct)
+    w = weight.to(ct)
+    w = w[None, :, None, :] if w.dim() == 2 else w
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
 def _prepare_q(q, softmax_scale, q_norm_weight, norm_eps):
-    """RMSNorm (fp32) and the scale folded into q, back in q's dtype."""
+    """RMSNorm and the scale folded into q (fp32 arithmetic, fp64 for fp64), back in q's dtype."""
     B, HQ, SQ, D = q.shape
-    qf = q.float()
-    if q_norm_weight is not None:
-        w = q_norm_weight.float()
-        w = w[None, :, None, :] if w.dim() == 2 else w
-        qf = qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + norm_eps) * w
-    return (qf * _scale_tensor(softmax_scale, B, HQ, SQ, D, q.device)).to(q.dtype)
+    ct = _compute_dtype(q.dtype)
+    qf = q.to(ct) if q_norm_weight is None else _rms(q, q_norm_weight, norm_eps)
+    return (qf * _scale_tensor(softmax_scale, B, HQ, SQ, D, q.device, ct)).to(q.dtype)
 
 
 def _sdpa(q, k, v, mask, sinks, is_causal=False):
@@ -141,10 +151,7 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale=None, q_norm_weight
                                    k_norm_weight=k_norm_weight, norm_eps=norm_eps, cu_seqlens=cu_seqlens,
                                    window=window, chunk=chunk, sinks=sinks, softcap=softcap)
     if k_norm_weight is not None:
-        kf = k.float()
-        w = k_norm_weight.float()
-        w = w[None, :, None, :] if w.dim() == 2 else w
-        k = (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + norm_eps) * w).to(k.dtype)
+        k = _rms(k, k_norm_weight, norm_eps).to(k.dtype)
     q = _prepare_q(q, softmax_scale, q_norm_weight, norm_eps)
     SQ, SK = q.shape[2], k.shape[2]
     features = dict(causal=causal, window=window, chunk=chunk, sinks=sinks)
