@@ -8,6 +8,7 @@ so a model whose window silently stopped mattering fails.
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -122,7 +123,10 @@ def test_zoo_static_cache_generate(monkeypatch, model_type, path):
                              cache_implementation="static")
         return out.sequences.cpu(), torch.stack(out.logits, 1).cpu()
 
-    ref_seq, ref_steps = _run(model, "eager", generate)
+    try:
+        ref_seq, ref_steps = _run(model, "eager", generate)
+    except TypeError as err:  # transformers 5.17: create_chunked_causal_mask() has no block_sequence_ids
+        pytest.skip(f"eager itself fails here on transformers {transformers.__version__}: {err}")
     seq, steps = _run(model, hfa.ATTN_IMPLEMENTATION, generate)
     assert torch.equal(seq, ref_seq)
     assert rel_err(steps, ref_steps) < TOL
