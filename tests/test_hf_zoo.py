@@ -130,3 +130,37 @@ def test_zoo_static_cache_generate(monkeypatch, model_type, path):
     seq, steps = _run(model, hfa.ATTN_IMPLEMENTATION, generate)
     assert torch.equal(seq, ref_seq)
     assert rel_err(steps, ref_steps) < TOL
+
+
+SILENT = {
+    # issue 14's silent results 1-3: the setting reached attention only through the mask (1, 2) or a kwarg
+    # that fell into **kwargs (3); "off" is the same model with the setting made a no-op
+    "llama4_text-chunk": ("llama4_text", dict(attention_chunk_size=10 ** 6)),
+    "qwen2_moe-window": ("qwen2_moe", dict(sliding_window=10 ** 6)),
+    "phimoe-window": ("phimoe", dict(sliding_window=10 ** 6)),
+    "gpt_oss-sinks": ("gpt_oss", "no-sinks"),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", list(SILENT))
+def test_issue14_silent_results_are_gone(monkeypatch, case, path):
+    """drope_triton equals eager where it used to compute plain causal attention (max |logit diff| 5-9), and
+    the prompt is one where the setting changes eager's logits."""
+    device, _ = _use_path(monkeypatch, path)
+    model_type, off = SILENT[case]
+    model = zoo_model(model_type, device=device)
+    if off == "no-sinks":
+        plain = zoo_model(model_type, device=device)
+        with torch.no_grad():
+            for name, p in plain.named_parameters():
+                if name.endswith("sinks"):
+                    p.fill_(float("-inf"))
+    else:
+        plain = zoo_model(model_type, device=device, **off)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7)).to(device)
+    ref = _run(model, "eager", lambda: model(input_ids=ids).logits.cpu())
+    out = _run(model, hfa.ATTN_IMPLEMENTATION, lambda: model(input_ids=ids).logits.cpu())
+    without = _run(plain, "eager", lambda: plain(input_ids=ids).logits.cpu())
+    assert rel_err(out, ref) < TOL
+    assert rel_err(without, ref) > 100 * TOL
