@@ -159,8 +159,8 @@ def _read_pattern(mask_function: Optional[Callable]) -> dict:
 
     walk(mask_function)
     if not found["causal"]:
-        raise ValueError(f"drope_triton supports causal (decoder) attention only; the model asks for a non-causal mask. "
-                         f"Use {_OTHERS}")
+        raise ValueError("drope_triton supports causal (decoder) attention only; the model asks for a non-causal "
+                         f"mask. Use {_OTHERS}")
     return found
 
 
@@ -199,17 +199,18 @@ def drope_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optio
     pattern = _read_pattern(mask_function)
     if isinstance(attention_mask, DropeMask):
         # made by this function already (generate's precomputed masks): it must describe this very call
-        if attention_mask.batch != batch_size or attention_mask.live != live or attention_mask.window != pattern["window"] \
-                or attention_mask.chunk != pattern["chunk"]:
-            raise ValueError(f"drope_triton got back a mask made for batch {attention_mask.batch}, {attention_mask.live} "
-                             f"key slots, {attention_mask.pattern}; this call has batch {batch_size}, {live} key slots")
-        return attention_mask
+        made = attention_mask
+        if (made.batch, made.live, made.window, made.chunk) != (batch_size, live, pattern["window"], pattern["chunk"]):
+            raise ValueError(f"drope_triton got back a mask made for batch {made.batch}, {made.live} key slots, "
+                             f"{made.pattern}; this call has batch {batch_size}, {live} key slots")
+        return made
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"drope_triton takes a 2-D (batch, tokens) attention_mask, got shape "
                              f"{tuple(attention_mask.shape)}; custom 4-D masks need {_OTHERS}")
         if attention_mask.shape[0] != batch_size:
-            raise ValueError(f"attention_mask has batch {attention_mask.shape[0]} but the inputs have batch {batch_size}")
+            raise ValueError(f"attention_mask has batch {attention_mask.shape[0]} but the inputs have batch "
+                             f"{batch_size}")
         if attention_mask.shape[1] > q_offset + q_length:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens but the call has "
                              f"{q_offset} cached + {q_length} new")

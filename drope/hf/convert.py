@@ -27,7 +27,8 @@ _SOURCES = {
 }
 # architectures to_drope refuses, and why (README lists them)
 _REFUSED = {
-    "gemma2": "its attention soft-caps logits and alternates sliding-window layers, which DropeAttention does not carry",
+    "gemma2": ("its attention soft-caps logits and alternates sliding-window layers, which DropeAttention does not "
+               "carry"),
     "gemma3_text": "its sliding-window layers and (1 + w) per-head QK-norms are not DropeAttention's",
     "gemma3": "its sliding-window layers and (1 + w) per-head QK-norms are not DropeAttention's",
 }
@@ -39,8 +40,8 @@ def _check_source(model_type: str, config) -> None:
     sliding = [t for t in layer_types if t != "full_attention"]
     if getattr(config, "use_sliding_window", False) or sliding:
         raise ValueError(f"to_drope: the {model_type} model has sliding-window layers (use_sliding_window="
-                         f"{getattr(config, 'use_sliding_window', None)}, layer_types={list(layer_types)}); DroPE models "
-                         "have full attention in every layer")
+                         f"{getattr(config, 'use_sliding_window', None)}, layer_types={list(layer_types)}); DroPE "
+                         "models have full attention in every layer")
     if model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
         raise ValueError(f"to_drope: the Mistral model has sliding_window={config.sliding_window}; DroPE models have "
                          "full attention in every layer (set config.sliding_window = None first if the model was "
