@@ -22,7 +22,11 @@ from typing import Any, Callable, Dict, Optional  # noqa: E402
 
 import pytest  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import cases, providers, records, timing  # noqa: E402
+
+ENV_QUICK = "DROPE_BENCH_QUICK"
+ENV_BUDGET = "DROPE_BENCH_BUDGET_S"
+ENV_REP_MS = "DROPE_BENCH_REP_MS"
 
 NO_GPU = "GPU benchmark: needs a CUDA device (no CUDA on this machine); the CPU smoke cases run instead"
 
@@ -36,7 +40,7 @@ def pytest_addoption(parser):
 
 
 def _quick(config) -> bool:
-    return bool(config.getoption("--quick") or os.environ.get(common.ENV_QUICK, "") not in ("", "0"))
+    return bool(config.getoption("--quick") or os.environ.get(ENV_QUICK, "") not in ("", "0"))
 
 
 def pytest_configure(config):
@@ -55,16 +59,16 @@ def pytest_collection_modifyitems(config, items):
         ok = True
         if quick and item.get_closest_marker("quick") is None:
             ok = False
-        if case is not None and not common.selected(common.ENV_OPS, case.op):
+        if case is not None and not cases.selected(cases.ENV_OPS, case.op):
             ok = False
-        if provider is not None and not common.selected(common.ENV_PROVIDERS, provider):
+        if provider is not None and not cases.selected(cases.ENV_PROVIDERS, provider):
             ok = False
         (keep if ok else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
     # every op with the other providers first, compiled FlexAttention (a compile per shape) last:
     # a run cut short by its time budget still holds complete comparisons of the rest
-    order = {op: i for i, op in enumerate(("smoke",) + common.OPS)}
+    order = {op: i for i, op in enumerate(("smoke",) + cases.OPS)}
 
     def key(pair):
         i, item = pair
@@ -84,7 +88,7 @@ def pytest_sessionfinish(session, exitstatus):
     bench = getattr(session.config, "_drope_bench", None)
     if bench is None or bench.record is None:
         return
-    path = common.write_record(bench.record)
+    path = records.write_record(bench.record)
     bench.written = path
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
@@ -105,38 +109,38 @@ class BenchSession:
         self.record: Optional[Dict[str, Any]] = None
         self.written = None
         self.start = time.monotonic()
-        budget = os.environ.get(common.ENV_BUDGET, "")
+        budget = os.environ.get(ENV_BUDGET, "")
         self.budget_s = float(budget) if budget else None
-        rep = config.getoption("--bench-rep-ms", default=None) or os.environ.get(common.ENV_REP_MS)
+        rep = config.getoption("--bench-rep-ms", default=None) or os.environ.get(ENV_REP_MS)
         self.quick = _quick(config)
         self.rep_ms = float(rep) if rep else (40.0 if self.quick else 100.0)
 
     def _ensure_record(self) -> Dict[str, Any]:
         if self.record is None:
-            ceilings = common.measure_ceilings()
-            self.record = common.new_record(torch.cuda.get_device_name(), ceilings, quick=self.quick)
+            ceilings = records.measure_ceilings()
+            self.record = records.new_record(torch.cuda.get_device_name(), ceilings, quick=self.quick)
         return self.record
 
-    def _note(self, kind: str, case: common.Case, provider: str, reason: str) -> None:
+    def _note(self, kind: str, case: cases.Case, provider: str, reason: str) -> None:
         if self.record is not None:
             self.record[kind].append({"op": case.op, "provider": provider, "B": case.B, "H": case.H,
                                       "Hkv": case.Hkv, "S": case.S, "D": case.D, "dtype": case.dtype,
                                       "reason": reason})
 
-    def skip(self, case: common.Case, provider: str, reason: str):
+    def skip(self, case: cases.Case, provider: str, reason: str):
         self._note("skipped", case, provider, reason)
         pytest.skip(f"{provider}: {reason}")
 
-    def fail(self, case: common.Case, provider: str, reason: str):
+    def fail(self, case: cases.Case, provider: str, reason: str):
         self._note("failed", case, provider, reason)
         pytest.fail(f"{provider}: {reason}", pytrace=False)
 
-    def run(self, benchmark, case: common.Case, provider: str,
+    def run(self, benchmark, case: cases.Case, provider: str,
             build: Callable[[], Dict[str, Any]], *, tol: Optional[float] = None) -> Dict[str, Any]:
         """Build, check, measure memory and time one (case, provider); append the result to the record.
 
         ``build()`` returns ``{"call": fn(x), "sets": [x, ...], "check": None | fn() -> rel_err,
-        "extra": {...}}`` or raises ``common.ProviderSkip``. Skips state their reason; a result that
+        "extra": {...}}`` or raises ``providers.ProviderSkip``. Skips state their reason; a result that
         disagrees with the reference (relative error above ``tol``: default 2e-2, 5e-2 with gradients;
         meant to catch broken results, the tests grade precision) fails and is kept out of ``results``.
         """
@@ -146,7 +150,7 @@ class BenchSession:
             pytest.skip(NO_GPU)
         if self.budget_s is not None and time.monotonic() - self.start > self.budget_s:
             self._ensure_record()
-            self.skip(case, provider, f"time budget {common.ENV_BUDGET}={self.budget_s:g}s spent before this case")
+            self.skip(case, provider, f"time budget {ENV_BUDGET}={self.budget_s:g}s spent before this case")
         self._ensure_record()
         torch.cuda.empty_cache()
         bound: Dict[str, Any] = {}
@@ -160,7 +164,7 @@ class BenchSession:
                     out = call(sets[0])
                     torch.cuda.synchronize()
                 del out
-            except common.ProviderSkip as e:
+            except providers.ProviderSkip as e:
                 self.skip(case, provider, str(e))
             except torch.cuda.OutOfMemoryError as e:
                 bound.clear()
@@ -170,7 +174,7 @@ class BenchSession:
                 if isinstance(e, NotImplementedError) or "not implemented" in first.lower():
                     self.skip(case, provider, f"not implemented: {first}")
                 if isinstance(e, RuntimeError) and ("No available kernel" in first or "No viable backend" in first):
-                    self.skip(case, provider, common.sdpa_refusal(e, caught))
+                    self.skip(case, provider, providers.sdpa_refusal(e, caught))
                 self.fail(case, provider, f"raised {type(e).__name__}: {first}")
             check = bound.get("check")
             rel = None
@@ -183,14 +187,14 @@ class BenchSession:
                 if rel is not None and not rel <= tol:
                     self.fail(case, provider, f"wrong result: rel err {rel:.3e} > {tol:g} vs drope.reference")
             try:
-                peak = common.peak_extra_mb(call, sets[0])
-                times = common.cuda_time(call, sets, rep_ms=self.rep_ms)
+                peak = timing.peak_extra_mb(call, sets[0])
+                times = timing.cuda_time(call, sets, rep_ms=self.rep_ms)
             except torch.cuda.OutOfMemoryError as e:
                 bound.clear()
                 self.skip(case, provider, f"OOM: {str(e).splitlines()[0][:300]}")
             except Exception as e:
                 self.fail(case, provider, f"raised {type(e).__name__} while timed: {str(e)[:300]}")
-            entry = common.result_entry(case, provider, times, peak_mem_mb=round(peak, 2),
+            entry = records.result_entry(case, provider, times, peak_mem_mb=round(peak, 2),
                                         ceilings=self.record["ceilings"], rel_err=rel, input_sets=len(sets),
                                         **bound.get("extra", {}))
             self.record["results"].append(entry)

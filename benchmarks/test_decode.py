@@ -7,21 +7,19 @@ kernel in Triton's interpreter at a tiny fp32 shape.
 
 import pytest
 
-from benchmarks import common
+from benchmarks import cases, providers
 
-PARAMS = [pytest.param(case, provider, id=f"{case.id}-{provider}",
-                       marks=[pytest.mark.gpu] + ([pytest.mark.quick] if case.quick else []))
-          for case in common.decode_cases() for provider in common.KERNEL_PROVIDERS]
+PARAMS = cases.params(cases.decode_cases(), providers.KERNEL_PROVIDERS)
 
-SMOKE = common.Case("decode", 2, 4, 2, 100, 32, dtype="float32")
+SMOKE = cases.Case("decode", 2, 4, 2, 100, 32, dtype="float32")
 
 
 @pytest.mark.parametrize("case,provider", PARAMS)
 def test_decode(benchmark, bench_session, case, provider):
-    bench_session.run(benchmark, case, provider, lambda: common.build_attention(case, provider))
+    bench_session.run(benchmark, case, provider, lambda: providers.build_attention(case, provider))
 
 
 @pytest.mark.quick
 @pytest.mark.parametrize("smoke_provider", ["drope_triton", "unfused"])
 def test_decode_smoke_cpu(benchmark, smoke_provider):
-    common.run_cpu_smoke(benchmark, SMOKE, smoke_provider)
+    providers.run_cpu_smoke(benchmark, SMOKE, smoke_provider)

@@ -11,21 +11,19 @@ is cropped back after each step, so every repetition sees the same length).
 import pytest
 import torch
 
-from benchmarks import common
+from benchmarks import cases, models
 
-PARAMS = [pytest.param(case, provider, id=f"{case.id}-{provider}",
-                       marks=[pytest.mark.gpu] + ([pytest.mark.quick] if case.quick else []))
-          for case in common.model_cases() for provider in common.MODEL_PROVIDERS]
+PARAMS = cases.params(cases.model_cases(), models.MODEL_PROVIDERS)
 
 _MODEL = {}
 
 
 def _model():
     if "model" not in _MODEL:
-        _MODEL["model"] = common.build_model(common.SMOLLM_360M, "cuda", torch.bfloat16)
+        _MODEL["model"] = models.build_model(cases.SMOLLM_360M, "cuda", torch.bfloat16)
     return _MODEL["model"]
 
 
 @pytest.mark.parametrize("case,provider", PARAMS)
 def test_model(benchmark, bench_session, case, provider):
-    bench_session.run(benchmark, case, provider, lambda: common.build_model_case(_model(), case, provider))
+    bench_session.run(benchmark, case, provider, lambda: models.build_model_case(_model(), case, provider))

@@ -7,21 +7,19 @@ interpreter at a tiny fp32 shape so that the suite runs something on any machine
 
 import pytest
 
-from benchmarks import common
+from benchmarks import cases, providers
 
-PARAMS = [pytest.param(case, provider, id=f"{case.id}-{provider}",
-                       marks=[pytest.mark.gpu] + ([pytest.mark.quick] if case.quick else []))
-          for case in common.prefill_cases() for provider in common.KERNEL_PROVIDERS]
+PARAMS = cases.params(cases.prefill_cases(), providers.KERNEL_PROVIDERS)
 
-SMOKE = common.Case("prefill_fwd", 1, 4, 2, 64, 32, dtype="float32")
+SMOKE = cases.Case("prefill_fwd", 1, 4, 2, 64, 32, dtype="float32")
 
 
 @pytest.mark.parametrize("case,provider", PARAMS)
 def test_prefill(benchmark, bench_session, case, provider):
-    bench_session.run(benchmark, case, provider, lambda: common.build_attention(case, provider))
+    bench_session.run(benchmark, case, provider, lambda: providers.build_attention(case, provider))
 
 
 @pytest.mark.quick
 @pytest.mark.parametrize("smoke_provider", ["drope_triton", "unfused"])
 def test_prefill_smoke_cpu(benchmark, smoke_provider):
-    common.run_cpu_smoke(benchmark, SMOKE, smoke_provider)
+    providers.run_cpu_smoke(benchmark, SMOKE, smoke_provider)

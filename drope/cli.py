@@ -31,7 +31,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(commands[args.command][0])
-    cmd_parser = argparse.ArgumentParser(prog=f"drope {args.command}", description=commands[args.command][1])
+    # every subcommand's --help shows its defaults
+    cmd_parser = argparse.ArgumentParser(prog=f"drope {args.command}", description=commands[args.command][1],
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     module.add_arguments(cmd_parser)
     return int(module.run(cmd_parser.parse_args(rest)) or 0)
 

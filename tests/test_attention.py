@@ -8,11 +8,13 @@ from hypothesis import given, settings, strategies as st
 
 from drope import reference
 from drope.kernels import attention
-from drope.kernels.attention import _attention_forward
-from drope.validation import DeviceError, scale_rows
-from helpers import noncontiguous, rel_err
+from drope.kernels.attention import Options, _attention_forward
+from drope.validation import DeviceError, check_attention, split_scale
+from helpers import assert_rows_close, lowp_attention, noncontiguous, poisoned_empty, rel_err
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# per-row floor of flash-attention's rule (absolute, outputs are O(1))
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -27,10 +29,14 @@ class Case:
     causal: bool = True
     rope: bool = False
     norm: str = "none"  # none | shared (D,) | head (H, D)
-    scale: str = "none"  # none | float | rows (Sq,) | batch_rows (B, Sq)
+    scale: str = "none"  # none | float | rows (Sq,) | batch_rows (B, Sq) | heads (Hq,) | head_rows (B, Hq, Sq)
     layout: str = "contig"  # contig | bshd: (B, H, S, D) views of (B, S, H, D) memory
     dtype: torch.dtype = torch.float32
     blocks: tuple = None  # forced (BM, BN); None = the default path
+    window: int = None
+    chunk: int = None
+    sinks: bool = False
+    softcap: float = None
 
     @property
     def id(self) -> str:
@@ -46,6 +52,11 @@ class Case:
             parts.append(self.layout)
         if self.blocks:
             parts.append("blocks{}x{}".format(*self.blocks))
+        for name in ("window", "chunk", "softcap"):
+            if getattr(self, name) is not None:
+                parts.append(f"{name}{getattr(self, name)}")
+        if self.sinks:
+            parts.append("sinks")
         return "-".join(parts)
 
 
@@ -73,6 +84,15 @@ def make_inputs(c: Case, device, packed_len=None):
         kw["softmax_scale"] = (torch.rand(c.SQ, device=device) + 0.5) * c.D ** -0.5
     elif c.scale == "batch_rows":
         kw["softmax_scale"] = (torch.rand(c.B, c.SQ, device=device) + 0.5) * c.D ** -0.5
+    elif c.scale == "heads":
+        kw["softmax_scale"] = (torch.rand(c.HQ, device=device) + 0.5) * c.D ** -0.5
+    elif c.scale == "head_rows":
+        kw["softmax_scale"] = (torch.rand(c.B, c.HQ, c.SQ, device=device) + 0.5) * c.D ** -0.5
+    for name in ("window", "chunk", "softcap"):
+        if getattr(c, name) is not None:
+            kw[name] = getattr(c, name)
+    if c.sinks:
+        kw["sinks"] = torch.randn(c.HQ, device=device) * 2
     kw64 = {}
     for name, val in kw.items():
         if isinstance(val, torch.Tensor):
@@ -83,16 +103,23 @@ def make_inputs(c: Case, device, packed_len=None):
     return (q, k, v, kw), (q.double(), k.double(), v.double(), kw64)
 
 
+def options(q, k, v, kw) -> Options:
+    """The launcher's options for the public keyword arguments ``kw``."""
+    shape = check_attention(q, k, v, causal=kw["causal"], softmax_scale=kw.get("softmax_scale"), rope=kw.get("rope"),
+                            q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, kernel=True)
+    const, rows = split_scale(kw.get("softmax_scale"), shape, q.device)
+    return Options(causal=kw["causal"], scale=const, rows=rows, rope=kw.get("rope"), norm_eps=1e-6,
+                   cu_seqlens=kw.get("cu_seqlens"), window=kw.get("window"), chunk=kw.get("chunk"),
+                   softcap=kw.get("softcap"))
+
+
 def run_kernel(q, k, v, kw, blocks):
-    """The public function, or the launcher with forced blocks and a NaN-poisoned output."""
-    if blocks is None:
-        return attention(q, k, v, return_lse=True, **kw)
-    B, HQ, SQ, D = q.shape
-    const, rows = scale_rows(kw.get("softmax_scale"), B, SQ, D, q.device)
-    out = torch.full((B, HQ, SQ, D), float("nan"), dtype=q.dtype, device=q.device)
-    return _attention_forward(q, k, v, causal=kw["causal"], scale=const, scale_rows=rows, rope=kw.get("rope"),
-                              q_norm_weight=kw.get("q_norm_weight"), k_norm_weight=kw.get("k_norm_weight"),
-                              norm_eps=1e-6, cu_seqlens=kw.get("cu_seqlens"), out=out, block_sizes=blocks)
+    """The public function, or the launcher with forced blocks; every allocation NaN-poisoned."""
+    with poisoned_empty():
+        if blocks is None:
+            return attention(q, k, v, return_lse=True, **kw)
+        return _attention_forward(q, k, v, kw.get("q_norm_weight"), kw.get("k_norm_weight"), kw.get("sinks"),
+                                  options(q, k, v, kw), block_sizes=blocks)
 
 
 def check_case(c: Case, device):
@@ -103,6 +130,9 @@ def check_case(c: Case, device):
     assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite output elements"
     err = rel_err(out, ref)
     assert err < TOL[c.dtype], f"output rel err {err:.2e} >= {TOL[c.dtype]}"
+    kw_cpu = {n: (x.cpu() if isinstance(x, torch.Tensor) else tuple(t.cpu() for t in x) if isinstance(x, tuple) else x)
+              for n, x in kw.items()}
+    assert_rows_close(out.cpu(), ref.cpu(), lowp_attention(q.cpu(), k.cpu(), v.cpu(), **kw_cpu), FLOOR[c.dtype])
     assert lse.shape == (c.B, c.HQ, c.SQ) and lse.dtype == torch.float32 and lse.is_contiguous()
     lse_err = rel_err(lse, ref_lse)
     assert lse_err < TOL[c.dtype], f"lse rel err {lse_err:.2e}"
@@ -131,6 +161,26 @@ INTERPRETER_CASES = [
     Case(1, 2, 1, 77, 100, 64, rope=True, norm="head", scale="rows", blocks=(16, 16)),
     Case(1, 4, 1, 63, 63, 32, causal=False, rope=True, layout="bshd", blocks=(16, 32)),
     Case(1, 2, 2, 100, 129, 64, dtype=torch.float16, blocks=(32, 16)),
+    # head dims that are multiples of 8 but not powers of two: padded blocks, masked lanes
+    Case(1, 4, 2, 45, 45, 40, rope=True, norm="head", scale="rows"),
+    Case(1, 2, 1, 33, 50, 80, rope=True, norm="shared", dtype=torch.float16, layout="bshd"),
+    Case(1, 2, 2, 20, 20, 96, causal=False, dtype=torch.bfloat16),
+    Case(1, 2, 1, 17, 30, 24, norm="head", blocks=(16, 16)),
+    Case(1, 2, 1, 9, 9, 8),
+    # per-head temperatures
+    Case(2, 4, 2, 33, 40, 32, scale="heads"),
+    Case(2, 4, 1, 33, 33, 64, rope=True, norm="head", scale="head_rows", dtype=torch.float16),
+    # sliding windows, chunks, sinks, softcap (and together), including small forced blocks
+    Case(1, 4, 2, 100, 100, 32, window=1),
+    Case(1, 4, 2, 100, 130, 32, window=17, rope=True, norm="head", scale="rows"),
+    Case(1, 2, 1, 77, 77, 64, window=40, blocks=(16, 16), dtype=torch.float16),
+    Case(1, 4, 2, 100, 100, 32, chunk=16),
+    Case(1, 2, 2, 63, 90, 32, chunk=25, blocks=(16, 32), scale="head_rows"),
+    Case(2, 4, 2, 50, 50, 32, sinks=True),
+    Case(1, 4, 1, 1, 40, 64, sinks=True, window=8, dtype=torch.bfloat16),
+    Case(1, 2, 2, 70, 70, 32, softcap=2.0, scale="rows"),
+    Case(1, 4, 2, 90, 90, 40, window=30, chunk=32, sinks=True, softcap=5.0, rope=True, norm="head",
+         scale="head_rows", blocks=(16, 16)),
 ]
 
 
@@ -195,9 +245,39 @@ def test_lse_not_computed_unless_asked(device):
     (q, k, v, kw), _ = make_inputs(Case(1, 2, 1, 9, 9, 16), device)
     out = attention(q, k, v, **kw)
     assert isinstance(out, torch.Tensor)
-    o, lse = _attention_forward(q, k, v, causal=True, scale=0.25, scale_rows=None, rope=None, q_norm_weight=None,
-                                k_norm_weight=None, norm_eps=1e-6, cu_seqlens=None, return_lse=False)
+    o, lse = _attention_forward(q, k, v, None, None, None, options(q, k, v, kw), return_lse=False)
     assert lse is None and torch.equal(o, out)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bounds,window,chunk", [([0, 30, 31, 90], 7, None), ([0, 45, 90], None, 16),
+                                                 ([0, 20, 90], 12, 10)], ids=["window", "chunk", "both"])
+def test_packed_documents_with_windows_and_chunks(bounds, window, chunk, device):
+    """Windows and chunks count positions inside each document, as if each ran alone."""
+    S = bounds[-1]
+    c = Case(1, 2, 1, S, S, 32, rope=True, norm="head", window=window, chunk=chunk, sinks=True, blocks=(16, 16))
+    (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(c, device)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    out, lse = run_kernel(q, k, v, {**kw, "cu_seqlens": cu}, c.blocks)
+    ref, ref_lse = reference.attention(q64, k64, v64, cu_seqlens=cu, return_lse=True, **kw64)
+    assert rel_err(out, ref) < TOL[c.dtype] and rel_err(lse, ref_lse) < TOL[c.dtype]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        alone = attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], **kw)
+        assert rel_err(out[:, :, a:b], alone) < TOL[c.dtype]
+
+
+@pytest.mark.interpreter
+def test_window_wider_than_the_sequence_is_plain_causal(device):
+    (q, k, v, kw), _ = make_inputs(Case(1, 2, 1, 40, 50, 32), device)
+    assert rel_err(attention(q, k, v, window=4096, **kw), attention(q, k, v, **kw)) < 1e-6
+    assert rel_err(attention(q, k, v, chunk=50, **kw), attention(q, k, v, **kw)) < 1e-6
+
+
+@pytest.mark.interpreter
+def test_sink_of_minus_infinity_is_no_sink(device):
+    (q, k, v, kw), _ = make_inputs(Case(1, 2, 1, 20, 20, 32), device)
+    sinks = torch.full((2,), float("-inf"), device=device)
+    assert rel_err(attention(q, k, v, sinks=sinks, **kw), attention(q, k, v, **kw)) < 1e-6
 
 
 @pytest.mark.interpreter
@@ -231,7 +311,8 @@ BAD = [
     (dict(k=torch.randn(1, 2, 8), v=torch.randn(1, 2, 8)), "k must be 4-D"),
     (dict(k=torch.randn(1, 3, 8, 16), v=torch.randn(1, 3, 8, 16)), "multiple of"),
     (dict(k=torch.randn(1, 2, 8, 32), v=torch.randn(1, 2, 8, 32)), "head dim"),
-    (dict(q=torch.randn(1, 4, 8, 48), k=torch.randn(1, 2, 8, 48), v=torch.randn(1, 2, 8, 48)), "head dim D=48"),
+    (dict(q=torch.randn(1, 4, 8, 52), k=torch.randn(1, 2, 8, 52), v=torch.randn(1, 2, 8, 52)), "head dim D=52"),
+    (dict(q=torch.randn(1, 4, 8, 264), k=torch.randn(1, 2, 8, 264), v=torch.randn(1, 2, 8, 264)), "head dim D=264"),
     (dict(q=torch.randn(1, 4, 8, 16).double(), k=torch.randn(1, 2, 8, 16).double(),
           v=torch.randn(1, 2, 8, 16).double()), "dtype"),
     (dict(v=torch.randn(1, 2, 8, 16).half()), "dtype"),
@@ -250,6 +331,19 @@ BAD = [
     (dict(softmax_scale=torch.randn(7)), "softmax_scale"),
     (dict(softmax_scale=torch.randn(2, 8)), "softmax_scale"),
     (dict(softmax_scale="x"), "softmax_scale"),
+    (dict(softmax_scale=torch.rand(1, 3, 8)), "softmax_scale"),
+    (dict(softmax_scale=torch.rand(2, 4, 8)), "softmax_scale"),
+    (dict(softmax_scale=-0.1), "softmax_scale must be a finite multiplier >= 0"),
+    (dict(softmax_scale=-torch.rand(8)), ">= 0"),
+    (dict(window=0), "window must be None or a positive int"),
+    (dict(window=2.5), "window"),
+    (dict(window=4, causal=False), "needs causal=True"),
+    (dict(chunk=-1), "chunk must be None or a positive int"),
+    (dict(chunk=4, causal=False), "needs causal=True"),
+    (dict(sinks=torch.randn(2)), r"sinks must be a \(4,\) tensor"),
+    (dict(sinks=torch.zeros(4, dtype=torch.int32)), "sinks must be floating point"),
+    (dict(softcap=0.0), "softcap must be None or a positive finite float"),
+    (dict(softcap=float("inf")), "softcap"),
     (dict(cu_seqlens=torch.tensor([1, 8], dtype=torch.int32)), "start at 0"),
     (dict(cu_seqlens=torch.tensor([0, 5, 5, 8], dtype=torch.int32)), "increasing"),
     (dict(cu_seqlens=torch.tensor([0, 7], dtype=torch.int32)), "end at"),
@@ -312,6 +406,11 @@ GPU_CASES = [
         Case(1, 4, 2, 129, 257, 32, rope=True),
         Case(1, 4, 1, 4096, 4096, 128, rope=True, norm="head", scale="rows"),
         Case(1, 4, 1, 300, 300, 64, rope=True, norm="head", blocks=(16, 16)),
+        Case(1, 8, 2, 2048, 2048, 128, window=500, rope=True, norm="head", scale="head_rows"),
+        Case(1, 8, 2, 2048, 2048, 128, chunk=512, sinks=True),
+        Case(2, 8, 8, 1000, 1000, 256, softcap=30.0, scale="rows"),
+        Case(1, 8, 2, 777, 1500, 80, rope=True, norm="head", window=128, sinks=True),
+        Case(1, 8, 4, 1024, 1024, 96, scale="heads", softcap=50.0),
     ]
 ] + [
     Case(1, 2, 1, 16384, 16384, 64, rope=True, norm="head", scale="rows", dtype=torch.bfloat16),
@@ -340,15 +439,37 @@ def test_packed_documents_gpu(dtype, device):
     assert rel_err(out, ref) < TOL[dtype] and rel_err(lse, ref_lse) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("D", [16, 32, 64, 128, 256], ids=lambda d: f"D{d}")
-def test_autotune_candidates_fit(dtype, D):
-    """Every (dtype, D) keeps some CUDA tile; fp32 and D=256 keep only tiles that fit shared memory."""
-    from drope.kernels.attention import _attn_fwd_tuned, _prune_configs, _tile
+@pytest.mark.interpreter
+@pytest.mark.parametrize("layout", ["aligned", "offset", "strided_d"])
+def test_tma_and_pointer_paths_agree(layout, device):
+    """Aligned K/V go through TMA descriptors; a misaligned base or a non-unit D stride falls back to
+    pointer loads (the recorded launch says which), with the same results."""
+    from drope.kernels.toolkit import recording
 
-    kept = [_tile(c) for c in _prune_configs(_attn_fwd_tuned.configs, {}, Q=torch.empty(0, dtype=dtype), D=D)]
-    assert kept and len(set(kept)) == len(kept)
-    elsize = torch.empty(0, dtype=dtype).element_size()
-    for bm, bn, _, stages in kept:
-        # q tile plus the pipelined k and v tiles, in bytes: at most an H100's 227 KiB
-        assert (bm * D + 2 * stages * bn * D) * elsize <= 227 * 1024, (bm, bn, stages)
+    c = Case(1, 4, 2, 50, 70, 32, window=30, sinks=True, scale="rows")
+    (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(c, device)
+    if layout == "offset":
+        k = torch.cat([torch.zeros_like(k[..., :1]), k], -1)[..., 1:]
+        v = torch.cat([torch.zeros_like(v[..., :1]), v], -1)[..., 1:]
+    elif layout == "strided_d":
+        k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+        v = v.transpose(-1, -2).contiguous().transpose(-1, -2)
+    with recording() as launches:
+        attention(q, k, v, **kw)
+    assert launches[-1].args["USE_TMA"] == (layout == "aligned")
+    with poisoned_empty():
+        out = attention(q, k, v, **kw)
+    assert rel_err(out, reference.attention(q64, k64, v64, **kw64)) < TOL[c.dtype]
+
+
+def test_interpreter_switched_on_after_import_is_explained():
+    """TRITON_INTERPRET=1 set after `import drope` (kernels compiled at import): a DeviceError says what to do."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch\nos.environ.pop('TRITON_INTERPRET', None)\nimport drope.kernels as k\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\nq = torch.randn(1, 2, 8, 16)\n"
+            "try:\n    k.attention(q, q, q)\nexcept ValueError as e:\n    print(type(e).__name__, e)\n")
+    env = {n: v for n, v in __import__("os").environ.items() if n != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
+    assert "DeviceError" in out and "set after drope was imported" in out, out

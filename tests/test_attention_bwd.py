@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drope import kernels, reference
+from drope.kernels.attention import Options
 from drope.kernels.attention_bwd import attention_backward
-from drope.validation import scale_rows
-from helpers import noncontiguous, rel_err
+from drope.validation import AttentionShape, split_scale
+from helpers import noncontiguous, poisoned_empty, rel_err
 
 TOL = {torch.float32: 5e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
 NAMES = ("dq", "dk", "dv", "d_q_norm_weight", "d_k_norm_weight")
@@ -67,6 +68,10 @@ def make_inputs(c: Case, device, *, packed_len: Optional[int] = None):
         scale = (0.5 + torch.rand(c.SQ, **f64)) * c.D ** -0.5
     elif c.scale == "rows2":
         scale = (0.5 + torch.rand(c.B, c.SQ, **f64)) * c.D ** -0.5
+    elif c.scale == "heads":
+        scale = (0.5 + torch.rand(c.HQ, **f64)) * c.D ** -0.5
+    elif c.scale == "head_rows":
+        scale = (0.5 + torch.rand(c.B, c.HQ, c.SQ, **f64)) * c.D ** -0.5
     rope = reference.rope_tables(c.SK + 5, c.D, device=device, dtype=torch.float32) if c.rope else None
     return (q, k, v, wq, wk), scale, rope
 
@@ -98,6 +103,13 @@ def check_grads(got, ref, tol, expect=None):
         assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
 
 
+def launcher_options(c: Case, scale, rope, cu_seqlens=None, **features) -> Options:
+    shape = AttentionShape(c.B, c.HQ, c.HKV, c.SQ, c.SK, c.D)
+    const, rows = split_scale(scale, shape, "cpu" if rope is None else rope[0].device, torch.float32)
+    return Options(causal=c.causal, scale=const, rows=rows, rope=rope, norm_eps=1e-6, cu_seqlens=cu_seqlens,
+                   window=features.get("window"), chunk=features.get("chunk"), softcap=features.get("softcap"))
+
+
 def run_launcher(c: Case, device, dtype, *, cu_seqlens=None, needs=(True,) * 5, strided=False, **blocks):
     leaves, scale, rope = make_inputs(c, device)
     do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
@@ -110,10 +122,13 @@ def run_launcher(c: Case, device, dtype, *, cu_seqlens=None, needs=(True,) * 5, 
     # the forward's o and lse, as the kernel would save them: from the same rounded inputs, fp32 math
     out, lse = reference.attention(q, k, v, causal=c.causal, softmax_scale=scale, rope=rope, q_norm_weight=wq,
                                    k_norm_weight=wk, cu_seqlens=cu_seqlens, return_lse=True)
-    const, rows = scale_rows(scale, c.B, c.SQ, c.D, device, torch.float32)
-    got = attention_backward(do.to(dtype), q, k, v, out, lse, causal=c.causal, scale=const,
-                             scale_rows=rows, rope=rope, q_norm_weight=wq, k_norm_weight=wk, norm_eps=1e-6,
-                             cu_seqlens=cu_seqlens, needs_grad=needs, **blocks)
+    opt = launcher_options(c, scale, rope, cu_seqlens)
+    if opt.rows is not None:
+        opt = Options(**{**opt.__dict__, "rows": opt.rows.to(device)})
+    with poisoned_empty():
+        got = attention_backward(do.to(dtype), q, k, v, out, lse, wq, wk, None, opt, needs_grad=needs, **blocks)
+    assert got[5] is None
+    got = got[:5]
     expect = dict(dq=dtype, dk=dtype, dv=dtype, d_q_norm_weight=torch.float32, d_k_norm_weight=torch.float32)
     check_grads(got, ref, TOL[dtype], expect)
 
@@ -186,15 +201,14 @@ def test_launcher_deterministic(device):
     c = Case(1, 4, 2, 50, 70, 32, rope=True, norm="shared", scale="rows2")
     leaves, scale, rope = make_inputs(c, device)
     q, k, v, wq, wk = [x.float() for x in leaves]
-    const, rows = scale_rows(scale, c.B, c.SQ, c.D, device, torch.float32)
+    sinks = torch.randn(c.HQ, device=device)
     out, lse = reference.attention(q, k, v, softmax_scale=scale, rope=rope, q_norm_weight=wq, k_norm_weight=wk,
-                                   return_lse=True)
+                                   sinks=sinks, window=9, return_lse=True)
     do = torch.randn_like(out)
-    kw = dict(causal=True, scale=const, scale_rows=rows, rope=rope, q_norm_weight=wq, k_norm_weight=wk,
-              norm_eps=1e-6, cu_seqlens=None, block_m=32, block_n=32)
-    first = attention_backward(do, q, k, v, out, lse, **kw)
-    second = attention_backward(do, q, k, v, out, lse, **kw)
-    for name, a, b in zip(NAMES, first, second):
+    opt = launcher_options(c, scale, rope, window=9)
+    first = attention_backward(do, q, k, v, out, lse, wq, wk, sinks, opt, block_m=32, block_n=32)
+    second = attention_backward(do, q, k, v, out, lse, wq, wk, sinks, opt, block_m=32, block_n=32)
+    for name, a, b in zip(NAMES + ("d_sinks",), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical calls"
 
 
@@ -333,6 +347,84 @@ def test_grad_bad_cu_seqlens(device):
         cu = torch.tensor(bounds, dtype=torch.int32, device=device)
         with pytest.raises(ValueError, match=match):
             kernels.attention(q, q, q, cu_seqlens=cu)
+
+
+FEATURES = [
+    # case, window, chunk, softcap, sinks, forced blocks
+    (Case(1, 4, 2, 60, 60, 32), 9, None, None, False, (16, 16)),
+    (Case(2, 4, 2, 45, 70, 32, rope=True, norm="head", scale="rows2"), 20, None, None, True, None),
+    (Case(1, 4, 1, 70, 70, 32, scale="heads"), None, 16, None, False, (16, 32)),
+    (Case(1, 2, 2, 50, 50, 32, scale="head_rows"), None, None, 3.0, False, (16, 16)),
+    (Case(1, 4, 2, 40, 40, 32, causal=False, norm="shared"), None, None, 4.0, True, None),
+    (Case(1, 4, 2, 77, 77, 40, rope=True, norm="head", scale="head_rows"), 25, 32, 5.0, True, (16, 16)),
+    (Case(1, 2, 1, 33, 50, 80, rope=True, norm="shared"), None, None, None, True, None),
+    (Case(1, 2, 1, 20, 20, 24, norm="head"), 6, None, None, False, (16, 16)),
+]
+
+
+def _feature_id(f):
+    c, window, chunk, softcap, sinks, blocks = f
+    parts = [c.id] + [f"{n}{x}" for n, x in (("window", window), ("chunk", chunk), ("softcap", softcap)) if x]
+    return "-".join(parts + (["sinks"] if sinks else []) + ([f"blocks{blocks[0]}x{blocks[1]}"] if blocks else []))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("feature", FEATURES, ids=[_feature_id(f) for f in FEATURES])
+def test_feature_gradients(feature, device):
+    """Windows, chunks, soft-caps, sinks, per-head scales, padded head dims: every gradient, sinks' included.
+
+    End to end through autograd, and through the launcher with forced small blocks where given.
+    """
+    check_features(feature, device)
+
+
+FEATURES_GPU = [
+    (Case(1, 8, 2, 2048, 2048, 128, rope=True, norm="head", scale="head_rows"), 500, None, None, True, None),
+    (Case(1, 8, 2, 2048, 2048, 64), None, 512, None, False, None),
+    (Case(2, 4, 4, 1000, 1000, 96, scale="rows2"), None, None, 30.0, True, (64, 64)),
+    (Case(1, 4, 1, 1500, 1500, 80, rope=True, norm="shared"), 128, 256, None, True, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", FEATURES_GPU, ids=[_feature_id(f) for f in FEATURES_GPU])
+def test_feature_gradients_gpu(feature):
+    check_features(feature, "cuda")
+
+
+def check_features(feature, device):
+    c, window, chunk, softcap, use_sinks, blocks = feature
+    feats = dict(window=window, chunk=chunk, softcap=softcap)
+    leaves, scale, rope = make_inputs(c, device)
+    sinks64 = torch.randn(c.HQ, device=device, dtype=torch.float64) if use_sinks else None
+    do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
+    ref_leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (*leaves, sinks64)]
+    rope64 = None if rope is None else tuple(t.double() for t in rope)
+    ref_out, ref_lse = reference.attention(*ref_leaves[:3], causal=c.causal, softmax_scale=scale, rope=rope64,
+                                           q_norm_weight=ref_leaves[3], k_norm_weight=ref_leaves[4],
+                                           sinks=ref_leaves[5], return_lse=True, **feats)
+    (ref_out * do).sum().backward()
+    ref = [None if x is None else x.grad for x in ref_leaves]
+
+    ins = [None if x is None else x.detach().float().requires_grad_() for x in (*leaves, sinks64)]
+    with poisoned_empty():
+        out = kernels.attention(*ins[:3], causal=c.causal, softmax_scale=scale, rope=rope, q_norm_weight=ins[3],
+                                k_norm_weight=ins[4], sinks=ins[5], **feats)
+    assert rel_err(out, ref_out) < TOL[torch.float32]
+    (out.double() * do).sum().backward()
+    names = NAMES + ("d_sinks",)
+    check_grads([None if x is None else x.grad for x in ins], ref, TOL[torch.float32])
+    if use_sinks:
+        assert rel_err(ins[5].grad, ref[5]) < TOL[torch.float32], "d_sinks"
+    if blocks is not None:
+        q, k, v, wq, wk, sinks = [None if x is None else x.detach().float() for x in (*leaves, sinks64)]
+        opt = launcher_options(c, scale, rope, **feats)
+        with poisoned_empty():
+            got = attention_backward(do.float(), q, k, v, ref_out.float(), ref_lse.float(), wq, wk, sinks, opt,
+                                     block_m=blocks[0], block_n=blocks[1])
+        for name, g, r in zip(names, got, ref):
+            if r is not None:
+                assert torch.isfinite(g).all() and rel_err(g, r) < TOL[torch.float32], f"{name} (forced blocks)"
 
 
 @pytest.mark.gpu

@@ -11,8 +11,9 @@ import drope.kernels
 import drope.kernels.decode as dec
 from drope import reference
 from drope.kernels import choose_num_splits, decode_attention
+from drope.kernels.toolkit import recording
 from drope.validation import DeviceError
-from helpers import noncontiguous, rel_err
+from helpers import noncontiguous, poisoned_empty, rel_err
 
 # relative error of the output against the float64 reference, and absolute error of the LSE
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -21,12 +22,10 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
+def poison():
     """Every buffer the launcher allocates starts as NaN, so an element it forgets to write fails."""
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(dec, "_empty", nan_empty)
+    with poisoned_empty():
+        yield
 
 
 def ragged_lengths(B, SQ, SMAX, device):
@@ -127,6 +126,57 @@ def test_softmax_scale_forms(form, device):
     out, lse = decode_attention(q, kd, vd, cache_seqlens=lens, softmax_scale=scale, num_splits=3, return_lse=True)
     scale64 = scale.double() if isinstance(scale, torch.Tensor) else scale
     check(out, lse, *ref64(q, k, v, cache_seqlens=lens, softmax_scale=scale64), torch.float32)
+
+
+FEATURES = [
+    # window, chunk, softcap, sinks, scale form, D, num_splits
+    (7, None, None, False, None, 64, 1),
+    (40, None, None, False, "rows", 64, 3),
+    (None, 32, None, False, None, 64, 4),
+    (None, None, 4.0, False, "heads", 64, 2),
+    (None, None, None, True, None, 64, 1),
+    (None, None, None, True, "head_rows", 64, 5),
+    (50, 64, 6.0, True, "head_rows", 40, 3),
+    (None, None, None, False, None, 80, 2),
+    (9, None, None, True, None, 24, None),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("window,chunk,softcap,sinks,scale,D,num_splits", FEATURES,
+                         ids=[f"w{w}-c{c}-cap{s}-sinks{k}-{f}-D{d}-splits{n}" for w, c, s, k, f, d, n in FEATURES])
+def test_features_match_reference(window, chunk, softcap, sinks, scale, D, num_splits, device):
+    """Windows (splits cover only the visible keys), chunks, soft-caps, sinks (added once, in the
+    merge or the single split), per-head scales and padded head dims, on ragged caches."""
+    B, HQ, HKV, SQ, SMAX = 3, 4, 2, 3, 200
+    lens = torch.tensor([200, 3, 117], dtype=torch.int32, device=device)
+    q, k, v, kd, vd = make_inputs(B, HQ, HKV, SQ, SMAX, D, torch.float32, device, lens)
+    kw = dict(window=window, chunk=chunk, softcap=softcap)
+    if sinks:
+        kw["sinks"] = torch.randn(HQ, device=device) * 2
+    if scale == "rows":
+        kw["softmax_scale"] = torch.rand(B, SQ, device=device) * 0.2 + 0.05
+    elif scale == "heads":
+        kw["softmax_scale"] = torch.rand(HQ, device=device) * 0.2 + 0.05
+    elif scale == "head_rows":
+        kw["softmax_scale"] = torch.rand(B, HQ, SQ, device=device) * 0.2 + 0.05
+    kw64 = {n: x.double() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+    out, lse = decode_attention(q, kd, vd, cache_seqlens=lens, num_splits=num_splits, return_lse=True, **kw)
+    check(out, lse, *ref64(q, k, v, cache_seqlens=lens, **kw64), torch.float32)
+    one = decode_attention(q, kd, vd, cache_seqlens=lens, num_splits=1, **kw)
+    assert rel_err(out, one) < 1e-6
+
+
+@pytest.mark.interpreter
+def test_window_decode_equals_prefill_rows(device):
+    """A sliding-window decode step equals the last rows of a windowed causal prefill."""
+    B, HQ, HKV, S, D, W = 2, 4, 2, 90, 32, 20
+    q = torch.randn(B, HQ, S, D, device=device)
+    k = torch.randn(B, HKV, S, D, device=device)
+    v = torch.randn(B, HKV, S, D, device=device)
+    full = drope.kernels.attention(q, k, v, window=W)
+    step = decode_attention(q[:, :, -2:], k, v, window=W, num_splits=3)
+    assert rel_err(step, full[:, :, -2:]) < 1e-5
 
 
 @pytest.mark.interpreter
@@ -313,38 +363,26 @@ def test_heuristic_depends_on_live_length_not_capacity():
     ({}, 300),                                # lengths on the host: their max, not the capacity
     ({"max_seqlen": 50}, 50),                 # a caller's hint wins (on CUDA it avoids a sync)
     ({"cache_seqlens": None}, 300),           # no lengths: every row is Smax long
-], ids=["cpu-lengths", "max_seqlen-hint", "no-lengths"])
+    ({"window": 64}, 64),                     # a window bounds the keys any row sees
+], ids=["cpu-lengths", "max_seqlen-hint", "no-lengths", "window"])
 def test_launcher_feeds_live_lengths_to_the_heuristic(monkeypatch, kwargs, expected):
     seen = []
     monkeypatch.setattr(dec, "choose_num_splits", lambda max_seqlen, *a, **kw: seen.append(max_seqlen) or 1)
-    launches = []
-    monkeypatch.setattr(dec, "_decode_split_kernel", _FakeKernel(launches))
     q = torch.randn(2, 4, 1, 64)
     k = torch.randn(2, 2, 1000, 64)
     lens = torch.tensor([300, 37], dtype=torch.int32)
     call = {"cache_seqlens": lens, **kwargs}
     if call["cache_seqlens"] is None:
         k = k[:, :, :300]
-    dec.decode_attention(q, k, k, **call)
-    assert seen == [expected] and launches
+    with recording() as launches:
+        dec.decode_attention(q, k, k, **call)
+    assert seen == [expected] and [launch.role for launch in launches] == ["attention"]
 
 
 def test_live_bound_on_device_lengths_without_hint_is_the_capacity():
     meta = torch.tensor([5, 9], dtype=torch.int32, device="meta")  # not on the CPU: must not be read
     assert dec._live_bound(meta, None, 4096) == 4096
     assert dec._live_bound(meta, 77, 4096) == 77
-
-
-class _FakeKernel:
-    """Stands in for the stage-1 kernel when only the launcher's host logic is under test."""
-
-    def __init__(self, launches):
-        self.launches = launches
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(grid)
-        return launch
 
 
 def _qkv(B=2, HQ=4, HKV=2, SQ=2, SMAX=16, D=64, dtype=torch.float32):
@@ -374,10 +412,15 @@ def _qkv(B=2, HQ=4, HKV=2, SQ=2, SMAX=16, D=64, dtype=torch.float32):
     (lambda a: a.update(max_seqlen=1), "max_seqlen"),
     (lambda a: a.update(max_seqlen=17), "max_seqlen"),
     (lambda a: a.update(max_seqlen=8.0), "max_seqlen"),
+    (lambda a: a.update(window=0), "window"),
+    (lambda a: a.update(chunk=1.5), "chunk"),
+    (lambda a: a.update(sinks=torch.zeros(3)), "sinks"),
+    (lambda a: a.update(softcap=-1.0), "softcap"),
+    (lambda a: a.update(softmax_scale=-0.5), "softmax_scale"),
 ], ids=["len-below-Sq", "len-above-Smax", "len-float", "len-shape", "len-list", "kv-shape", "D-mismatch",
         "Hq-not-multiple", "batch-mismatch", "q-rank", "float64", "mixed-dtypes", "scale-shape", "scale-type",
         "splits-zero", "splits-bool", "splits-float", "max_seqlen-below-Sq", "max_seqlen-above-Smax",
-        "max_seqlen-float"])
+        "max_seqlen-float", "window-zero", "chunk-float", "sinks-shape", "softcap-negative", "scale-negative"])
 def test_bad_input_raises_value_error(change, match):
     q, k, v = _qkv()
     args = {"q": q, "k_cache": k, "v_cache": v, "cache_seqlens": torch.tensor([16, 5], dtype=torch.int32)}

@@ -19,7 +19,7 @@ def train_tokenizer(vocab_size: int = 2000, chat: bool = False):
 
     text = haystack.ESSAY_PATH.read_text(encoding="utf-8")
     extra = [tasks.INTRO, tasks.NEEDLE, tasks.QUESTION_ONE, tasks.QUESTION_ALL, tasks.ANSWER_ONE,
-             tasks.ANSWER_ALL, haystack.NOISE, " ".join(tasks._KEY_ADJ), " ".join(tasks._KEY_NOUN),
+             tasks.ANSWER_ALL, haystack.NOISE, " ".join(tasks.KEY_ADJECTIVES), " ".join(tasks.KEY_NOUNS),
              "0123456789 " * 20]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,13 +1,14 @@
 """NIAH runner and CLI end to end on a tiny local Llama (hidden 64, 2 layers) with a local BPE tokenizer."""
 
+import contextlib
 import json
 
 import pytest
 import torch
 
 from drope.cli import main
-from drope.niah import report, runner
-from drope.niah.runner import NIAHError, RunConfig, apply_rope_scaling, greedy_generate
+from drope.niah import profile, report, runner
+from drope.niah.runner import NIAHError, RunConfig, SlowPathWarning, apply_rope_scaling, greedy_generate
 from drope.niah.tasks import PromptBuilder
 from test_niah_common import save_tiny_model, tiny_config, train_tokenizer
 
@@ -214,7 +215,9 @@ def test_runner_drope_triton_matches_eager(model_dir, tmp_path):
     preds = {}
     for attn in ("eager", "drope_triton"):
         out = tmp_path / attn
-        res = runner.run(_cfg(model_dir, lengths=[128], depths=[0.5], trials=1, attn=attn), out, progress=False)
+        interpreted = attn == "drope_triton" and profile.interpreter_enabled()
+        with pytest.warns(SlowPathWarning, match="interpreter") if interpreted else contextlib.nullcontext():
+            res = runner.run(_cfg(model_dir, lengths=[128], depths=[0.5], trials=1, attn=attn), out, progress=False)
         assert res["config"]["attn_implementation"] == attn and res["results"][0]["decode_tok_s"] > 0
         preds[attn] = [json.loads(x)["prediction"] for x in (out / "samples.jsonl").read_text().splitlines()]
     assert preds["drope_triton"] == preds["eager"]
@@ -291,3 +294,148 @@ def test_smollm360m_shape_32k_profile(tmp_path, attn):
     assert row["prefill_ms"] > 0 and row["decode_tok_s"] > 0
     # weights (~0.7 GiB) + bf16 KV cache at 32k (~1.3 GiB) + O(L) activations: far below an L^2 score matrix
     assert row["peak_mem_mb"] < 8 * 1024
+
+
+def test_each_request_decoded_and_scored_once(model_dir, tmp_path, monkeypatch):
+    calls = []
+    real = runner.score
+    monkeypatch.setattr(runner, "score", lambda pred, answers, value_type="number":
+                        calls.append(pred) or real(pred, answers, value_type))
+    res = runner.run(_cfg(model_dir, lengths=[128], depths=[0.0, 1.0], trials=2), tmp_path / "run", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(calls) == len(lines) == 4
+    assert [x["prediction"] for x in lines] == calls
+    assert [r["accuracy"] for r in res["results"]] == [
+        sum(x["accuracy"] for x in lines[i:i + 2]) / 2 for i in (0, 2)]
+
+
+def test_short_length_refused_before_loading_with_k_hint(model_dir, tmp_path, monkeypatch, capsys):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load before the lengths are checked")
+
+    monkeypatch.setattr(runner, "load_model", no_load)
+    assert _niah("--model", model_dir, "--lengths", "32", "--tasks", "single", "--out", tmp_path / "x", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "--lengths: length 32 is too short" in err and "did you mean 32k" in err
+    with pytest.raises(NIAHError, match="did you mean 64k"):
+        runner.run(_cfg(model_dir, lengths=[64], tasks=["multiquery"]), tmp_path / "y", progress=False)
+
+
+def test_no_loading_weights_bars(model_dir, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    runner.run(_cfg(model_dir, lengths=[128], depths=[0.5], trials=1), tmp_path / "run", progress=False)
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() == before
+
+
+def test_memory_estimate_follows_attention_and_device(monkeypatch):
+    config = tiny_config(300, num_attention_heads=2, num_key_value_heads=2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def est(attn, device, length=16384):
+        return profile.estimate_memory_mb(config, length, 32, torch.float32, attn, device)["activations_mb"]
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert profile.attention_path("drope_triton", cpu)["quadratic"] == (profile.DROPE_TRITON_CPU_PATH == "reference")
+    assert not profile.attention_path("drope_triton", cuda)["quadratic"]
+    assert not profile.attention_path("sdpa", cpu)["quadratic"] and profile.attention_path("eager", cuda)["quadratic"]
+    assert est("sdpa", cpu) == est("drope_triton", cuda) < 100
+    if profile.DROPE_TRITON_CPU_PATH == "reference":
+        # 2 heads x 16k x 16k float32 scores, three live at the peak: the 6 GiB the reference path takes
+        assert est("drope_triton", cpu) > 6 * 1024
+        assert est("drope_triton", cpu, 32768) == pytest.approx(4 * est("drope_triton", cpu), rel=0.01)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not profile.attention_path("drope_triton", cpu)["quadratic"]
+    assert profile.attention_path("drope_triton", cpu)["slow"]
+
+
+def test_refusal_names_only_implementations_that_fit(model_dir, tmp_path, monkeypatch):
+    """On CPU, drope_triton (the reference path) is refused at lengths sdpa fits, and is not recommended."""
+    if profile.DROPE_TRITON_CPU_PATH != "reference":
+        pytest.skip("drope_triton's CPU path is O(L) here; nothing to tell apart")
+    _drope_triton_or_skip()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    need = {a: profile.estimate_memory_mb(config, 4096, 4, torch.float32, a, "cpu")["total_mb"]
+            for a in ("sdpa", "drope_triton")}
+    budget = (need["sdpa"] + need["drope_triton"]) / 2
+    with pytest.warns(SlowPathWarning, match="use --attn sdpa"):
+        with pytest.raises(NIAHError) as e:
+            runner.run(_cfg(model_dir, lengths=[4096], attn="drope_triton", device="cpu", memory_budget_mb=budget),
+                       tmp_path / "a", progress=False)
+    assert "length 4096: needs ~" in str(e.value) and "use --attn sdpa" in str(e.value)
+    assert "drope.reference" in str(e.value)
+    with pytest.raises(NIAHError) as e:
+        runner.run(_cfg(model_dir, lengths=[4096], attn="sdpa", device="cpu", memory_budget_mb=need["sdpa"] / 2),
+                   tmp_path / "b", progress=False)
+    assert "drope_triton" not in str(e.value)
+
+
+def test_interpreter_set_after_import_is_refused(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(runner, "kernels_interpreted", lambda: False)
+    with pytest.raises(NIAHError, match="set after drope was imported.*0 active drivers"):
+        runner.run(_cfg(model_dir, lengths=[128], attn="drope_triton", device="cpu"), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
+@pytest.mark.interpreter
+def test_kernels_interpreted_reports_how_triton_built_them():
+    expected = profile.interpreter_enabled() and not torch.cuda.is_available()  # conftest's choice, before import
+    assert runner.kernels_interpreted() is expected
+
+
+def test_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(profile.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(profile.torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(profile.os, "getloadavg", lambda: (2.2, 1.0, 1.0))
+    assert profile.choose_threads("auto") == 2
+    monkeypatch.setattr(profile.os, "getloadavg", lambda: (7.0, 1.0, 1.0))
+    assert profile.choose_threads(None) == 1
+    monkeypatch.setattr(profile.os, "getloadavg", lambda: (0.1, 1.0, 1.0))
+    assert profile.choose_threads("auto") == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert profile.choose_threads("auto") == 3  # torch read OMP_NUM_THREADS at start-up: its count stands
+    assert profile.choose_threads("3") == 3 and profile.choose_threads(2) == 2
+    for bad in ("0", "-1", "many", True):
+        with pytest.raises(ValueError, match="--threads"):
+            profile.choose_threads(bad)
+
+
+def test_cli_threads_and_help_defaults(model_dir, tmp_path, capsys):
+    assert _niah("--model", model_dir, "--threads", "zero", "--out", tmp_path / "x") == 2
+    assert "--threads must be auto or a positive int" in capsys.readouterr().err
+    for command, expected in [("niah", ["(default: 5)", "(default: sdpa)", "(default: 4k,8k,16k,32k)",
+                                        "(default: auto)"]),
+                              ("demo", ["(default: drope-demo)", "(default: 1,2,4,8)", "(default: auto)"]),
+                              ("train-mini", ["(default: 5000)", "(default: 0.4)", "(default: auto)"])]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        for text in expected:
+            assert text in shown, (command, text)
+
+
+
+def test_plots_keep_ties_visible_and_the_training_length_named(tmp_path):
+    styles = [report.series_style(i, 6) for i in range(6)]
+    assert len({s["dx"] for s in styles}) == 6 and len({s["marker"] for s in styles}) == 6
+    assert styles[0]["linewidth"] > styles[-1]["linewidth"] and styles[0]["zorder"] < styles[-1]["zorder"]
+    plt = report.pyplot()
+    fig, ax = plt.subplots()
+    report.log2_length_axis(ax, [4096, 8192, 32768])
+    assert report.mark_train_length(ax, 2048)[1] == "training length 2k, left of the axis"
+    assert report.mark_train_length(ax, 8192)[1] == "training length (8k)"
+    assert report.mark_train_length(ax, None) is None
+    plt.close(fig)
+    one_cell = {"config": {"label": "one"}, "results": [
+        {"task": "single", "length": 4096, "depth": 0.5, "accuracy": 1.0, "partial": 1.0}]}
+    (path,) = report.plot_heatmaps(one_cell, tmp_path)
+    height, width = plt.imread(path).shape[:2]
+    assert height >= 300 and width >= 450

@@ -149,3 +149,43 @@ def test_shipped_haystack_is_reproducible_and_clean(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("One sentence. Another one!  A third?")
     assert haystack.load_haystack(good) == ["One sentence.", "Another one!", "A third?"]
+
+
+@pytest.mark.parametrize("value_type", ["word", "uuid"])
+@pytest.mark.parametrize("task", TASKS)
+def test_value_types(tok, value_type, task):
+    """RULER's value types: the prompt names them, values are fresh, words are one token, answers score."""
+    b = PromptBuilder(tok, chat_template="off", value_type=value_type)
+    s = b.build(task, 400, 0.5, seed=3)
+    assert len(s.input_ids) == 400 and s.meta["value_type"] == value_type
+    text = tok.decode(s.input_ids)
+    assert f"special magic {value_type}s for" in text and "numbers" not in text
+    values = [n.value for n in s.needles]
+    assert len(set(values)) == len(values)
+    for n in s.needles:
+        assert n.value in text
+        if value_type == "word":
+            assert len(tok(" " + n.value, add_special_tokens=False)["input_ids"]) == 1
+            assert n.value not in tasks.KEY_ADJECTIVES + tasks.KEY_NOUNS
+        else:
+            assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", n.value)
+    assert score(" and ".join(s.answers).upper(), s.answers, value_type)[0] == 1.0
+    assert score("nothing here", s.answers, value_type) == (0.0, 0.0)
+
+
+def test_number_prompts_are_unchanged_by_value_types(builder):
+    """The default keeps the original wording and number stream (the shipped models were trained on it)."""
+    assert NEEDLE == "One of the special magic numbers for {key} is: {value}."
+    s = builder.build("multikey", 300, 0.25, seed=5)
+    again = PromptBuilder(builder.tokenizer, chat_template="off", value_type="number").build("multikey", 300, 0.25,
+                                                                                            seed=5)
+    assert s.input_ids == again.input_ids and all(a.isdigit() and len(a) == 7 for a in s.answers)
+
+
+def test_word_score_is_whole_words_and_value_type_checked(tok):
+    assert score("the baker's gardener", ["garden"], "word") == (0.0, 0.0)
+    assert score("Garden!", ["garden"], "word") == (1.0, 1.0)
+    with pytest.raises(ValueError, match="value_type"):
+        PromptBuilder(tok, value_type="emoji")
+    with pytest.raises(ValueError, match="value_type"):
+        score("1", ["1"], "emoji")

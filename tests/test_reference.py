@@ -11,7 +11,7 @@ from helpers import rel_err
 
 
 def naive_attention(q, k, v, causal, scale_rows, cos, sin, wq, wk, eps):
-    """Row by row, head by head, exactly DESIGN.md's five steps in float64."""
+    """Row by row, head by head, exactly docs/design.md's five steps in float64."""
     B, HQ, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
     G = HQ // HKV
@@ -173,3 +173,90 @@ def test_reference_rejects_bad_input(override, match):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(ValueError, match=match):
         reference.attention(q, k, v, **args)
+
+
+def naive_features(q, k, v, scale, window, chunk, sinks, softcap):
+    """Row by row in float64: causal bottom-right, window, chunk, soft-cap, sink in the denominator.
+
+    ``scale`` (B, Hq, Sq) per head and row.
+    """
+    B, HQ, SQ, D = q.shape
+    SK = k.shape[2]
+    G = HQ // k.shape[1]
+    out = torch.zeros_like(q)
+    lse = torch.full((B, HQ, SQ), -math.inf, dtype=torch.float64)
+    for b in range(B):
+        for h in range(HQ):
+            for i in range(SQ):
+                p = SK - SQ + i
+                js = [j for j in range(SK) if j <= p and (window is None or j > p - window)
+                      and (chunk is None or j // chunk == p // chunk)]
+                s = torch.stack([(q[b, h, i] @ k[b, h // G, j]) * scale[b, h, i] for j in js]) if js else \
+                    torch.zeros(0, dtype=torch.float64)
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
+                denom_terms = torch.cat([s, sinks[h:h + 1]]) if sinks is not None else s
+                if denom_terms.numel() == 0:
+                    continue
+                lse[b, h, i] = torch.logsumexp(denom_terms, 0)
+                if js:
+                    w = torch.exp(s - lse[b, h, i])
+                    out[b, h, i] = (w[:, None] * v[b, h // G, js]).sum(0)
+    return out, lse
+
+
+@pytest.mark.parametrize("window,chunk,sinks,softcap,scale", [
+    (3, None, False, None, "heads"), (None, 4, False, None, "head_rows"), (None, None, True, None, None),
+    (None, None, False, 2.0, "rows"), (5, 4, True, 3.0, "head_rows"), (1, None, True, None, "heads"),
+], ids=["window", "chunk", "sinks", "softcap", "all", "window1-sinks"])
+def test_reference_features_match_naive(window, chunk, sinks, softcap, scale):
+    B, HQ, HKV, SQ, SK, D = 2, 4, 2, 7, 11, 8
+    q = torch.randn(B, HQ, SQ, D, dtype=torch.float64)
+    k = torch.randn(B, HKV, SK, D, dtype=torch.float64)
+    v = torch.randn(B, HKV, SK, D, dtype=torch.float64)
+    s = {None: None, "heads": torch.rand(HQ, dtype=torch.float64) + 0.1,
+         "rows": torch.rand(SQ, dtype=torch.float64) + 0.1,
+         "head_rows": torch.rand(B, HQ, SQ, dtype=torch.float64) + 0.1}[scale]
+    full = {None: torch.full((B, HQ, SQ), D ** -0.5, dtype=torch.float64), "heads": None, "rows": None,
+            "head_rows": s}[scale]
+    if scale == "heads":
+        full = s[None, :, None].expand(B, HQ, SQ)
+    elif scale == "rows":
+        full = s[None, None, :].expand(B, HQ, SQ)
+    sink = torch.randn(HQ, dtype=torch.float64) if sinks else None
+    out, lse = reference.attention(q, k, v, softmax_scale=s, window=window, chunk=chunk, sinks=sink, softcap=softcap,
+                                   return_lse=True)
+    ref, ref_lse = naive_features(q, k, v, full, window, chunk, sink, softcap)
+    assert rel_err(out, ref) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
+    # decode mirrors it: the last 3 rows against the cache
+    dec, dec_lse = reference.decode_attention(q[:, :, -3:], k, v, softmax_scale=None if s is None else
+                                              (s[:, :, -3:] if scale == "head_rows" else s[-3:] if scale == "rows"
+                                               else s), window=window, chunk=chunk, sinks=sink, softcap=softcap,
+                                              return_lse=True)
+    assert rel_err(dec, ref[:, :, -3:]) < 1e-12 and rel_err(dec_lse, ref_lse[:, :, -3:]) < 1e-12
+
+
+def test_reference_sink_gradient_matches_finite_differences():
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    k = torch.randn(1, 1, 5, 8, dtype=torch.float64)
+    v = torch.randn(1, 1, 5, 8, dtype=torch.float64)
+    sinks = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: reference.attention(q, k, v, sinks=s, softcap=4.0, window=3), (sinks,))
+
+
+def test_per_head_scale_equals_scaling_each_head():
+    q = torch.randn(1, 3, 6, 8, dtype=torch.float64)
+    k = torch.randn(1, 3, 6, 8, dtype=torch.float64)
+    v = torch.randn(1, 3, 6, 8, dtype=torch.float64)
+    s = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
+    out = reference.attention(q, k, v, softmax_scale=s)
+    for h in range(3):
+        alone = reference.attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], softmax_scale=float(s[h]))
+        assert rel_err(out[:, h:h + 1], alone) < 1e-12
+    # a 1-D tensor as long as both Sq and Hq is read as per-row (documented precedence)
+    q6 = torch.randn(1, 6, 6, 8, dtype=torch.float64)
+    rows = torch.rand(6, dtype=torch.float64) + 0.1
+    assert rel_err(reference.attention(q6, k[:, :1].expand(1, 6, 6, 8), v[:, :1].expand(1, 6, 6, 8),
+                                       softmax_scale=rows),
+                   reference.attention(q6, k[:, :1].expand(1, 6, 6, 8), v[:, :1].expand(1, 6, 6, 8),
+                                       softmax_scale=rows[None, None, :])) < 1e-12

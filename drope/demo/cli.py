@@ -36,6 +36,8 @@ CHECKPOINTS = ("rope", "nope", "drope")
 SCALINGS = {"rope-pi": "linear", "rope-ntk": "dynamic", "rope-yarn": "yarn"}
 DEFAULT_FACTORS = (1, 2, 4, 8)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# numbers (copied token by token, the paper's) beside single-token words (found, not copied)
+DEFAULT_VALUE_TYPES = ("number", "word")
 
 
 def checkpoint_path(name: str) -> Path:
@@ -145,25 +147,35 @@ def held_out_perplexity(model, tokenizer, length: int, windows: int = 4, seed: i
 
 
 def plot_perplexity(rows: Sequence[Dict[str, object]], path: Path) -> Path:
-    """Held-out perplexity (log scale) against the multiple of the training length, one line per model."""
-    from ..niah import report
+    """Held-out perplexity (log scale, labelled ticks) against the multiple of the training length,
+    one line per model; equal values stay visible (offsets and markers of :func:`drope.niah.series_style`)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    plt = report._pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
-        pts = sorted((r["factor"], r["perplexity"]) for r in rows if r["model"] == model)
-        ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=model)
+    from .. import niah
+
+    plt = niah.pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), layout="constrained")
+    models = list(dict.fromkeys(r["model"] for r in rows))
     factors = sorted({r["factor"] for r in rows})
-    ax.set_xscale("log", base=2)
+    niah.log2_length_axis(ax, factors, lambda f: f"{f}x")
+    for i, model in enumerate(models):
+        st = niah.series_style(i, len(models))
+        pts = sorted((r["factor"], r["perplexity"]) for r in rows if r["model"] == model)
+        ax.plot([f * st["dx"] for f, _ in pts], [p for _, p in pts], marker=st["marker"], color=st["color"],
+                label=model, linewidth=st["linewidth"], markersize=st["markersize"], zorder=st["zorder"])
     ax.set_yscale("log")
-    ax.set_xticks(factors, [f"{f}x" for f in factors])
-    ax.minorticks_off()
-    ax.axvline(1, color="grey", linestyle=":", linewidth=1)
+    lo, hi = ax.get_ylim()
+    # 1-2-5 ticks, each labelled: a log axis over one or two decades otherwise shows a single label
+    ticks = [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
+    ax.yaxis.set_major_locator(FixedLocator([t for t in ticks if lo <= t <= hi]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    line, text = niah.mark_train_length(ax, 1, lambda f: f"{f}x")
     ax.set_xlabel("context length / training length")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_ylabel("held-out perplexity (log scale)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles + [line], labels + [text], fontsize=8, loc="upper left")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -172,7 +184,7 @@ def plot_perplexity(rows: Sequence[Dict[str, object]], path: Path) -> Path:
 def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = DEFAULT_FACTORS,
              tasks: Optional[Sequence[str]] = None, depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 1,
              train_length: Optional[int] = None, attn: str = "auto", device: str = "auto", seed: int = 0,
-             ppl_windows: int = 4, log=print) -> Dict[str, object]:
+             ppl_windows: int = 4, value_types: Sequence[str] = DEFAULT_VALUE_TYPES, log=print) -> Dict[str, object]:
     """Run the comparison and write ``out/results.json``, ``out/accuracy_vs_factor.png`` and (with
     ``ppl_windows``) ``out/perplexity_vs_factor.png``.
 
@@ -188,10 +200,12 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
         device: ``auto``, ``cpu``, ``cuda``.
         seed: seed of the NIAH samples.
         ppl_windows: held-out documents per length for the perplexity table (0: skip it).
+        value_types: needle value types (:data:`drope.niah.VALUE_TYPES`), each a full NIAH grid: 7-digit
+            numbers need the value copied token by token, single-token words only the needle found.
         log: where progress lines go.
 
     Returns:
-        ``{"results": [{"model", "factor", "length", "task", "accuracy"}, ...], "models": {...},
+        ``{"results": [{"model", "factor", "length", "task", "value_type", "accuracy"}, ...], "models": {...},
         "perplexity": [{"model", "factor", "length", "perplexity"}, ...], "config": {...}}`` as written
         to results.json; accuracy is a fraction in [0, 1] averaged over depths and trials; perplexity is
         :func:`held_out_perplexity` with the same model settings (scaling, temperature) as the NIAH runs.
@@ -201,16 +215,16 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
     """
     import torch
 
-    from ..niah import report
-    from ..niah.runner import RunConfig, load_model, resolve_device, resolve_dtype
-    from ..niah.runner import run as run_sweep
-    from ..niah.tasks import TASKS
+    from .. import niah
 
     factors = list(factors)
     if not factors or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in factors):
         raise ValueError(f"factors must be positive ints (multiples of the training length), got {factors!r}")
     factors = sorted(dict.fromkeys(factors))
-    tasks = list(tasks or TASKS)
+    tasks = list(tasks or niah.TASKS)
+    value_types = list(dict.fromkeys(value_types))
+    if not value_types or any(v not in niah.VALUE_TYPES for v in value_types):
+        raise ValueError(f"value_types must be some of {', '.join(niah.VALUE_TYPES)}, got {value_types!r}")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
     if isinstance(ppl_windows, bool) or not isinstance(ppl_windows, int) or ppl_windows < 0:
@@ -225,6 +239,7 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
     ppl_rows: List[Dict[str, object]] = []
     niah_runs: List[Dict[str, object]] = []
     info: Dict[str, object] = {}
+    machine = niah.machine()
     t_all = time.perf_counter()
     for label, path, scaling in runs:
         L = int(train_length or _train_length(path))
@@ -235,68 +250,73 @@ def run_demo(out: Path, *, models: Sequence[str] = (), factors: Sequence[int] = 
         t0 = time.perf_counter()
         # a scaling baseline gets its own factor at each length; the others run every length at once
         groups = [([n], f"{scaling}:{f}") for n, f in lengths.items()] if scaling else [(list(lengths), None)]
-        cells: List[Dict[str, object]] = []
-        for group_lengths, rope in groups:
-            sub = out / "runs" / (label if rope is None else f"{label}-x{lengths[group_lengths[0]]}")
-            cfg = RunConfig(model=str(path), lengths=group_lengths, tasks=tasks, depths=list(depths), trials=trials,
-                            attn=attn, rope_scaling=rope, device=device, seed=seed, warmup=0, label=label,
-                            chat_template="off")
-            result = run_sweep(cfg, sub, overwrite=True, progress=False)
-            cells += result["results"]
-        for n, f in lengths.items():
-            for task in tasks:
-                accs = [c["accuracy"] for c in cells if c["task"] == task and c["length"] == n]
-                rows.append({"model": label, "factor": f, "length": n, "task": task, "accuracy": _mean(accs)})
+        for vt in value_types:
+            cells: List[Dict[str, object]] = []
+            for group_lengths, rope in groups:
+                name = label if rope is None else f"{label}-x{lengths[group_lengths[0]]}"
+                sub = out / "runs" / (name if vt == "number" else f"{name}-{vt}")
+                cfg = niah.RunConfig(model=str(path), lengths=group_lengths, tasks=tasks, depths=list(depths),
+                                     trials=trials, attn=attn, rope_scaling=rope, device=device, seed=seed, warmup=0,
+                                     label=label, chat_template="off", value_type=vt)
+                result = niah.run(cfg, sub, overwrite=True, progress=False)
+                cells += result["results"]
+            for n, f in lengths.items():
+                for task in tasks:
+                    accs = [c["accuracy"] for c in cells if c["task"] == task and c["length"] == n]
+                    rows.append({"model": label, "factor": f, "length": n, "task": task, "value_type": vt,
+                                 "accuracy": _mean(accs)})
+            niah_runs.append({"config": {"label": label}, "value_type": vt, "results": cells})
         if ppl_windows:
-            dev = resolve_device(device)
+            dev = niah.resolve_device(device)
             model = None
             for n, f in lengths.items():
                 if model is None or scaling:  # a scaling baseline is reloaded with the factor of each length
-                    cfg = RunConfig(model=str(path), lengths=[n], attn=attn, device=device,
-                                    rope_scaling=f"{scaling}:{f}" if scaling else None)
-                    model, tokenizer, _ = load_model(cfg, dev, resolve_dtype("auto", dev))
+                    cfg = niah.RunConfig(model=str(path), lengths=[n], attn=attn, device=device,
+                                         rope_scaling=f"{scaling}:{f}" if scaling else None)
+                    model, tokenizer, _ = niah.load_model(cfg, dev, niah.resolve_dtype("auto", dev))
                 ppl = held_out_perplexity(model, tokenizer, n, ppl_windows, seed=seed)
                 ppl_rows.append({"model": label, "factor": f, "length": n, "perplexity": ppl})
             del model
-        niah_runs.append({"config": {"label": label}, "results": cells})
         info[label]["seconds"] = round(time.perf_counter() - t0, 1)
-        mean = {f: _mean([r["accuracy"] for r in rows if r["model"] == label and r["factor"] == f]) for f in factors}
+        mean = {f: _mean([r["accuracy"] for r in rows if r["model"] == label and r["factor"] == f
+                          and r["value_type"] == value_types[0]]) for f in factors}
         ppl = {r["factor"]: r["perplexity"] for r in ppl_rows if r["model"] == label}
         log(f"{label:>12}: " + "  ".join(f"{f}x {100 * a:5.1f}%" for f, a in mean.items())
             + ("   ppl " + " ".join(f"{ppl[f]:.2f}" for f in factors) if ppl else "")
             + f"   ({info[label]['seconds']:.0f} s)")
     results = {
         "results": rows, "perplexity": ppl_rows, "models": info,
-        "config": {"factors": factors, "tasks": tasks, "depths": list(depths), "trials": trials, "attn": attn,
+        "config": {"factors": factors, "tasks": tasks, "value_types": value_types, "depths": list(depths),
+                   "trials": trials, "attn": attn,
                    "ppl_windows": ppl_windows,
                    "device": device, "seed": seed, "seconds": round(time.perf_counter() - t_all, 1),
+                   "machine": {"cpus": machine["cpus"], "threads": machine["threads"],
+                               "loadavg_start": machine["loadavg"], "loadavg_end": niah.machine()["loadavg"]},
                    "torch": torch.__version__},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     L0 = min(v["train_length"] for v in info.values())
-    report.plot_accuracy_vs_length(niah_runs, out / "accuracy_vs_factor.png", train_length=L0)
+    for vt in value_types:
+        png = "accuracy_vs_factor.png" if vt == "number" else f"accuracy_vs_factor_{vt}.png"
+        niah.plot_accuracy_vs_length([r for r in niah_runs if r["value_type"] == vt], out / png, train_length=L0,
+                                     length_label=lambda n: f"{n // L0}x\n{n}" if n % L0 == 0 else str(n),
+                                     title_suffix=f" ({vt} values)")
     if ppl_rows:
         plot_perplexity(ppl_rows, out / "perplexity_vs_factor.png")
     return results
 
 
 def format_table(results: Dict[str, object]) -> str:
-    """Accuracy (%) per model and factor: the mean over tasks, then one block per task."""
+    """Accuracy (%) per model and factor, per value type: the mean over tasks, then one block per task."""
     rows = results["results"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     factors = sorted({r["factor"] for r in rows})
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    vts = list(dict.fromkeys(r.get("value_type", "number") for r in rows))
     lines = []
-    for title, keep in [("mean over tasks", None)] + [(t, t) for t in tasks]:
-        lines.append(f"{title:<14}" + "".join(f"{str(f) + 'x':>8}" for f in factors))
-        for m in models:
-            vals = []
-            for f in factors:
-                accs = [r["accuracy"] for r in rows if r["model"] == m and r["factor"] == f
-                        and (keep is None or r["task"] == keep)]
-                vals.append(f"{100 * _mean(accs):7.1f}%")
-            lines.append(f"  {m:<12}" + "".join(f"{v:>8}" for v in vals))
-        lines.append("")
+    for vt in vts:
+        for title, keep in [("mean over tasks", None)] + [(t, t) for t in tasks]:
+            lines += _accuracy_block(rows, models, factors, f"{title} ({vt}s)", keep, vt)
     ppl = results.get("perplexity") or []
     if ppl:
         lines.append(f"{'perplexity':<14}" + "".join(f"{str(f) + 'x':>8}" for f in factors))
@@ -306,15 +326,32 @@ def format_table(results: Dict[str, object]) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _accuracy_block(rows, models, factors, title: str, task: Optional[str], vt: str) -> List[str]:
+    lines = [f"{title:<14}" + "".join(f"{str(f) + 'x':>8}" for f in factors)]
+    for m in models:
+        vals = []
+        for f in factors:
+            accs = [r["accuracy"] for r in rows if r["model"] == m and r["factor"] == f
+                    and (task is None or r["task"] == task) and r.get("value_type", "number") == vt]
+            vals.append(f"{100 * _mean(accs):7.1f}%")
+        lines.append(f"  {m:<12}" + "".join(f"{v:>8}" for v in vals))
+    return lines + [""]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``drope demo``."""
-    parser.add_argument("--out", default="drope-demo", help="output directory (default: drope-demo)")
+    from ..niah import DefaultsHelpFormatter
+
+    parser.formatter_class = DefaultsHelpFormatter
+    parser.add_argument("--out", default="drope-demo", help="output directory")
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
-                        help="your own model directory, or a directory of them (repeatable); default: the shipped "
-                             "rope / nope / drope mini models")
+                        help="your own model directory, or a directory of them (repeatable) (default: the shipped "
+                             "rope / nope / drope mini models)")
     parser.add_argument("--factors", default=",".join(map(str, DEFAULT_FACTORS)),
                         help="multiples of the training length to test")
     parser.add_argument("--tasks", default="all", help="single, multikey, multiquery, multivalue (comma list) or all")
+    parser.add_argument("--value-types", default=",".join(DEFAULT_VALUE_TYPES),
+                        help="needle values, comma list of number (7 digits, the paper's), word (one token), uuid")
     parser.add_argument("--depths", default=",".join(map(str, DEFAULT_DEPTHS)),
                         help="needle depths: a count or a comma list of fractions")
     parser.add_argument("--trials", type=int, default=1, help="samples per (task, length, depth)")
@@ -324,6 +361,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the NIAH samples")
     parser.add_argument("--ppl-windows", type=int, default=4,
                         help="held-out documents per length for the perplexity table (0: skip it)")
+    parser.add_argument("--threads", default="auto",
+                        help="torch CPU threads: N, or auto (OMP_NUM_THREADS when set, else the cores not busy now)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -332,17 +371,19 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 on success, 2 on bad input.
     """
-    from ..niah.tasks import parse_depths, parse_tasks
+    from ..niah import parse_depths, parse_tasks, set_threads
 
     t0 = time.perf_counter()
     try:
+        threads = set_threads(args.threads)
         try:
             factors = [int(x) for x in str(args.factors).split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--factors must be a comma list of positive ints, got {args.factors!r}") from None
         results = run_demo(Path(args.out), models=args.model, factors=factors, tasks=parse_tasks(args.tasks),
                            depths=parse_depths(args.depths), trials=args.trials, train_length=args.train_length,
-                           attn=args.attn, device=args.device, seed=args.seed, ppl_windows=args.ppl_windows)
+                           attn=args.attn, device=args.device, seed=args.seed, ppl_windows=args.ppl_windows,
+                           value_types=[v.strip() for v in str(args.value_types).split(",") if v.strip()])
     except ValueError as e:
         print(f"drope demo: error: {e}", file=sys.stderr)
         return 2
@@ -351,5 +392,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results))
     pngs = ", ".join(str(Path(args.out) / p) for p in ("accuracy_vs_factor.png", "perplexity_vs_factor.png")
                      if (Path(args.out) / p).is_file())
-    print(f"\nwrote {Path(args.out) / 'results.json'}, {pngs} in {time.perf_counter() - t0:.0f} s")
+    m = results["config"]["machine"]
+    load = "unknown" if m["loadavg_start"] is None else f"{m['loadavg_start'][0]:.1f} at the start"
+    print(f"\nwrote {Path(args.out) / 'results.json'}, {pngs} in {time.perf_counter() - t0:.0f} s "
+          f"({m['cpus']} CPUs usable, {threads} torch thread{'s' * (threads > 1)}, load average {load})")
     return 0

@@ -21,12 +21,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..niah import tasks as niah_tasks
-from ..niah.haystack import load_haystack
+from .. import niah
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # training seeds live far from the evaluation seed (0 by default in drope niah / drope demo)
 TRAIN_SEED_OFFSET = 1_000_003
+# RowSampler rows of seed ``seed + HELD_OUT_SEED_OFFSET`` are held out from training (seed ``seed``):
+# the temperature fit's stream and the training probe read them
+HELD_OUT_SEED_OFFSET = 7919
 # row kinds and their share of the training rows:
 # - "copy" rows (random-token copy episodes) are an induction-head curriculum; without them, or with
 #   copy rows made of haystack text (which the model memorises instead of copying), none of our runs
@@ -41,7 +43,7 @@ COPY_ALPHABET = 64
 
 
 def _random_key(rng: random.Random) -> str:
-    return f"{rng.choice(niah_tasks._KEY_ADJ)}-{rng.choice(niah_tasks._KEY_NOUN)}"
+    return f"{rng.choice(niah.KEY_ADJECTIVES)}-{rng.choice(niah.KEY_NOUNS)}"
 
 
 def _value(rng: random.Random) -> str:
@@ -62,20 +64,20 @@ def answer_text(values: Sequence[str]) -> str:
     """
     if not values:
         raise ValueError("values must contain at least one value")
-    return " " + niah_tasks._join_keys(list(values)) + "."
+    return " " + niah.join_keys(list(values)) + "."
 
 
 def tokenizer_text(seed: int = 0, n_lines: int = 3000) -> List[str]:
     """Lines of text the BPE is trained on: essay sentences, needles, questions and answers."""
     rng = random.Random(f"tokenizer|{seed}")
-    lines = list(load_haystack("essay"))
+    lines = list(niah.load_haystack("essay"))
     # the fixed instructions are frequent in the data, so let the BPE merge them
-    lines += [niah_tasks.INTRO] * 200
+    lines += [niah.INTRO] * 200
     for _ in range(n_lines):
         keys = [_random_key(rng) for _ in range(2)]
-        lines.append(niah_tasks.NEEDLE.format(key=keys[0], value=_value(rng)))
-        lines.append(niah_tasks.QUESTION_ONE.format(key=keys[0]) + "\n" + niah_tasks.ANSWER_ONE.format(key=keys[0]))
-        lines.append(niah_tasks.QUESTION_ALL.format(key=keys[1]) + "\n" + niah_tasks.ANSWER_ALL.format(key=keys[1])
+        lines.append(niah.NEEDLE.format(key=keys[0], value=_value(rng)))
+        lines.append(niah.QUESTION_ONE.format(key=keys[0]) + "\n" + niah.ANSWER_ONE.format(key=keys[0]))
+        lines.append(niah.QUESTION_ALL.format(key=keys[1]) + "\n" + niah.ANSWER_ALL.format(key=keys[1])
                      + answer_text([_value(rng) for _ in range(3)]))
     return lines
 
@@ -129,7 +131,7 @@ class RowSampler:
         self.tokenizer = tokenizer
         self.length = length
         self.seed = seed
-        self.builder = niah_tasks.PromptBuilder(tokenizer, haystack="essay", chat_template="off")
+        self.builder = niah.PromptBuilder(tokenizer, haystack="essay", chat_template="off")
         self.eos = tokenizer.eos_token_id
         self._kinds = [k for k, _ in MIX]
         self._weights = [w for _, w in MIX]
@@ -139,7 +141,7 @@ class RowSampler:
 
     def _niah(self, task: str, length: int, rng: random.Random, index: int) -> Tuple[List[int], List[int]]:
         # digits are one token each, so the answer's token count depends only on how many values it has
-        n_values = 1 if task in ("single", "multikey") else niah_tasks.NUM_NEEDLES
+        n_values = 1 if task in ("single", "multikey") else niah.NUM_NEEDLES
         n_ans = len(self._encode(answer_text(["1000000"] * n_values))) + 1
         sample = self.builder.build(task, length - n_ans, rng.random(), seed=TRAIN_SEED_OFFSET + self.seed,
                                     trial=index)
@@ -157,12 +159,12 @@ class RowSampler:
             if k.split("-")[0] not in {x.split("-")[0] for x in keys} and k.split("-")[1] not in {x.split("-")[1] for x in keys}:
                 keys.append(k)
         values = [_value(rng) for _ in keys]
-        head = self.builder._special_prefix + self._encode(niah_tasks.INTRO)
-        needles = [self._encode(" " + niah_tasks.NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
+        head = self.builder.special_prefix + self._encode(niah.INTRO)
+        needles = [self._encode(" " + niah.NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
 
         def qa(i: int) -> Tuple[List[int], List[int]]:
-            q = self._encode("\n" + niah_tasks.QUESTION_ONE.format(key=keys[i]) + "\n"
-                             + niah_tasks.ANSWER_ONE.format(key=keys[i]))
+            q = self._encode("\n" + niah.QUESTION_ONE.format(key=keys[i]) + "\n"
+                             + niah.ANSWER_ONE.format(key=keys[i]))
             a = self._encode(answer_text([values[i]]))
             return q + a, [0] * len(q) + [1] * len(a)
 
@@ -209,7 +211,7 @@ class RowSampler:
         of the current token and copy what followed it: an induction head, the mechanism every
         retrieval task builds on.
         """
-        ids = list(self.builder._special_prefix)
+        ids = list(self.builder.special_prefix)
         mask = [0] * len(ids)
         sents = self.builder._sentence_ids
         while len(ids) < length:
@@ -270,7 +272,7 @@ class RowSampler:
 
 
 def held_out_stream(tokenizer, n_tokens: int, seed: int = 0) -> torch.Tensor:
-    """Held-out retrieval text (rows of seed ``seed + 7919``, disjoint from training) as one 1-D stream,
+    """Held-out retrieval text (rows of seed ``seed + HELD_OUT_SEED_OFFSET``, disjoint from training) as one stream,
     for fitting the temperature at a target length.
 
     Args:
@@ -281,7 +283,7 @@ def held_out_stream(tokenizer, n_tokens: int, seed: int = 0) -> torch.Tensor:
     Returns:
         A 1-D long tensor of at least ``n_tokens`` ids.
     """
-    sampler = RowSampler(tokenizer, length=256, seed=seed + 7919)
+    sampler = RowSampler(tokenizer, length=256, seed=seed + HELD_OUT_SEED_OFFSET)
     out: List[int] = []
     i = 0
     while len(out) < n_tokens:
@@ -306,13 +308,13 @@ def niah_stream(tokenizer, target_length: int, n_windows: int, seed: int = 0,
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    tasks = list(tasks or niah_tasks.TASKS)
-    builder = niah_tasks.PromptBuilder(tokenizer, haystack="essay", chat_template="off")
+    tasks = list(tasks or niah.TASKS)
+    builder = niah.PromptBuilder(tokenizer, haystack="essay", chat_template="off")
     rows = []
     for i in range(n_windows):
         task = tasks[i % len(tasks)]
         rng = random.Random(f"{split}|{seed}|{i}")
-        n_values = 1 if task in ("single", "multikey") else niah_tasks.NUM_NEEDLES
+        n_values = 1 if task in ("single", "multikey") else niah.NUM_NEEDLES
         n_ans = len(tokenizer(answer_text(["1000000"] * n_values), add_special_tokens=False)["input_ids"]) + 1
         s = builder.build(task, target_length - n_ans, rng.random(), seed=TRAIN_SEED_OFFSET + seed + SPLITS[split],
                           trial=i)

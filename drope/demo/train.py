@@ -220,7 +220,7 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
         ValueError: an unknown variant.
     """
     from ..hf.convert import to_drope
-    from .corpus import RowSampler, train_tokenizer
+    from .corpus import HELD_OUT_SEED_OFFSET, RowSampler, train_tokenizer
 
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
@@ -234,7 +234,7 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
     tokenizer = train_tokenizer(recipe.vocab_size, seed=recipe.seed)
     tokenizer.save_pretrained(out / "tokenizer")
     sampler = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed)
-    probe_rows = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed + 7919).batch(0, 32)
+    probe_rows = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed + HELD_OUT_SEED_OFFSET).batch(0, 32)
     probe = {k: v.to(device) for k, v in probe_rows.items()}
     warmup = max(1, round(recipe.warmup * recipe.steps))
     log: List[Dict[str, object]] = []
@@ -298,6 +298,9 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``drope train-mini``."""
+    from ..niah import DefaultsHelpFormatter
+
+    parser.formatter_class = DefaultsHelpFormatter
     d = Recipe()
     parser.add_argument("--out", required=True, help="output directory (rope/, nope/, drope/, tokenizer/, manifest.json)")
     parser.add_argument("--size", default=d.size, choices=tuple(SIZES), help="model size (tiny: for tests)")
@@ -315,7 +318,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-windows", type=int, default=d.fit_windows, help="held-out prompts for the temperature fit")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="log loss and answer accuracy every N steps")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of rope, nope, drope")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", default="auto",
+                        help="torch CPU threads: N, or auto (OMP_NUM_THREADS when set, else the cores not busy now)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of data, initialisation and tokenizer")
     parser.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:N")
 
@@ -326,11 +330,14 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 on success, 2 on bad input.
     """
+    from ..niah import choose_threads
+
     try:
+        threads = choose_threads(args.threads)
         recipe = Recipe(size=args.size, train_length=args.train_length, steps=args.steps, batch=args.batch, lr=args.lr,
                         recal_lr=args.recal_lr, recal_fraction=args.recal_fraction, answer_weight=args.answer_weight,
                         vocab_size=args.vocab_size, seed=args.seed, fit_factor=args.fit_factor,
-                        fit_windows=args.fit_windows, eval_every=args.eval_every, threads=args.threads,
+                        fit_windows=args.fit_windows, eval_every=args.eval_every, threads=threads,
                         device=args.device)
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         manifest = train_all(recipe, Path(args.out), variants)

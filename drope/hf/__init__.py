@@ -1,8 +1,8 @@
 """Hugging Face integration: the "drope_triton" attention, DroPE model classes, conversion, temperature.
 
-Importing this package (``import drope`` does) registers ``"drope_triton"`` with transformers'
-``AttentionInterface`` / ``AttentionMaskInterface`` and the ``llama_drope`` / ``qwen2_drope`` /
-``qwen3_drope`` model types with the Auto classes.
+Importing this package registers ``"drope_triton"`` with transformers' ``AttentionInterface`` /
+``AttentionMaskInterface`` and the ``llama_drope`` / ``qwen2_drope`` / ``qwen3_drope`` model types
+with the Auto classes; ``import drope`` imports it as soon as transformers is imported.
 """
 
 from . import attention, modeling

@@ -1,4 +1,4 @@
-"""DroPE model classes for Llama (SmolLM, SmolLM3 and Mistral convert to it), Qwen2, Qwen3 and Gemma.
+"""DroPE model classes for Llama (SmolLM included; SmolLM3 and Mistral convert to it), Qwen2, Qwen3 and Gemma.
 
 A DroPE model is its RoPE family's model with RoPE removed and an optional QK-norm:
 
@@ -15,12 +15,15 @@ Keys are cached normalised. With ``attn_implementation="drope_triton"`` the per-
 the temperature run inside the kernel; with ``"eager"``/``"sdpa"`` the same model applies them in
 torch (the reference path). The model types ``llama_drope``, ``qwen2_drope`` (SakanaAI's) and
 ``qwen3_drope`` are registered with ``AutoConfig``, ``AutoModel`` and ``AutoModelForCausalLM``.
+
+Every per-family class is built from one row of :data:`FAMILIES` (see :class:`Family`).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -40,11 +43,12 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2For
 from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
 
+from .. import reference
 from .attention import ATTN_IMPLEMENTATION
 from .temperature import temperature_rows, validate_temperature
 
 __all__ = [
-    "ATTENTION_TYPES", "QK_NORM_TYPES", "DropeAttention", "DropeRMSNorm",
+    "ATTENTION_TYPES", "QK_NORM_TYPES", "FAMILIES", "Family", "DropeAttention", "DropeRMSNorm",
     "LlamaDropeConfig", "LlamaDropeModel", "LlamaDropeForCausalLM",
     "Qwen2DropeConfig", "Qwen2DropeModel", "Qwen2DropeForCausalLM",
     "Qwen3DropeConfig", "Qwen3DropeModel", "Qwen3DropeForCausalLM",
@@ -78,71 +82,10 @@ def check_drope_config(config) -> None:
                          f"(layer_types={list(layer_types)}, use_sliding_window={getattr(config, 'use_sliding_window', None)})")
 
 
-def _init_drope_fields(config, attention_type, qk_norm_type, drope_temperature) -> None:
-    config.attention_type = attention_type
-    config.qk_norm_type = qk_norm_type
-    config.drope_temperature = None if drope_temperature is None else validate_temperature(drope_temperature)
-
-
-class LlamaDropeConfig(LlamaConfig):
-    """Config of a Llama-family DroPE model (``model_type`` ``llama_drope``, SakanaAI's format).
-
-    Args:
-        attention_type: ``"nope"``, ``"qk_norm_nope"``, ``"q_norm_nope"`` or ``"k_norm_nope"``.
-        qk_norm_type: ``"full"`` (over all heads, SakanaAI's) or ``"head"`` (per head).
-        drope_temperature: None or ``{"mode", "coef", "train_length"}``.
-        **kwargs: the Llama config fields.
-    """
-
-    model_type = "llama_drope"
-
-    def __init__(self, attention_type: str = "nope", qk_norm_type: str = "full",
-                 drope_temperature: Optional[dict] = None, **kwargs):
-        _init_drope_fields(self, attention_type, qk_norm_type, drope_temperature)
-        super().__init__(**kwargs)
-        check_drope_config(self)
-
-
-class Qwen2DropeConfig(Qwen2Config):
-    """Config of a Qwen2 DroPE model (``model_type`` ``qwen2_drope``, SakanaAI's format); fields as
-    :class:`LlamaDropeConfig`."""
-
-    model_type = "qwen2_drope"
-
-    def __init__(self, attention_type: str = "nope", qk_norm_type: str = "full",
-                 drope_temperature: Optional[dict] = None, **kwargs):
-        _init_drope_fields(self, attention_type, qk_norm_type, drope_temperature)
-        super().__init__(**kwargs)
-        check_drope_config(self)
-
-
-class Qwen3DropeConfig(Qwen3Config):
-    """Config of a Qwen3 DroPE model (``model_type`` ``qwen3_drope``); defaults keep Qwen3's per-head
-    QK-norm (``attention_type="qk_norm_nope"``, ``qk_norm_type="head"``)."""
-
-    model_type = "qwen3_drope"
-
-    def __init__(self, attention_type: str = "qk_norm_nope", qk_norm_type: str = "head",
-                 drope_temperature: Optional[dict] = None, **kwargs):
-        _init_drope_fields(self, attention_type, qk_norm_type, drope_temperature)
-        super().__init__(**kwargs)
-        check_drope_config(self)
-
-
-class GemmaDropeConfig(GemmaConfig):
-    """Config of a Gemma (v1) DroPE model (``model_type`` ``gemma_drope``); fields as :class:`LlamaDropeConfig`."""
-
-    model_type = "gemma_drope"
-
-    def __init__(self, attention_type: str = "nope", qk_norm_type: str = "full",
-                 drope_temperature: Optional[dict] = None, **kwargs):
-        _init_drope_fields(self, attention_type, qk_norm_type, drope_temperature)
-        super().__init__(**kwargs)
-        check_drope_config(self)
-
-
 class DropeRMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in fp32 (as transformers' Llama/Qwen norms)."""
+    """The QK-norm module: :func:`drope.reference.rms_norm` over the last dim in fp32 (weight included,
+    as in the kernel's prologue), back in the input's dtype. ``weight`` is (Hq*D,) / (Hkv*D,) for the
+    all-heads norm, (D,) per head."""
 
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()
@@ -150,10 +93,7 @@ class DropeRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.to(torch.float32)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * xf.to(dtype)
+        return reference.rms_norm(x.float(), self.weight.float(), self.variance_epsilon).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -262,26 +202,43 @@ class _NoRotary(nn.Module):
         return None
 
 
-_FAMILIES = {
-    # family: (decoder layer, q/k/v bias, o bias)
-    "llama": (LlamaDecoderLayer, lambda c: bool(c.attention_bias), lambda c: bool(c.attention_bias)),
-    "qwen2": (Qwen2DecoderLayer, lambda c: True, lambda c: False),
-    "qwen3": (Qwen3DecoderLayer, lambda c: bool(c.attention_bias), lambda c: bool(c.attention_bias)),
-    "gemma": (GemmaDecoderLayer, lambda c: bool(c.attention_bias), lambda c: bool(c.attention_bias)),
-}
+def _attention_bias(config) -> bool:
+    return bool(config.attention_bias)
 
 
-def _make_nope(backbone: nn.Module, config, family: str) -> None:
-    """Swap every layer's attention for :class:`DropeAttention` and remove the RoPE module."""
-    check_drope_config(config)
-    _, qkv_bias, o_bias = _FAMILIES[family]
-    for i, layer in enumerate(backbone.layers):
-        layer.self_attn = DropeAttention(config, i, qkv_bias=qkv_bias(config), o_bias=o_bias(config))
-    backbone.rotary_emb = _NoRotary()
+@dataclass(frozen=True)
+class Family:
+    """A RoPE family a DroPE model derives from: its transformers classes and what differs in DroPE.
+
+    The table :data:`FAMILIES` drives everything per family: the config, backbone and causal-LM
+    classes (``<title>DropeConfig`` etc., ``model_type`` ``<name>_drope``), :data:`DROPE_CLASSES`
+    for ``to_drope``, and the Auto-class registration. A new family is one row (and its three names).
+    """
+
+    name: str  # the RoPE model_type
+    title: str  # class-name prefix
+    config: type
+    model: type
+    causal_lm: type
+    decoder_layer: type
+    qkv_bias: Callable[[object], bool]
+    o_bias: Callable[[object], bool]
+    attention_type: str = "nope"  # config defaults
+    qk_norm_type: str = "full"
 
 
-def _records(family: str) -> dict:
-    return {"hidden_states": _FAMILIES[family][0], "attentions": DropeAttention}
+FAMILIES = (
+    Family("llama", "Llama", LlamaConfig, LlamaModel, LlamaForCausalLM, LlamaDecoderLayer,
+           _attention_bias, _attention_bias),
+    Family("qwen2", "Qwen2", Qwen2Config, Qwen2Model, Qwen2ForCausalLM, Qwen2DecoderLayer,
+           lambda c: True, lambda c: False),
+    # Qwen3 keeps its trained per-head QK-norm by default
+    Family("qwen3", "Qwen3", Qwen3Config, Qwen3Model, Qwen3ForCausalLM, Qwen3DecoderLayer,
+           _attention_bias, _attention_bias, attention_type="qk_norm_nope", qk_norm_type="head"),
+    # Gemma (v1): Llama's attention; its (1 + w) layer norms and scaled embeddings stay Gemma's
+    Family("gemma", "Gemma", GemmaConfig, GemmaModel, GemmaForCausalLM, GemmaDecoderLayer,
+           _attention_bias, _attention_bias),
+)
 
 
 class _DynamicAttention:
@@ -292,120 +249,89 @@ class _DynamicAttention:
     def _can_set_attn_implementation(cls) -> bool:
         return True
 
+    def _get_stopping_criteria(self, *args, **kwargs):
+        # a NoPE model has no position limit: no "exceeded the model's predefined maximum length" reminder
+        from transformers.generation.stopping_criteria import MaxLengthCriteria
 
-class LlamaDropeModel(_DynamicAttention, LlamaModel):
-    """Llama backbone without RoPE (see :mod:`drope.hf.modeling`)."""
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for c in criteria:
+            if isinstance(c, MaxLengthCriteria):
+                c.max_position_embeddings = None
+        return criteria
 
-    config_class = LlamaDropeConfig
-    _can_record_outputs = _records("llama")
 
-    def __init__(self, config: LlamaDropeConfig):
-        super().__init__(config)
-        _make_nope(self, config, "llama")
+def _config_class(family: Family) -> type:
+    def __init__(self, attention_type: str = family.attention_type, qk_norm_type: str = family.qk_norm_type,
+                 drope_temperature: Optional[dict] = None, **kwargs):
+        self.attention_type = attention_type
+        self.qk_norm_type = qk_norm_type
+        self.drope_temperature = None if drope_temperature is None else validate_temperature(drope_temperature)
+        family.config.__init__(self, **kwargs)
+        check_drope_config(self)
+
+    doc = f"""Config of a {family.title} DroPE model (``model_type`` ``{family.name}_drope``).
+
+    Args:
+        attention_type: ``"nope"``, ``"qk_norm_nope"``, ``"q_norm_nope"`` or ``"k_norm_nope"``
+            (default ``{family.attention_type!r}``).
+        qk_norm_type: ``"full"`` (over all heads, SakanaAI's) or ``"head"`` (per head); default
+            ``{family.qk_norm_type!r}``.
+        drope_temperature: None or ``{{"mode", "coef", "train_length"}}``.
+        **kwargs: the {family.title} config fields.
+    """
+    return _new_class(f"{family.title}DropeConfig", (family.config,), doc, __init__=__init__,
+                      model_type=f"{family.name}_drope")
+
+
+def _model_classes(family: Family, config_cls: type) -> tuple:
+    records = {"hidden_states": family.decoder_layer, "attentions": DropeAttention}
+
+    def model_init(self, config):
+        family.model.__init__(self, config)
+        check_drope_config(config)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn = DropeAttention(config, i, qkv_bias=family.qkv_bias(config),
+                                             o_bias=family.o_bias(config))
+        self.rotary_emb = _NoRotary()
         self.post_init()
 
+    model_cls = _new_class(f"{family.title}DropeModel", (_DynamicAttention, family.model),
+                           f"{family.title} backbone without RoPE (see :mod:`drope.hf.modeling`).",
+                           __init__=model_init, config_class=config_cls, _can_record_outputs=records)
 
-class LlamaDropeForCausalLM(_DynamicAttention, LlamaForCausalLM):
-    """Llama / SmolLM DroPE causal LM (``model_type`` ``llama_drope``)."""
-
-    config_class = LlamaDropeConfig
-    _can_record_outputs = _records("llama")
-
-    def __init__(self, config: LlamaDropeConfig):
-        super().__init__(config)
-        self.model = LlamaDropeModel(config)
+    def lm_init(self, config):
+        family.causal_lm.__init__(self, config)
+        self.model = model_cls(config)
         self.post_init()
 
-
-class Qwen2DropeModel(_DynamicAttention, Qwen2Model):
-    """Qwen2 backbone without RoPE."""
-
-    config_class = Qwen2DropeConfig
-    _can_record_outputs = _records("qwen2")
-
-    def __init__(self, config: Qwen2DropeConfig):
-        super().__init__(config)
-        _make_nope(self, config, "qwen2")
-        self.post_init()
+    lm_cls = _new_class(f"{family.title}DropeForCausalLM", (_DynamicAttention, family.causal_lm),
+                        f"{family.title} DroPE causal LM (``model_type`` ``{family.name}_drope``).",
+                        __init__=lm_init, config_class=config_cls, _can_record_outputs=records)
+    return model_cls, lm_cls
 
 
-class Qwen2DropeForCausalLM(_DynamicAttention, Qwen2ForCausalLM):
-    """Qwen2 DroPE causal LM (``model_type`` ``qwen2_drope``)."""
-
-    config_class = Qwen2DropeConfig
-    _can_record_outputs = _records("qwen2")
-
-    def __init__(self, config: Qwen2DropeConfig):
-        super().__init__(config)
-        self.model = Qwen2DropeModel(config)
-        self.post_init()
+def _new_class(name: str, bases: tuple, doc: str, **namespace) -> type:
+    return type(name, bases, {"__module__": __name__, "__qualname__": name, "__doc__": doc, **namespace})
 
 
-class Qwen3DropeModel(_DynamicAttention, Qwen3Model):
-    """Qwen3 backbone without RoPE."""
-
-    config_class = Qwen3DropeConfig
-    _can_record_outputs = _records("qwen3")
-
-    def __init__(self, config: Qwen3DropeConfig):
-        super().__init__(config)
-        _make_nope(self, config, "qwen3")
-        self.post_init()
+def _family_classes(family: Family) -> tuple:
+    config_cls = _config_class(family)
+    return (config_cls, *_model_classes(family, config_cls))
 
 
-class Qwen3DropeForCausalLM(_DynamicAttention, Qwen3ForCausalLM):
-    """Qwen3 DroPE causal LM (``model_type`` ``qwen3_drope``)."""
+_CLASSES = {family.name: _family_classes(family) for family in FAMILIES}
+LlamaDropeConfig, LlamaDropeModel, LlamaDropeForCausalLM = _CLASSES["llama"]
+Qwen2DropeConfig, Qwen2DropeModel, Qwen2DropeForCausalLM = _CLASSES["qwen2"]
+Qwen3DropeConfig, Qwen3DropeModel, Qwen3DropeForCausalLM = _CLASSES["qwen3"]
+GemmaDropeConfig, GemmaDropeModel, GemmaDropeForCausalLM = _CLASSES["gemma"]
 
-    config_class = Qwen3DropeConfig
-    _can_record_outputs = _records("qwen3")
-
-    def __init__(self, config: Qwen3DropeConfig):
-        super().__init__(config)
-        self.model = Qwen3DropeModel(config)
-        self.post_init()
-
-
-class GemmaDropeModel(_DynamicAttention, GemmaModel):
-    """Gemma backbone without RoPE."""
-
-    config_class = GemmaDropeConfig
-    _can_record_outputs = _records("gemma")
-
-    def __init__(self, config: GemmaDropeConfig):
-        super().__init__(config)
-        _make_nope(self, config, "gemma")
-        self.post_init()
-
-
-class GemmaDropeForCausalLM(_DynamicAttention, GemmaForCausalLM):
-    """Gemma (v1) DroPE causal LM (``model_type`` ``gemma_drope``)."""
-
-    config_class = GemmaDropeConfig
-    _can_record_outputs = _records("gemma")
-
-    def __init__(self, config: GemmaDropeConfig):
-        super().__init__(config)
-        self.model = GemmaDropeModel(config)
-        self.post_init()
-
-
-# RoPE family model_type -> (DroPE config, DroPE causal LM, family)
-DROPE_CLASSES = {
-    "llama": (LlamaDropeConfig, LlamaDropeForCausalLM, "llama"),
-    "qwen2": (Qwen2DropeConfig, Qwen2DropeForCausalLM, "qwen2"),
-    "qwen3": (Qwen3DropeConfig, Qwen3DropeForCausalLM, "qwen3"),
-    "gemma": (GemmaDropeConfig, GemmaDropeForCausalLM, "gemma"),
-}
+# RoPE family model_type -> (DroPE config, DroPE causal LM, family name), for to_drope
+DROPE_CLASSES = {name: (config_cls, lm_cls, name) for name, (config_cls, _, lm_cls) in _CLASSES.items()}
 
 
 def register() -> None:
     """Register the DroPE configs and models with ``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM``."""
-    for config_cls, base_cls, lm_cls in (
-        (LlamaDropeConfig, LlamaDropeModel, LlamaDropeForCausalLM),
-        (Qwen2DropeConfig, Qwen2DropeModel, Qwen2DropeForCausalLM),
-        (Qwen3DropeConfig, Qwen3DropeModel, Qwen3DropeForCausalLM),
-        (GemmaDropeConfig, GemmaDropeModel, GemmaDropeForCausalLM),
-    ):
+    for config_cls, model_cls, lm_cls in _CLASSES.values():
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModel.register(config_cls, base_cls, exist_ok=True)
+        AutoModel.register(config_cls, model_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)

@@ -24,7 +24,7 @@ from ..validation import check_attention, split_scale
 from .attention_bwd import attention_backward
 from .qk_transform import packed_tables, qk_prologue
 from .toolkit import LN2_C, LOG2E, LOG2E_C, autotuned, check_device, compiled, dot_precision, launch, mm, \
-    named_strides, operand, padded_dim, tanh, upcast
+    named_strides, operand, padded_dim, tanh, tma_ok, upcast
 
 __all__ = ["attention"]
 
@@ -59,27 +59,39 @@ def _doc_index(CU, rows, N_DOCS, N_ITER):
 
 
 @triton.jit
-def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_vs, b_sc, softcap2, lo_i, hi_i, n_start, n_end,
-              SK, m_d, BN: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc, softcap2, lo_i, hi_i,
+              n_start, n_end, SK, BN: tl.constexpr, BD: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
+              D: tl.constexpr, USE_TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+              UPCAST: tl.constexpr):
     """Online-softmax update of one program's rows over key blocks [n_start, n_end), step BN.
 
-    ``p_k``/``p_v`` point at the [BN, BD] tiles of key row 0. Unmasked (MASKED=False) blocks lie
-    inside every row's interval [lo_i, hi_i) and inside [0, SK): no bounds, no mask, no -inf guard.
+    ``p_k``/``p_v`` are [Sk, D] tensor descriptors of the (batch, KV head) under USE_TMA (TMA
+    zero-fills rows past Sk and lanes past D), else base pointers whose tile addresses are rebuilt
+    from the block start each iteration (a loop-carried [BN, BD] pointer tile costs a register per
+    element). Unmasked (MASKED=False) blocks lie inside every row's interval [lo_i, hi_i) and inside
+    [0, SK): no bounds, no mask, no -inf guard.
     """
-    p_k += n_start.to(tl.int64) * stride_ks
-    p_v += n_start.to(tl.int64) * stride_vs
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
     for start_n in range(n_start, n_end, BN):
-        if MASKED:
-            o_n = start_n + tl.arange(0, BN)
+        o_n = start_n + tl.arange(0, BN)
+        if USE_TMA:
+            b_k = p_k.load([start_n, 0])  # [BN, BD]
+        else:
+            o_n64 = o_n.to(tl.int64)
+            p_kt = p_k + o_n64[:, None] * stride_ks + o_d[None, :] * stride_kd
+            p_vt = p_v + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd
+        if USE_TMA:
+            pass
+        elif MASKED:
             m_kv = (o_n < SK)[:, None]
             if PAD_D:
                 m_kv = m_kv & m_d[None, :]
-            b_k = tl.load(p_k, mask=m_kv, other=0.0)  # [BN, BD]
+            b_k = tl.load(p_kt, mask=m_kv, other=0.0)  # [BN, BD]
         elif PAD_D:
-            b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
+            b_k = tl.load(p_kt, mask=m_d[None, :], other=0.0)
         else:
-            b_k = tl.load(p_k)
+            b_k = tl.load(p_kt)
         b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
         if HAS_SOFTCAP:
             b_s = tanh(b_s * b_sc[:, None]) * softcap2
@@ -103,16 +115,16 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_vs, b_sc, softcap2
             b_p = tl.math.exp2(b_s * b_sc[:, None] - b_m_sub[:, None])
         b_alpha = tl.math.exp2(b_m - b_m_sub)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        if MASKED:
-            b_v = tl.load(p_v, mask=m_kv, other=0.0)  # [BN, BD]
+        if USE_TMA:
+            b_v = p_v.load([start_n, 0])  # [BN, BD]
+        elif MASKED:
+            b_v = tl.load(p_vt, mask=m_kv, other=0.0)  # [BN, BD]
         elif PAD_D:
-            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+            b_v = tl.load(p_vt, mask=m_d[None, :], other=0.0)
         else:
-            b_v = tl.load(p_v)
+            b_v = tl.load(p_vt)
         acc = mm(operand(b_p, b_v.dtype, UPCAST), b_v, acc * b_alpha[:, None], DOT_PREC, UPCAST)
         b_m = b_m_new
-        p_k += BN * stride_ks
-        p_v += BN * stride_vs
     return acc, b_l, b_m
 
 
@@ -128,7 +140,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # heads of one KV group run side by side (K/V reuse in L2); longest causal rows first (tail balance)
     i_bh = tl.program_id(0)
@@ -186,22 +198,27 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    o_n = tl.arange(0, BN).to(tl.int64)
-    p_k = K + i_b64 * stride_kb + i_hk64 * stride_kh + o_n[:, None] * stride_ks + o_d[None, :] * stride_kd
-    p_v = V + i_b64 * stride_vb + i_hk64 * stride_vh + o_n[:, None] * stride_vs + o_d[None, :] * stride_vd
+    p_k = K + i_b64 * stride_kb + i_hk64 * stride_kh
+    p_v = V + i_b64 * stride_vb + i_hk64 * stride_vh
+    if USE_TMA:
+        p_k = tl.make_tensor_descriptor(p_k, shape=[SK, D], strides=[stride_ks, 1], block_shape=[BN, BD])
+        p_v = tl.make_tensor_descriptor(p_v, shape=[SK, D], strides=[stride_vs, 1], block_shape=[BN, BD])
 
     # key blocks counted from lo_blk: [0, nb_a) masked, [nb_a, nb_b) seen by every row, [nb_b, nb_all) masked
     nb_all = (tl.maximum(hi_blk - lo_blk, 0) + BN - 1) // BN
     nb_a = tl.minimum((tl.maximum(full_lo - lo_blk, 0) + BN - 1) // BN, nb_all)
     nb_b = tl.maximum(nb_a, tl.minimum(tl.maximum(full_hi - lo_blk, 0) // BN, nb_all))
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_vs, b_sc, softcap2, lo_i, hi_i,
-                              lo_blk, lo_blk + nb_a * BN, SK, m_d, BN=BN, MASKED=True, PAD_D=PAD_D,
+    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
+                              softcap2, lo_i, hi_i,
+                              lo_blk, lo_blk + nb_a * BN, SK, BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA,
                               HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_vs, b_sc, softcap2, lo_i, hi_i,
-                              lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, m_d, BN=BN, MASKED=False, PAD_D=PAD_D,
+    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
+                              softcap2, lo_i, hi_i,
+                              lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, BN=BN, BD=BD, D=D, MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA,
                               HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_vs, b_sc, softcap2, lo_i, hi_i,
-                              lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, m_d, BN=BN, MASKED=True, PAD_D=PAD_D,
+    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
+                              softcap2, lo_i, hi_i,
+                              lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA,
                               HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
 
     if HAS_SINKS:
@@ -236,7 +253,10 @@ _TILES_FP32_D256 = [(64, 32, 4, 2)]
 def _tiles(dtype: torch.dtype, BD: int):
     if dtype == torch.float32:
         return _TILES_FP32_D256 if BD > 128 else _TILES_FP32
-    return _TILES_16BIT_D256 if BD > 128 else _TILES_16BIT
+    if BD > 128:
+        return _TILES_16BIT_D256
+    # 128x64 with 4 warps spills at D=128 (sm_90a, 248 B of stack): 8 warps only there
+    return _TILES_16BIT if BD <= 64 else [t for t in _TILES_16BIT if t != (128, 64, 4, 3)]
 
 
 def _config(tile) -> triton.Config:
@@ -321,7 +341,8 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm
         softcap2=cap * LOG2E if cap is not None else 0.0,
         D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, HAS_SCALE=opt.rows is not None,
         HAS_WINDOW=opt.window is not None, HAS_CHUNK=opt.chunk is not None, HAS_SINKS=sinks is not None,
-        HAS_SOFTCAP=cap is not None, STORE_LSE=return_lse, DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
+        HAS_SOFTCAP=cap is not None, STORE_LSE=return_lse, USE_TMA=tma_ok(k_hat, v),
+        DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
     )
     if block_sizes is None and compiled(q):
         grid = lambda meta: (B * HQ, triton.cdiv(SQ, meta["BM"]))  # noqa: E731

@@ -27,7 +27,8 @@ import triton.language as tl
 
 from .qk_transform import packed_tables, qk_epilogue, qk_prologue
 from ..validation import interpreter_enabled
-from .toolkit import LOG2E_C, dot_precision, launch, mm, named_strides, operand, padded_dim, tanh, upcast
+from .toolkit import LOG2E_C, dot_precision, launch, mm, named_strides, operand, padded_dim, phases, tanh, \
+    tma_ok, upcast
 
 __all__ = ["attention_backward"]
 
@@ -55,71 +56,131 @@ def _delta_kernel(
 
 @triton.jit
 def _visible(o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr):
-    """[BM, BN] mask of (query row, key row) pairs that exist and may attend."""
-    m = (o_m[:, None] < SQ) & (o_n[None, :] < SK)
+             HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, TRANS: tl.constexpr):
+    """Mask of (query row, key row) pairs that exist and may attend: [BM, BN], or [BN, BM] under TRANS."""
     if PACKED:
         b_dm = tl.load(DOC + o_m, mask=o_m < SQ, other=-1)
         b_dn = tl.load(DOC + o_n, mask=o_n < SK, other=-2)
-        m = m & (b_dm[:, None] == b_dn[None, :])
         pos_m = o_m - tl.load(DSTART + o_m, mask=o_m < SQ, other=0)
         pos_n = o_n - tl.load(DSTART + o_n, mask=o_n < SK, other=0)
     else:
         pos_m = o_m + (SK - SQ)
         pos_n = o_n
+    if TRANS:
+        pm, pn, om, on = pos_m[None, :], pos_n[:, None], o_m[None, :], o_n[:, None]
+    else:
+        pm, pn, om, on = pos_m[:, None], pos_n[None, :], o_m[:, None], o_n[None, :]
+    m = (om < SQ) & (on < SK)
+    if PACKED:
+        if TRANS:
+            m = m & (b_dm[None, :] == b_dn[:, None])
+        else:
+            m = m & (b_dm[:, None] == b_dn[None, :])
     if IS_CAUSAL:
-        m = m & (pos_n[None, :] <= pos_m[:, None])
+        m = m & (pn <= pm)
     if HAS_WINDOW:
-        m = m & (pos_n[None, :] > pos_m[:, None] - WINDOW)
+        m = m & (pn > pm - WINDOW)
     if HAS_CHUNK:
-        m = m & ((pos_n // CHUNK)[None, :] == (pos_m // CHUNK)[:, None])
+        m = m & (pn // CHUNK == pm // CHUNK)
     return m
 
 
 @triton.jit
-def _needs_mask(m0, n0, SQ, SK, DOC, WINDOW, CHUNK, BM: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                PACKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr):
-    """Whether the [BM, BN] block at (m0, n0) has any invisible pair (only such blocks pay for masking)."""
-    m_end = tl.minimum(m0 + BM, SQ)
-    n_end = tl.minimum(n0 + BN, SK)
-    ragged = (m_end - m0 < BM) | (n_end - n0 < BN)
+def _full_rows(n0, SQ, SK, DOC, DSTART, DEND, WINDOW, CHUNK, BN: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               PACKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr):
+    """Query rows [f_lo, f_hi) that see every key of the key block [n0, n0 + BN) (empty if none)."""
+    n1 = n0 + BN
+    ok = n1 <= SK
+    n_last = tl.minimum(n1, SK) - 1
     if PACKED:
-        d = tl.load(DOC + m0)
-        split = (tl.load(DOC + m_end - 1) != d) | (tl.load(DOC + n0) != d) | (tl.load(DOC + n_end - 1) != d)
-        ragged = ragged | split
+        ds = tl.load(DSTART + n0)
+        ok = ok & (tl.load(DOC + n0) == tl.load(DOC + n_last))
+        f_lo = ds
+        f_hi = tl.load(DEND + n0)
         if IS_CAUSAL:
-            ragged = ragged | (n0 + BN - 1 > m0)
-        if HAS_WINDOW or HAS_CHUNK:
-            ragged = ragged | (m0 >= 0)
-    else:
-        pos_first = m0 + (SK - SQ)
-        pos_last = m_end - 1 + (SK - SQ)
-        if IS_CAUSAL:
-            ragged = ragged | (n0 + BN - 1 > pos_first)
+            f_lo = n_last
         if HAS_WINDOW:
-            ragged = ragged | (n0 <= pos_last - WINDOW)
+            f_hi = tl.minimum(f_hi, n0 + WINDOW)
         if HAS_CHUNK:
-            ragged = ragged | (n0 // CHUNK != pos_last // CHUNK)
-    return ragged
+            c = (n0 - ds) // CHUNK
+            ok = ok & (c == (n_last - ds) // CHUNK)
+            f_hi = tl.minimum(f_hi, ds + (c + 1) * CHUNK)
+    else:
+        off = SK - SQ
+        f_lo = n0 * 0
+        f_hi = SQ
+        if IS_CAUSAL:
+            f_lo = n_last - off
+        if HAS_WINDOW:
+            f_hi = tl.minimum(f_hi, n0 + WINDOW - off)
+        if HAS_CHUNK:
+            c = n0 // CHUNK
+            ok = ok & (c == n_last // CHUNK)
+            f_hi = tl.minimum(f_hi, (c + 1) * CHUNK - off)
+    f_hi = tl.where(ok, f_hi, f_lo)
+    return f_lo, f_hi
 
 
 @triton.jit
-def _probs(b_q, b_k, b_lse2, b_sc, softcap, m0, n0, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK,
-           BM: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr,
-           HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-           DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Probabilities [BM, BN] of a block from the saved LSE, and d(logit)/d(q.k) per element (or row)."""
-    b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
-    if HAS_SOFTCAP:
-        b_t = tanh(b_s * (b_sc / softcap)[:, None])
-        b_p = tl.math.exp2(b_t * (softcap * LOG2E_C) - b_lse2[:, None])
-        b_dsdx = (1.0 - b_t * b_t) * b_sc[:, None]
+def _full_keys(m0, SQ, SK, DOC, DSTART, WINDOW, CHUNK, BM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               PACKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, DEND):
+    """Keys [f_lo, f_hi) seen by every row of the query block [m0, m0 + BM) (empty if none)."""
+    m1 = m0 + BM
+    ok = m1 <= SQ
+    m_last = tl.minimum(m1, SQ) - 1
+    if PACKED:
+        ds = tl.load(DSTART + m0)
+        ok = ok & (tl.load(DOC + m0) == tl.load(DOC + m_last))
+        f_lo = ds
+        f_hi = tl.load(DEND + m0)
+        if IS_CAUSAL:
+            f_hi = m0 + 1
+        if HAS_WINDOW:
+            f_lo = tl.maximum(f_lo, m_last - WINDOW + 1)
+        if HAS_CHUNK:
+            c = (m0 - ds) // CHUNK
+            ok = ok & (c == (m_last - ds) // CHUNK)
+            f_lo = tl.maximum(f_lo, ds + c * CHUNK)
     else:
-        b_p = tl.math.exp2(b_s * (b_sc * LOG2E_C)[:, None] - b_lse2[:, None])
-        b_dsdx = b_sc[:, None]
-    if _needs_mask(m0, n0, SQ, SK, DOC, WINDOW, CHUNK, BM, BN, IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK):
+        off = SK - SQ
+        f_lo = m0 * 0
+        f_hi = SK
+        if IS_CAUSAL:
+            f_hi = m0 + off + 1
+        if HAS_WINDOW:
+            f_lo = tl.maximum(f_lo, m_last + off - WINDOW + 1)
+        if HAS_CHUNK:
+            c = (m0 + off) // CHUNK
+            ok = ok & (c == (m_last + off) // CHUNK)
+            f_lo = tl.maximum(f_lo, c * CHUNK)
+    f_hi = tl.where(ok, f_hi, f_lo)
+    return f_lo, f_hi
+
+
+@triton.jit
+def _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED: tl.constexpr,
+           IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
+           HAS_SOFTCAP: tl.constexpr, TRANS: tl.constexpr):
+    """Probabilities of a block of raw products ``b_s`` (q.k) from the saved LSE, and d(logit)/d(q.k).
+
+    [BM, BN], or [BN, BM] under TRANS (row statistics then broadcast along axis 0). Only MASKED
+    blocks (some pair invisible, or past the ends) pay for the mask.
+    """
+    if TRANS:
+        b_lse2, b_sc = b_lse2[None, :], b_sc[None, :]
+    else:
+        b_lse2, b_sc = b_lse2[:, None], b_sc[:, None]
+    if HAS_SOFTCAP:
+        b_t = tanh(b_s * (b_sc / softcap))
+        b_p = tl.math.exp2(b_t * (softcap * LOG2E_C) - b_lse2)
+        b_dsdx = (1.0 - b_t * b_t) * b_sc
+    else:
+        b_p = tl.math.exp2(b_s * (b_sc * LOG2E_C) - b_lse2)
+        # per-row scales multiply dS here; a constant one multiplies dK / dQ once, at the end
+        b_dsdx = b_sc
+    if MASKED:
         b_p = tl.where(_visible(o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, IS_CAUSAL, PACKED, HAS_WINDOW,
-                                HAS_CHUNK), b_p, 0.0)
+                                HAS_CHUNK, TRANS), b_p, 0.0)
     return b_p, b_dsdx
 
 
@@ -138,6 +199,71 @@ def _row_stats(LSE, DELTA, SCALE, i_b, i_h, o_m64, m_m, stride_lb, stride_lh, st
     return b_lse2, b_delta, b_sc
 
 
+@triton.jit
+def _tile(P, desc, row0, o_r, N, stride_r, stride_d, o_d, m_d, USE_TMA: tl.constexpr, THREE_D: tl.constexpr,
+          i_h, BR: tl.constexpr, BD: tl.constexpr):
+    """A [BR, BD] tile of rows row0.. of a (rows, D) matrix: TMA (zero past N and D) or masked pointer loads."""
+    if USE_TMA:
+        if THREE_D:
+            b_x = tl.reshape(desc.load([i_h.to(tl.int32), row0, 0]), [BR, BD])
+        else:
+            b_x = desc.load([row0, 0])
+    else:
+        p = P + o_r.to(tl.int64)[:, None] * stride_r + o_d[None, :] * stride_d
+        b_x = tl.load(p, mask=(o_r < N)[:, None] & m_d[None, :], other=0.0)
+    return b_x
+
+
+@triton.jit
+def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0, o_n, i_b, i_h, o_d,
+                m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb, stride_lh, stride_ls, stride_rb,
+                stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK, scale, softcap, BM: tl.constexpr, BD: tl.constexpr,
+                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """dK and dV of one key block from the query block at m0 of head i_h (S^T = K Q^T orientation)."""
+    o_m = m0 + tl.arange(0, BM)
+    m_m = o_m < SQ
+    o_m64 = o_m.to(tl.int64)
+    b_q = _tile(p_q, d_q, m0, o_m, SQ, stride_qs, stride_qd, o_d, m_d, USE_TMA, True, i_h, BM, BD)  # [BM, BD]
+    b_do = _tile(p_do, d_do, m0, o_m, SQ, stride_dos, stride_dod, o_d, m_d, USE_TMA, True, i_h, BM, BD)
+    b_lse2, b_delta, b_sc = _row_stats(LSE, DELTA, SCALE, i_b, i_h, o_m64, m_m, stride_lb, stride_lh, stride_ls,
+                                       stride_rb, stride_rh, stride_rs, HQ, SQ, scale, BM, HAS_SCALE)
+    b_st = mm(b_k, tl.trans(b_q), None, DOT_PREC, UPCAST)  # [BN, BM]
+    b_pt, b_dsdx = _probs(b_st, b_lse2, b_sc, softcap, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED,
+                          IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, True)
+    if COMPUTE_DV:
+        b_dv = mm(operand(b_pt, b_do.dtype, UPCAST), b_do, b_dv, DOT_PREC, UPCAST)
+    if COMPUTE_DK:
+        b_dpt = mm(b_v, tl.trans(b_do), None, DOT_PREC, UPCAST)  # [BN, BM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        if HAS_SCALE or HAS_SOFTCAP:
+            b_dst = b_dst * b_dsdx
+        b_dk = mm(operand(b_dst, b_q.dtype, UPCAST), b_q, b_dk, DOT_PREC, UPCAST)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
+              stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN: tl.constexpr,
+              BD: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr,
+              HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ of one query block from the key block at n0."""
+    o_n = n0 + tl.arange(0, BN)
+    b_k = _tile(p_k, d_k, n0, o_n, SK, stride_ks, stride_kd, o_d, m_d, USE_TMA, False, 0, BN, BD)  # [BN, BD]
+    b_v = _tile(p_v, d_v, n0, o_n, SK, stride_vs, stride_vd, o_d, m_d, USE_TMA, False, 0, BN, BD)
+    b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
+    b_p, b_dsdx = _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED,
+                         IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, False)
+    b_dp = mm(b_do, tl.trans(b_v), None, DOT_PREC, UPCAST)  # [BM, BN]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    if HAS_SCALE or HAS_SOFTCAP:
+        b_ds = b_ds * b_dsdx
+    return mm(operand(b_ds, b_k.dtype, UPCAST), b_k, b_dq, DOT_PREC, UPCAST)
+
+
 @triton.jit(do_not_specialize=["SQ", "SK", "WINDOW", "CHUNK"])
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, SCALE, DK, DV, DOC, DSTART, DEND,
@@ -153,8 +279,9 @@ def _dkdv_kernel(
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # transposed orientation (S^T = K Q^T): P^T and dS^T are the A operands of dV and dK as they are
     i_bh, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = (i_bh // HKV).to(tl.int64), (i_bh % HKV).to(tl.int64)
     n0 = i_n * BN
@@ -167,6 +294,17 @@ def _dkdv_kernel(
     p_v = V + i_b * stride_vb + i_hk * stride_vh + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd
     b_k = tl.load(p_k, mask=m_nd, other=0.0)  # [BN, BD]
     b_v = tl.load(p_v, mask=m_nd, other=0.0)  # [BN, BD]
+    HQ = HKV * G
+    p_qb = Q + i_b * stride_qb
+    p_dob = DO + i_b * stride_dob
+    d_q = p_qb
+    d_do = p_dob
+    if USE_TMA:
+        # (Hq, Sq, D) descriptors of this batch row: every query head of the group through one each
+        d_q = tl.make_tensor_descriptor(p_qb, shape=[HQ, SQ, D], strides=[stride_qh, stride_qs, 1],
+                                        block_shape=[1, BM, BD])
+        d_do = tl.make_tensor_descriptor(p_dob, shape=[HQ, SQ, D], strides=[stride_doh, stride_dos, 1],
+                                         block_shape=[1, BM, BD])
     # query rows [lo, hi) that can see some key of this block
     n_last = tl.minimum(n0 + BN, SK) - 1
     if PACKED:
@@ -193,30 +331,34 @@ def _dkdv_kernel(
     lo = (lo // BM) * BM
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    f_lo, f_hi = _full_rows(n0, SQ, SK, DOC, DSTART, DEND, WINDOW, CHUNK, BN, IS_CAUSAL, PACKED, HAS_WINDOW,
+                            HAS_CHUNK)
+    ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BM)
     for g in range(G):
         i_h = i_hk * G + g
-        for m0 in range(lo, hi, BM):
-            o_m = m0 + tl.arange(0, BM)
-            m_m = o_m < SQ
-            m_md = m_m[:, None] & m_d[None, :]
-            o_m64 = o_m.to(tl.int64)
-            p_q = Q + i_b * stride_qb + i_h * stride_qh + o_m64[:, None] * stride_qs + o_d[None, :] * stride_qd
-            p_do = DO + i_b * stride_dob + i_h * stride_doh + o_m64[:, None] * stride_dos + o_d[None, :] * stride_dod
-            b_q = tl.load(p_q, mask=m_md, other=0.0)  # [BM, BD]
-            b_do = tl.load(p_do, mask=m_md, other=0.0)  # [BM, BD]
-            b_lse2, b_delta, b_sc = _row_stats(LSE, DELTA, SCALE, i_b, i_h, o_m64, m_m, stride_lb, stride_lh,
-                                               stride_ls, stride_rb, stride_rh, stride_rs, HKV * G, SQ, scale,
-                                               BM, HAS_SCALE)
-            b_p, b_dsdx = _probs(b_q, b_k, b_lse2, b_sc, softcap, m0, n0, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW,
-                                 CHUNK, BM, BN, IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, DOT_PREC,
-                                 UPCAST)
-            if COMPUTE_DV:
-                b_dv = mm(tl.trans(operand(b_p, b_do.dtype, UPCAST)), b_do, b_dv, DOT_PREC, UPCAST)
-            if COMPUTE_DK:
-                b_dp = mm(b_do, tl.trans(b_v), None, DOT_PREC, UPCAST)  # [BM, BN]
-                b_ds = b_p * (b_dp - b_delta[:, None]) * b_dsdx
-                b_dk = mm(tl.trans(operand(b_ds, b_q.dtype, UPCAST)), b_q, b_dk, DOT_PREC, UPCAST)
+        p_q = p_qb + i_h * stride_qh
+        p_do = p_dob + i_h * stride_doh
+        for m0 in range(lo, ph_a, BM):
+            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
+                                     o_n, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
+                                     stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
+                                     scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
+                                     HAS_CHUNK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC, UPCAST)
+        for m0 in range(ph_a, ph_b, BM):
+            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
+                                     o_n, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
+                                     stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
+                                     scale, softcap, BM, BD, False, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
+                                     HAS_CHUNK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC, UPCAST)
+        for m0 in range(ph_b, ph_end, BM):
+            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
+                                     o_n, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
+                                     stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
+                                     scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
+                                     HAS_CHUNK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC, UPCAST)
     if COMPUTE_DK:
+        if not (HAS_SCALE or HAS_SOFTCAP):
+            b_dk = b_dk * scale
         p_dk = DK + i_b * stride_dkb + i_hk * stride_dkh + o_n64[:, None] * stride_dks + o_d[None, :] * stride_dkd
         tl.store(p_dk, b_dk.to(DK.dtype.element_ty), mask=m_nd)
     if COMPUTE_DV:
@@ -237,7 +379,8 @@ def _dq_kernel(
     HQ, SQ, SK, WINDOW, CHUNK, scale, softcap,
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # the last query blocks see the most keys (causal): launch them first
     i_bh, i_m = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
@@ -256,6 +399,13 @@ def _dq_kernel(
     b_do = tl.load(p_do, mask=m_md, other=0.0)  # [BM, BD]
     b_lse2, b_delta, b_sc = _row_stats(LSE, DELTA, SCALE, i_b, i_h, o_m64, m_m, stride_lb, stride_lh, stride_ls,
                                        stride_rb, stride_rh, stride_rs, HQ, SQ, scale, BM, HAS_SCALE)
+    p_k = K + i_b * stride_kb + i_hk * stride_kh
+    p_v = V + i_b * stride_vb + i_hk * stride_vh
+    d_k = p_k
+    d_v = p_v
+    if USE_TMA:
+        d_k = tl.make_tensor_descriptor(p_k, shape=[SK, D], strides=[stride_ks, 1], block_shape=[BN, BD])
+        d_v = tl.make_tensor_descriptor(p_v, shape=[SK, D], strides=[stride_vs, 1], block_shape=[BN, BD])
     # key rows [lo, hi) visible to some row of this query block
     m_last = tl.minimum(m0 + BM, SQ) - 1
     if PACKED:
@@ -280,40 +430,48 @@ def _dq_kernel(
         if HAS_CHUNK:
             lo = tl.maximum(lo, ((m0 + (SK - SQ)) // CHUNK) * CHUNK)
     lo = (lo // BN) * BN
+    f_lo, f_hi = _full_keys(m0, SQ, SK, DOC, DSTART, WINDOW, CHUNK, BM, IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK,
+                            DEND)
+    ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    for n0 in range(lo, hi, BN):
-        o_n = n0 + tl.arange(0, BN)
-        m_nd = (o_n < SK)[:, None] & m_d[None, :]
-        o_n64 = o_n.to(tl.int64)
-        p_k = K + i_b * stride_kb + i_hk * stride_kh + o_n64[:, None] * stride_ks + o_d[None, :] * stride_kd
-        p_v = V + i_b * stride_vb + i_hk * stride_vh + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd
-        b_k = tl.load(p_k, mask=m_nd, other=0.0)  # [BN, BD]
-        b_v = tl.load(p_v, mask=m_nd, other=0.0)  # [BN, BD]
-        b_p, b_dsdx = _probs(b_q, b_k, b_lse2, b_sc, softcap, m0, n0, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK,
-                             BM, BN, IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, DOT_PREC, UPCAST)
-        b_dp = mm(b_do, tl.trans(b_v), None, DOT_PREC, UPCAST)  # [BM, BN]
-        b_ds = b_p * (b_dp - b_delta[:, None]) * b_dsdx
-        b_dq = mm(operand(b_ds, b_k.dtype, UPCAST), b_k, b_dq, DOT_PREC, UPCAST)
+    for n0 in range(lo, ph_a, BN):
+        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
+                         stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN, BD, True,
+                         IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+    for n0 in range(ph_a, ph_b, BN):
+        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
+                         stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN, BD, False,
+                         IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+    for n0 in range(ph_b, ph_end, BN):
+        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
+                         stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN, BD, True,
+                         IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+    if not (HAS_SCALE or HAS_SOFTCAP):
+        b_dq = b_dq * scale
     p_dq = DQ + i_b * stride_dqb + i_h * stride_dqh + o_m64[:, None] * stride_dqs + o_d[None, :] * stride_dqd
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_md)
 
 
-def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional[int]) -> Tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for the dK/dV and dQ kernels.
+def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional[int], per_element: bool):
+    """Tiles ``(BM, BN, num_warps, num_stages)`` of the dK/dV kernel and of the dQ kernel.
 
-    TODO(issue 13): per-D tiles checked by the compile inspector; these are hand-picked sizes.
+    dK/dV holds a wide key block and walks narrow query blocks, dQ the opposite. Chosen with the
+    sm_90a compile check (bf16, B1 H32 KV8 S8192), none spills: unmasked loops of 299 (dK/dV) and 262
+    (dQ) SASS instructions at D=64, 350 and 296 at D=128. ``per_element`` (a per-row scale or a
+    soft-cap multiplies dS element-wise) needs registers the D=128 dK/dV tile lacks: 16 query rows
+    there. At D=256 the dK/dV accumulators alone fill a warpgroup's registers: small mma.sync tiles.
+    Forced ``block_m`` / ``block_n`` (tests) apply to both kernels.
     """
-    if interpreter_enabled():
-        bm = min(64, max(16, triton.next_power_of_2(max(SQ, 1))))
-        bn = min(64, max(16, triton.next_power_of_2(max(SK, 1))))
-        warps, stages = 4, 1
-    elif BD <= 64:
-        bm, bn, warps, stages = 64, 64, 4, 2
-    elif BD <= 128:
-        bm, bn, warps, stages = 64, 64, 8, 2
-    else:
-        bm, bn, warps, stages = 32, 32, 8, 1
-    return block_m or bm, block_n or bn, warps, stages
+    if block_m or block_n or interpreter_enabled():
+        bm = block_m or min(64, max(16, triton.next_power_of_2(max(SQ, 1))))
+        bn = block_n or min(64, max(16, triton.next_power_of_2(max(SK, 1))))
+        tile = (bm, bn, 4, 1) if interpreter_enabled() else (bm, bn, 4, 2)
+        return tile, tile
+    if BD <= 64:
+        return (32, 128, 8, 3), (128, 32, 8, 3)
+    if BD <= 128:
+        return ((16, 128, 8, 3) if per_element else (32, 128, 8, 3)), (128, 32, 8, 3)
+    return (32, 32, 8, 2), (64, 32, 4, 2)
 
 
 def _row_block(S: int) -> int:
@@ -396,16 +554,17 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     q_hat = _hat(q, q_norm_weight, rope, pos, q_pos0, eps) if q_tf else q
     k_hat = _hat(k, k_norm_weight, rope, pos, 0, eps) if k_tf else k
 
-    BM, BN, warps, stages = _blocks(BD, SQ, SK, block_m, block_n)
+    (BM1, BN1, warps1, stages1), (BM2, BN2, warps2, stages2) = _blocks(BD, SQ, SK, block_m, block_n,
+                                                                 opt.rows is not None or opt.softcap is not None)
     common = dict(
         Q=q_hat, K=k_hat, V=v, DO=do, LSE=lse, DELTA=delta, SCALE=opt.rows, DOC=doc, DSTART=dstart, DEND=dend,
         **named_strides("q", q_hat, "bhsd"), **named_strides("k", k_hat, "bhsd"), **named_strides("v", v, "bhsd"),
         **named_strides("do", do, "bhsd"), **named_strides("l", lse, "bhs"), **named_strides("r", opt.rows, "bhs"),
         SQ=SQ, SK=SK, WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, scale=float(opt.scale),
-        softcap=float(opt.softcap or 0.0), G=HQ // HKV, D=D, BD=BD, BM=BM, BN=BN,
+        softcap=float(opt.softcap or 0.0), G=HQ // HKV, D=D, BD=BD,
         IS_CAUSAL=opt.causal, PACKED=cu is not None, HAS_SCALE=opt.rows is not None,
         HAS_WINDOW=opt.window is not None, HAS_CHUNK=opt.chunk is not None, HAS_SOFTCAP=opt.softcap is not None,
-        DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype), num_warps=warps, num_stages=stages,
+        DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype), USE_TMA=tma_ok(q_hat, k_hat, v, do),
     )
 
     dk = dv = dwk = None
@@ -414,7 +573,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         if need_k or need_wk:
             dk_buf = torch.empty((B, HKV, SK, D), device=dev, dtype=k.dtype if not k_tf else torch.float32)
         dv = torch.empty((B, HKV, SK, D), device=dev, dtype=v.dtype) if need_v else None
-        launch(_dkdv_kernel, (B * HKV, triton.cdiv(SK, BN)), role="attention", DK=dk_buf, DV=dv,
+        launch(_dkdv_kernel, (B * HKV, triton.cdiv(SK, BN1)), role="attention", DK=dk_buf, DV=dv,
+               BM=BM1, BN=BN1, num_warps=warps1, num_stages=stages1,
                **named_strides("dk", dk_buf, "bhsd"), **named_strides("dv", dv, "bhsd"),
                HKV=HKV, COMPUTE_DK=dk_buf is not None, COMPUTE_DV=need_v, **common)
         if dk_buf is not None:
@@ -426,7 +586,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dq = dwq = None
     if need_q or need_wq:
         dq_buf = torch.empty((B, HQ, SQ, D), device=dev, dtype=q.dtype if not q_tf else torch.float32)
-        launch(_dq_kernel, (B * HQ, triton.cdiv(SQ, BM)), role="attention", DQ=dq_buf,
+        launch(_dq_kernel, (B * HQ, triton.cdiv(SQ, BM2)), role="attention", DQ=dq_buf,
+               BM=BM2, BN=BN2, num_warps=warps2, num_stages=stages2,
                **named_strides("dq", dq_buf, "bhsd"), HQ=HQ, **common)
         if q_tf:
             dq, dwq = qk_epilogue(dq_buf, q, q_norm_weight, rope, pos, q_pos0, eps, need_dx=need_q, need_dw=need_wq)

@@ -36,11 +36,50 @@ import triton.language as tl
 
 from ..validation import check_decode, split_scale
 from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, check_device, dot_precision, launch, mm, named_strides, \
-    operand, padded_dim, tanh, upcast
+    operand, padded_dim, phases, tanh, tma_ok, upcast
 
 __all__ = ["decode_attention", "choose_num_splits"]
 
 MAX_GRID_Y = 65535
+
+
+@triton.jit
+def _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, start,
+                  end, hi, pos, lo_r, o_d, m_d, BN: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax of the packed rows over key tiles [start, end); MASKED tiles check pos / lo_r / hi."""
+    for n0 in range(start, end, BN):
+        o_n = n0 + tl.arange(0, BN)
+        if USE_TMA:
+            b_k = p_k.load([n0, 0])  # [BN, BD]
+            b_v = p_v.load([n0, 0])
+        else:
+            o_n64 = o_n.to(tl.int64)
+            m_kv = (o_n < hi)[:, None] & m_d[None, :]
+            b_k = tl.load(p_k + o_n64[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_kv, other=0.0)
+            b_v = tl.load(p_v + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_kv, other=0.0)
+        b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
+        if HAS_SOFTCAP:
+            b_s = tanh(b_s * b_sc[:, None]) * softcap2
+        else:
+            b_s = b_s * b_sc[:, None]  # log2 units
+        if MASKED:
+            vis = (o_n[None, :] <= pos[:, None]) & (o_n < hi)[None, :]
+            if HAS_LO:
+                vis = vis & (o_n[None, :] >= lo_r[:, None])
+            b_s = tl.where(vis, b_s, float("-inf"))
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            # rows that have seen no key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+            b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        else:
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            b_ref = b_m_new
+        b_p = tl.exp2(b_s - b_ref[:, None])
+        b_alpha = tl.exp2(b_m - b_ref)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = mm(operand(b_p, b_v.dtype, UPCAST), b_v, b_acc * b_alpha[:, None], DOT_PREC, UPCAST)
+        b_m = b_m_new
+    return b_acc, b_l, b_m
 
 
 # lengths, split counts and window sizes change from call to call: one compile for all of them
@@ -57,7 +96,8 @@ def _decode_split_kernel(
     HKV, SQ, SMAX, NUM_SPLITS, WINDOW, CHUNK,
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, ADD_SINKS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ADD_SINKS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -107,33 +147,26 @@ def _decode_split_kernel(
 
     p_k = K + i_b64 * stride_kb + i_hkv.to(tl.int64) * stride_kh
     p_v = V + i_b64 * stride_vb + i_hkv.to(tl.int64) * stride_vh
+    if USE_TMA:
+        # [L, D]: TMA zero-fills keys past the row's live length (never read stale cache slots)
+        p_k = tl.make_tensor_descriptor(p_k, shape=[tl.maximum(L, 1), D], strides=[stride_ks, 1], block_shape=[BN, BD])
+        p_v = tl.make_tensor_descriptor(p_v, shape=[tl.maximum(L, 1), D], strides=[stride_vs, 1], block_shape=[BN, BD])
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
-    for start in range(lo, hi, BN):
-        o_n = start + tl.arange(0, BN)
-        m_n = o_n < hi
-        o_n64 = o_n.to(tl.int64)
-        m_kv = m_n[:, None] & m_d[None, :]
-        b_k = tl.load(p_k + o_n64[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_kv, other=0.0)  # [BN, BD]
-        b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
-        if HAS_SOFTCAP:
-            b_s = tanh(b_s * b_sc[:, None]) * softcap2
-        else:
-            b_s = b_s * b_sc[:, None]  # log2 units
-        vis = (o_n[None, :] <= pos[:, None]) & m_n[None, :]
-        if HAS_WINDOW or HAS_CHUNK:
-            vis = vis & (o_n[None, :] >= lo_r[:, None])
-        b_s = tl.where(vis, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        # rows that have seen no key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_ref[:, None])
-        b_alpha = tl.exp2(b_m - b_ref)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = tl.load(p_v + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_kv, other=0.0)  # [BN, BD]
-        b_acc = mm(operand(b_p, b_v.dtype, UPCAST), b_v, b_acc * b_alpha[:, None], DOT_PREC, UPCAST)
-        b_m = b_m_new
+    # tiles seen whole by every packed row skip the mask; only the split's edges pay for it
+    f_lo = tl.max(tl.where(m_row, lo_r, 0), 0)
+    f_hi = tl.min(tl.where(m_row, pos + 1, SMAX), 0)
+    ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
+    b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
+                                    stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, BN, True, HAS_WINDOW or HAS_CHUNK,
+                                    HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+    b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
+                                    stride_vd, ph_a, ph_b, hi, pos, lo_r, o_d, m_d, BN, False, HAS_WINDOW or HAS_CHUNK,
+                                    HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+    b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
+                                    stride_vd, ph_b, ph_end, hi, pos, lo_r, o_d, m_d, BN, True, HAS_WINDOW or HAS_CHUNK,
+                                    HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
 
     if ADD_SINKS:
         # one split: the head's sink logit joins the denominator here (else in the merge)
@@ -258,7 +291,8 @@ def _blocks(G: int, SQ: int, BD: int):
     bm_cap = 64 if BD <= 128 else 32
     BM = min(bm_cap, max(16, triton.next_power_of_2(G * SQ)))
     BN = 64 if BD <= 128 else 32
-    return BM, BN, 4, 2
+    # three stages: two K/V tiles in flight while one is multiplied (decode is bound by HBM)
+    return BM, BN, 4, 3
 
 
 def _live_bound(cache_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int], SMAX: int) -> int:
@@ -326,7 +360,8 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, m
            HKV=HKV, SQ=SQ, SMAX=SMAX, NUM_SPLITS=splits, WINDOW=window or 0, CHUNK=chunk or 0,
            G=G, D=D, BD=BD, BM=BM, BN=BN, HAS_SEQLENS=cache_seqlens is not None, HAS_SCALE=rows is not None,
            HAS_WINDOW=window is not None, HAS_CHUNK=chunk is not None, HAS_SOFTCAP=softcap is not None,
-           ADD_SINKS=sinks is not None and splits == 1, DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
+           ADD_SINKS=sinks is not None and splits == 1, USE_TMA=tma_ok(k_cache, v_cache),
+           DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
            num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         rows_total = B * HQ * SQ

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validation import check_kernel_device, interpreter_enabled
+from ..validation import DeviceError, check_kernel_device, interpreter_enabled
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -58,6 +58,40 @@ def named_strides(prefix: str, t: Optional[torch.Tensor], dims: str) -> Dict[str
     return {f"stride_{prefix}{d}": s for d, s in zip(dims, strides(t, len(dims)))}
 
 
+def _tma_target(t: torch.Tensor) -> bool:
+    """Whether launches on ``t`` can use TMA descriptors: Hopper or newer, the interpreter, or recording."""
+    if t.device.type == "meta":
+        return is_recording()
+    if interpreter_enabled():
+        return t.device.type == "cpu"
+    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether every (B, H, S, D) tensor can be read through [S, D] TMA descriptors.
+
+    TMA needs a unit stride along D, 16-byte aligned bases and 16-byte multiples for the other
+    strides; anything else (a sliced or odd-strided view) takes the pointer path, with the same results.
+    """
+    if not hasattr(tl, "make_tensor_descriptor") or not _tma_target(tensors[0]):
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    if tensors[0].device.type == "cuda":
+        _ensure_allocator()
+    return True
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors live in a small global scratch: give Triton an allocator if none is set."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 @triton.jit
 def mm(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with fp32 accumulation; under UPCAST the operands are multiplied in fp32."""
@@ -72,6 +106,15 @@ def operand(x, dtype, UPCAST: tl.constexpr):
     if UPCAST:
         return x
     return x.to(dtype)
+
+
+@triton.jit
+def phases(lo, hi, f_lo, f_hi, B: tl.constexpr):
+    """Split the block starts lo, lo + B, ... < hi into masked [lo, a), unmasked [a, b), masked [b, hi)."""
+    n = tl.maximum(hi - lo + B - 1, 0) // B
+    a = tl.minimum((tl.maximum(f_lo - lo, 0) + B - 1) // B, n)
+    b = tl.maximum(a, tl.minimum(tl.maximum(f_hi - lo, 0) // B, n))
+    return lo + a * B, lo + b * B, lo + n * B
 
 
 @triton.jit
@@ -115,10 +158,27 @@ def compiled(t: torch.Tensor) -> bool:
 
 
 def check_device(t: torch.Tensor, op: str) -> None:
-    """``validation.check_kernel_device``, which also lets ``meta`` tensors through while recording."""
+    """``validation.check_kernel_device``, which also lets ``meta`` tensors through while recording.
+
+    Also catches ``TRITON_INTERPRET=1`` set after drope was imported: the kernels were then defined
+    as compiled GPU functions, and Triton would fail with "0 active drivers".
+    """
     if t.device.type == "meta" and is_recording():
         return
     check_kernel_device(t, op)
+    if t.device.type == "cpu" and not _defined_interpreted():
+        raise DeviceError(
+            f"drope.kernels.{op}: TRITON_INTERPRET=1 was set after drope was imported, so the kernels were "
+            "defined for a GPU and cannot run in Triton's interpreter; set it before the import (export "
+            "TRITON_INTERPRET=1 in the shell, or os.environ before `import drope`), or call "
+            f"drope.reference.{op}")
+
+
+def _defined_interpreted() -> bool:
+    """Whether this module's jit functions were defined under Triton's interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(mm, InterpretedFunction)
 
 
 def launch(kernel, grid, *, role: str, configs: Sequence[triton.Config] = (), **args) -> None:

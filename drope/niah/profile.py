@@ -1,15 +1,27 @@
-"""Measuring one NIAH request: wall time with device syncs, peak memory, memory estimates, traces."""
+"""Measuring one NIAH request: wall time with device syncs, peak memory, memory estimates, traces;
+and the CPU thread count of a long job."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Union
 
 import torch
 
+from ..validation import interpreter_enabled
+
 MB = 1024.0 ** 2
+# bytes per (Hq, L, L) score element on the drope.reference path: float32 logits, probabilities and
+# masked probabilities live at once
+_SCORE_BYTES_REFERENCE = 12
+# drope_triton on CPU without Triton's interpreter runs drope.reference today (one 16k request of the
+# mini DroPE model peaked at 7054 MiB, against 763 MiB with sdpa).
+# TODO(issue 17): "sdpa" once the HF layer's SDPA-based CPU path (the HF-zoo issue) lands.
+DROPE_TRITON_CPU_PATH = "reference"
 
 
 def synchronize(device: torch.device) -> None:
@@ -85,13 +97,38 @@ def available_memory_mb(device: torch.device) -> float:
     return float("inf")
 
 
-def estimate_memory_mb(config, length: int, new_tokens: int, dtype: torch.dtype, attn: str) -> Dict[str, float]:
+def attention_path(attn: str, device: torch.device) -> Dict[str, object]:
+    """What ``attn`` runs on ``device`` in a NIAH request, and how its memory grows with the length L.
+
+    Returns:
+        ``{"path": a short description, "quadratic": True when an (Hq, L, L) score matrix is
+        materialised, "slow": a reason when the path is far slower than the alternatives, else ""}``.
+    """
+    if attn == "eager":
+        return {"path": "eager (materialises the scores)", "quadratic": True, "slow": ""}
+    if attn == "drope_triton":
+        if interpreter_enabled():
+            return {"path": "drope's Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)", "quadratic": False,
+                    "slow": "Triton's interpreter runs every kernel program in Python"}
+        if device.type == "cuda":
+            return {"path": "drope's fused Triton kernels", "quadratic": False, "slow": ""}
+        if DROPE_TRITON_CPU_PATH == "reference":
+            return {"path": "drope.reference (the HF layer's CPU path: float32 scores)", "quadratic": True,
+                    "slow": "drope.reference materialises every score"}
+        return {"path": "the HF layer's SDPA-based CPU path", "quadratic": False, "slow": ""}
+    return {"path": attn, "quadratic": False, "slow": ""}
+
+
+def estimate_memory_mb(config, length: int, new_tokens: int, dtype: torch.dtype, attn: str,
+                       device: Union[torch.device, str] = "cuda") -> Dict[str, float]:
     """Rough memory a single request of ``length`` prompt tokens needs beyond the weights.
 
     KV cache: ``2 * layers * kv_heads * head_dim * (length + new_tokens)`` elements. Activations:
     the peak layer of the prefill (hidden states, Q/K/V, the MLP's three intermediate tensors),
-    plus the ``Hq * L^2`` score matrix (and an ``L^2`` mask) for ``eager`` attention, which
-    materializes them; the fused implementations need O(L). Logits: last position only.
+    plus, where :func:`attention_path` says ``attn`` materialises them on ``device``, the
+    ``Hq * L^2`` score matrices and ``L^2`` masks (``eager`` everywhere; ``drope_triton`` on CPU
+    without Triton's interpreter, which runs ``drope.reference``); the other paths need O(L).
+    Logits: last position only.
 
     Args:
         config: the model's ``PretrainedConfig`` (Llama-like fields).
@@ -99,6 +136,7 @@ def estimate_memory_mb(config, length: int, new_tokens: int, dtype: torch.dtype,
         new_tokens: tokens to generate.
         dtype: the model's dtype.
         attn: attention implementation name.
+        device: where the model runs.
 
     Returns:
         ``{"kv_cache_mb", "activations_mb", "total_mb"}``; total includes a 10 % margin.
@@ -115,8 +153,11 @@ def estimate_memory_mb(config, length: int, new_tokens: int, dtype: torch.dtype,
     total_len = length + new_tokens
     kv = 2.0 * layers * hkv * hd * total_len * elt
     act = float(length) * (4 * hidden + 3 * inter + (hq + 2 * hkv) * hd) * elt
+    scores = float(hq) * length * length
     if attn == "eager":
-        act += float(hq) * length * length * (2 * elt + 4) + float(length) * length * elt
+        act += scores * (2 * elt + 4) + float(length) * length * elt
+    elif attention_path(attn, torch.device(device))["quadratic"]:
+        act += scores * _SCORE_BYTES_REFERENCE + 2.0 * length * length  # + the boolean mask and its negation
     act += 2.0 * vocab * 4
     return {"kv_cache_mb": kv / MB, "activations_mb": act / MB, "total_mb": 1.1 * (kv + act) / MB}
 
@@ -132,3 +173,61 @@ def chrome_trace(path: Path, device: torch.device) -> Iterator[None]:
         yield
         synchronize(device)
     prof.export_chrome_trace(str(path))
+
+
+def choose_threads(spec: Union[str, int, None] = "auto") -> int:
+    """The number of torch CPU threads for a long job.
+
+    Args:
+        spec: an int >= 1 (or its string), or ``"auto"``/None: ``OMP_NUM_THREADS`` (or
+            ``MKL_NUM_THREADS``) when set, which torch already honours; otherwise the cores this
+            process may run on (``os.sched_getaffinity``) minus the one-minute load average
+            (rounded), at least 1. On a busy machine more threads than free cores are slower, not
+            faster (oversubscription).
+
+    Returns:
+        The thread count.
+
+    Raises:
+        ValueError: ``spec`` is neither ``"auto"`` nor a positive int; the message names ``--threads``.
+    """
+    if spec is None or str(spec).strip().lower() == "auto":
+        if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+            return torch.get_num_threads()
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            busy = 0.0
+        return max(1, cores - math.floor(busy + 0.5))
+    try:
+        n = 0 if isinstance(spec, bool) else int(str(spec).strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--threads must be auto or a positive int, got {spec!r}")
+    return n
+
+
+def set_threads(spec: Union[str, int, None] = "auto") -> int:
+    """``torch.set_num_threads(choose_threads(spec))``; returns the count (see :func:`choose_threads`)."""
+    n = choose_threads(spec)
+    torch.set_num_threads(n)
+    return n
+
+
+def machine() -> Dict[str, object]:
+    """The CPU side of the machine a measurement ran on: cores usable, threads, load average."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        load = None
+    return {"cpus": cores, "threads": torch.get_num_threads(), "loadavg": load}
+

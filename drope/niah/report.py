@@ -102,7 +102,8 @@ def format_table(run: Dict[str, object]) -> str:
     return "\n".join(text)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (plots are written, never shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,9 +112,60 @@ def _pyplot():
     return plt
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def series_style(i: int, n: int, octaves: float = 0.08) -> Dict[str, object]:
+    """Style of line ``i`` of ``n`` on a shared log2 x axis, so that series with equal values stay visible.
+
+    Each series gets its own marker and a small horizontal offset (``dx``, a factor to multiply x by:
+    ``octaves`` of an octave per step, centred on zero); earlier series are drawn wider and lower, so
+    a later series lying on top of them leaves them visible as a rim.
+
+    Returns:
+        ``{"dx", "marker", "color", "linewidth", "markersize", "zorder"}``.
+    """
+    return {
+        "dx": 2.0 ** ((i - (n - 1) / 2) * octaves),
+        "marker": MARKERS[i % len(MARKERS)], "color": f"C{i % 10}",
+        "linewidth": 1.2 + 1.6 * (n - 1 - i) / max(1, n - 1), "markersize": 4.5 + 3.0 * (n - 1 - i) / max(1, n - 1),
+        "zorder": 2 + i,
+    }
+
+
+def log2_length_axis(ax, lengths: Sequence[int], fmt=None) -> None:
+    """A log2 x axis over ``lengths`` (they double), one labelled tick per length, a little margin."""
+    fmt = fmt or _fmt_len
+    lengths = sorted(set(lengths))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [fmt(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlim(lengths[0] / 2 ** 0.4, lengths[-1] * 2 ** 0.4)
+
+
+def mark_train_length(ax, train_length: Optional[int], fmt=None):
+    """A dashed vertical line at the training length, when it lies on the x axis.
+
+    Returns:
+        ``(handle, label)`` for the legend (the label says where the length is when it is off the
+        axis, so the lengths keep the whole axis), or None without a training length.
+    """
+    if not train_length:
+        return None
+    fmt = fmt or _fmt_len
+    text = " ".join(str(fmt(train_length)).split())
+    style = dict(color="grey", linestyle="--", linewidth=1)
+    lo, hi = ax.get_xlim()
+    if lo <= train_length <= hi:
+        line = ax.axvline(train_length, zorder=1, **style)
+        return line, f"training length ({text})"
+    side = "left of" if train_length < lo else "right of"
+    return ax.plot([], [], **style)[0], f"training length {text}, {side} the axis"
+
+
 def plot_heatmaps(run: Dict[str, object], out_dir) -> List[Path]:
     """``heatmap_<task>.png``: accuracy over depth (rows) x length (columns), one file per task."""
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     paths = []
     for task in sorted({r["task"] for r in run["results"]}):
@@ -123,7 +175,8 @@ def plot_heatmaps(run: Dict[str, object], out_dir) -> List[Path]:
         grid = [[float("nan")] * len(lengths) for _ in depths]
         for r in rows:
             grid[depths.index(float(r["depth"]))][lengths.index(int(r["length"]))] = 100 * r["accuracy"]
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+        # a floor on the size keeps a one-cell map, its labels and colour bar readable
+        fig, ax = plt.subplots(figsize=(max(4.2, 1.6 + 0.9 * len(lengths)), max(2.8, 1.3 + 0.45 * len(depths))))
         im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [_fmt_len(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
@@ -132,7 +185,7 @@ def plot_heatmaps(run: Dict[str, object], out_dir) -> List[Path]:
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v == v:
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=9)
         ax.set_title(f"{task} — {run_label(run)}", fontsize=9)
         fig.colorbar(im, ax=ax, label="accuracy %")
         fig.tight_layout()
@@ -143,13 +196,21 @@ def plot_heatmaps(run: Dict[str, object], out_dir) -> List[Path]:
     return paths
 
 
-def plot_accuracy_vs_length(runs: Sequence[Dict[str, object]], path, train_length: Optional[int] = None) -> Path:
+def plot_accuracy_vs_length(runs: Sequence[Dict[str, object]], path, train_length: Optional[int] = None,
+                            length_label=None, title_suffix: str = "") -> Path:
     """Accuracy (averaged over depths) against length, one panel per task, one line per run.
+
+    Lengths are on a log2 axis spanning the lengths run; series with equal values are offset a
+    little sideways and carry distinct markers (:func:`series_style`); the legend sits inside the
+    figure, below the panels.
 
     Args:
         runs: results dicts (e.g. one per model or setting).
         path: PNG to write.
-        train_length: draws a vertical line at the training context length when given.
+        train_length: draws a dashed vertical line at the training context length when it is on
+            the axis, named in the legend (which says where it is when it is off the axis).
+        length_label: formats a length for the ticks (default ``4k`` style).
+        title_suffix: appended to each panel's title (e.g. the value type).
 
     Returns:
         ``path``.
@@ -159,24 +220,28 @@ def plot_accuracy_vs_length(runs: Sequence[Dict[str, object]], path, train_lengt
     """
     if not runs or not any(r["results"] for r in runs):
         raise ValueError("plot_accuracy_vs_length needs at least one run with results")
-    plt = _pyplot()
+    plt = pyplot()
     order = {t: i for i, t in enumerate(TASKS)}
     tasks = sorted({row["task"] for r in runs for row in r["results"]}, key=lambda t: (order.get(t, len(order)), t))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False, sharey=True)
+    labels = [run_label(r) for r in runs]
+    ncol = max(2, min(8, 2 * len(tasks)))
+    legend_rows = -(-(len(runs) + 1) // ncol)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(5.0, 3.6 * len(tasks)), 3.2 + 0.22 * legend_rows),
+                             squeeze=False, sharey=True, layout="constrained")
+    note = None
     for ax, task in zip(axes[0], tasks):
-        for i, run in enumerate(runs):
+        lengths = sorted({int(row["length"]) for r in runs for row in r["results"] if row["task"] == task})
+        log2_length_axis(ax, lengths, length_label)
+        for i, (run, label) in enumerate(zip(runs, labels)):
             pts = [(s["length"], 100 * s["accuracy"]) for s in summarize(run) if s["task"] == task]
             if pts:
+                st = series_style(i, len(runs))
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=run_label(run))
-        ax.set_xscale("log", base=2)
-        lengths = sorted({int(row["length"]) for r in runs for row in r["results"] if row["task"] == task})
-        ax.set_xticks(lengths, [_fmt_len(n) for n in lengths])
-        ax.minorticks_off()
-        if train_length:
-            ax.axvline(train_length, color="grey", linestyle=":", linewidth=1)
-        ax.set_ylim(-3, 103)
-        ax.set_title(task)
+                ax.plot([x * st["dx"] for x in xs], ys, marker=st["marker"], color=st["color"], label=label,
+                        linewidth=st["linewidth"], markersize=st["markersize"], zorder=st["zorder"])
+        note = mark_train_length(ax, train_length, length_label) or note
+        ax.set_ylim(-4, 104)
+        ax.set_title(task + title_suffix)
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy % (mean over depths)")
@@ -184,8 +249,10 @@ def plot_accuracy_vs_length(runs: Sequence[Dict[str, object]], path, train_lengt
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=min(4, len(handles)))
-    fig.tight_layout(rect=(0, 0.05 + 0.04 * ((len(handles) - 1) // 4), 1, 1))
+    if note:
+        handles[note[1]] = note[0]
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="outside lower center",
+               ncol=min(len(handles), ncol), frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

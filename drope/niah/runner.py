@@ -8,6 +8,8 @@ through ``drope.hf.temperature.set_temperature``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -16,14 +18,15 @@ import math
 import os
 import platform
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import profile as prof
-from .tasks import DEFAULT_MAX_NEW_TOKENS, TASKS, PromptBuilder, Sample, score
+from .tasks import DEFAULT_MAX_NEW_TOKENS, TASKS, VALUE_TYPES, PromptBuilder, Sample, score
 
 ATTN_IMPLEMENTATIONS = ("drope_triton", "sdpa", "eager", "flash_attention_2")
 ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
@@ -32,7 +35,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 # fields that must agree between a results.json and a run that resumes it
 IDENTITY_FIELDS = ("model", "trials", "attn", "rope_scaling", "temperature", "haystack", "chat_template",
-                   "dtype", "max_new_tokens", "seed")
+                   "value_type", "dtype", "max_new_tokens", "seed")
+# identity fields added later, with the value a run written before them used
+IDENTITY_DEFAULTS = {"value_type": "number"}
 
 
 class NIAHError(ValueError):
@@ -61,6 +66,7 @@ class RunConfig:
     temperature: Optional[str] = None
     haystack: str = "essay"
     chat_template: str = "auto"
+    value_type: str = "number"
     dtype: str = "auto"
     device: str = "auto"
     max_new_tokens: Optional[int] = None
@@ -84,6 +90,8 @@ class RunConfig:
             raise NIAHError(f"lengths must be positive token counts, got {self.lengths!r}")
         if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise NIAHError(f"depths must be fractions in [0, 1], got {self.depths!r}")
+        if self.value_type not in VALUE_TYPES:
+            raise NIAHError(f"value_type must be one of {', '.join(VALUE_TYPES)}, got {self.value_type!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise NIAHError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.rope_scaling is not None:
@@ -228,13 +236,9 @@ def available_attn_implementations() -> Dict[str, str]:
         out["flash_attention_2"] = "" if is_flash_attn_2_available() else "the flash-attn package is not installed"
     except ImportError:
         out["flash_attention_2"] = "transformers cannot check for flash-attn"
-    why = ""
-    try:
-        importlib.import_module("drope.hf")
-    except ImportError as e:
-        why = f"drope.hf cannot be imported ({e})"
+    importlib.import_module("drope.hf")  # registers drope_triton
     out["drope_triton"] = "" if "drope_triton" in ALL_ATTENTION_FUNCTIONS else (
-        why or "importing drope did not register it with transformers' AttentionInterface")
+        "importing drope did not register it with transformers' AttentionInterface")
     for name in ALL_ATTENTION_FUNCTIONS:
         out.setdefault(name, "")
     return out
@@ -267,19 +271,23 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
-def load_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
-    """Model and tokenizer from a local directory, with the run's attention, RoPE scaling, temperature.
+@contextlib.contextmanager
+def _transformers_progress_bars_off() -> Iterator[None]:
+    """No "Loading weights" bar from transformers inside the block; the previous setting is restored."""
+    from transformers.utils import logging as hf_logging
 
-    Returns:
-        ``(model, tokenizer, effective_rope_parameters)``.
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
-    Raises:
-        NIAHError: missing path, config or tokenizer; unusable attention; rejected RoPE scaling;
-            temperature requested without ``drope.hf.temperature``.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(cfg.model)
+def check_model_dir(model: str) -> Path:
+    """The model directory, or :class:`NIAHError` saying what a local model directory holds."""
+    path = Path(model)
     if not path.exists():
         raise NIAHError(
             f"--model: {path} does not exist; a local directory written by save_pretrained (config.json, "
@@ -287,7 +295,18 @@ def load_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
         )
     if not (path / "config.json").is_file():
         raise NIAHError(f"--model: {path} has no config.json; expected a directory written by save_pretrained")
-    check_attn(cfg.attn)
+    return path
+
+
+def load_tokenizer(model: str):
+    """The tokenizer saved beside a local model.
+
+    Raises:
+        NIAHError: missing directory or config, no usable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    path = check_model_dir(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError or TypeError depending on what is missing
@@ -297,25 +316,45 @@ def load_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
         ) from None
     if tokenizer is None or not callable(tokenizer):
         raise NIAHError(f"--model: no usable tokenizer in {path}")
+    return tokenizer
+
+
+def load_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, tokenizer=None):
+    """Model and tokenizer from a local directory, with the run's attention, RoPE scaling, temperature.
+
+    Args:
+        cfg: the run (model, attn, rope_scaling, temperature are read).
+        device, dtype: where and how to load the weights.
+        tokenizer: the model's tokenizer when already loaded (:func:`load_tokenizer`).
+
+    Returns:
+        ``(model, tokenizer, effective_rope_parameters)``.
+
+    Raises:
+        NIAHError: missing path, config or tokenizer; unusable attention; rejected RoPE scaling or
+            temperature.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from drope.hf.temperature import set_temperature
+
+    path = check_model_dir(cfg.model)
+    check_attn(cfg.attn)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     rope = apply_rope_scaling(config, cfg.rope_scaling) if cfg.rope_scaling else getattr(config, "rope_parameters", None)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, attn_implementation=cfg.attn, local_files_only=True
-        )
+        with _transformers_progress_bars_off():  # the sweep's own bar is the one bar of the job
+            model = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=dtype, attn_implementation=cfg.attn, local_files_only=True
+            )
     except (ValueError, ImportError, KeyError) as e:
         raise NIAHError(f"cannot load {path} with attn_implementation={cfg.attn!r}: {e}") from None
     model.to(device).eval()
     if cfg.temperature is not None:
-        spec = parse_temperature(cfg.temperature)
         try:
-            from drope.hf.temperature import set_temperature
-        except ImportError as e:
-            raise NIAHError(
-                f"--temperature needs drope.hf.temperature.set_temperature, which this installation lacks ({e})"
-            ) from None
-        try:
-            set_temperature(model, spec)
+            set_temperature(model, parse_temperature(cfg.temperature))
         except ValueError as e:
             raise NIAHError(f"--temperature {cfg.temperature}: {e}") from None
     return model, tokenizer, rope
@@ -418,25 +457,323 @@ def load_results(out_dir: Path) -> Optional[Dict[str, object]]:
     return data
 
 
-def _memory_check(cfg: RunConfig, model, device: torch.device, dtype: torch.dtype) -> None:
+class SlowPathWarning(UserWarning):
+    """The run takes an attention path far slower than the alternatives (the message says which to use)."""
+
+
+def kernels_interpreted() -> Optional[bool]:
+    """Whether drope's Triton kernels were defined under Triton's interpreter (None: none found).
+
+    Triton reads ``TRITON_INTERPRET`` when a ``@triton.jit`` function is defined, i.e. when drope is
+    imported; setting it afterwards leaves compiled kernels, which Triton cannot launch on CPU tensors
+    ("0 active drivers").
+    """
+    import sys
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("drope.kernels") and module is not None:
+            for value in vars(module).values():
+                if isinstance(value, (JITFunction, InterpretedFunction)):
+                    return isinstance(value, InterpretedFunction)
+    return None
+
+
+def check_attention_path(attn: str, device: torch.device) -> Dict[str, object]:
+    """What ``attn`` will run on ``device`` (:func:`drope.niah.profile.attention_path`), refusing the
+    interpreter trap and warning (:class:`SlowPathWarning`) about a path far slower than the others.
+
+    Raises:
+        NIAHError: ``drope_triton`` with ``TRITON_INTERPRET=1`` set after drope was imported.
+    """
+    path = prof.attention_path(attn, device)
+    if attn != "drope_triton" or not path["slow"]:
+        return path
+    if prof.interpreter_enabled():
+        compiled = kernels_interpreted() is False
+        if compiled and device.type == "cpu":
+            raise NIAHError(
+                "--attn drope_triton: TRITON_INTERPRET=1 was set after drope was imported, so its Triton kernels were "
+                "built for a GPU and cannot run on CPU tensors (Triton's \"0 active drivers\" error). Unset "
+                "TRITON_INTERPRET (the HF layer then takes its CPU path), or use --attn sdpa; set TRITON_INTERPRET=1 "
+                "before importing drope only to test the kernels (slow)"
+            )
+        what = ("makes drope's compiled kernels take their interpreter-only settings (untuned tiles, fp32 dots for "
+                "bf16)" if compiled else "runs drope's Triton kernels in Triton's interpreter, which executes every "
+                "kernel program in Python")
+        warnings.warn(
+            f"--attn drope_triton with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} exported {what}: not "
+            "what a measurement should run. The interpreter is meant for tests; for real runs unset it "
+            "(`env -u TRITON_INTERPRET drope niah ...`), or use --attn sdpa",
+            SlowPathWarning, stacklevel=3,
+        )
+    else:
+        warnings.warn(
+            f"--attn drope_triton on {device} runs {path['path']}: slower than --attn sdpa, and its memory grows with "
+            "the square of the length (README, 'Needle in a haystack', has the figures). On a CPU use --attn sdpa "
+            "(exact, O(L) memory)",
+            SlowPathWarning, stacklevel=3,
+        )
+    return path
+
+
+def check_memory(cfg: RunConfig, model, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse lengths whose estimated memory exceeds the budget, naming the implementations that would fit.
+
+    Raises:
+        NIAHError: with each length's estimate and what to change.
+    """
     avail = cfg.memory_budget_mb if cfg.memory_budget_mb is not None else prof.available_memory_mb(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / prof.MB
-    too_big = []
+    new = cfg.max_new_tokens or max(DEFAULT_MAX_NEW_TOKENS[t] for t in cfg.tasks)
+
+    def estimate(attn: str, length: int) -> Dict[str, float]:
+        return prof.estimate_memory_mb(model.config, length, new, dtype, attn, device)
+
+    too_big = [n for n in cfg.lengths if estimate(cfg.attn, n)["total_mb"] > avail]
+    if not too_big:
+        return
+    lines = []
+    for n in too_big:
+        est = estimate(cfg.attn, n)
+        lines.append(f"  length {n}: needs ~{est['total_mb']:.0f} MiB (KV cache {est['kv_cache_mb']:.0f} MiB + "
+                     f"activations {est['activations_mb']:.0f} MiB, +10 %)")
+    usable = available_attn_implementations()
+    others = [a for a in ("sdpa", "drope_triton", "flash_attention_2")
+              if a != cfg.attn and not usable.get(a, "missing") and (a != "flash_attention_2" or device.type == "cuda")]
+    fits = [a for a in others if all(estimate(a, n)["total_mb"] <= avail for n in too_big)]
+    where = "--memory-budget-mb" if cfg.memory_budget_mb is not None else f"free on {device}"
+    advice = "drop them from --lengths"
+    if fits:
+        advice += ", use " + " or ".join(f"--attn {a}" for a in fits) + f" (O(L) memory on {device.type}, fits them)"
+    raise NIAHError(
+        f"the model cannot fit these lengths with --attn {cfg.attn} on {device}, which runs "
+        f"{prof.attention_path(cfg.attn, device)['path']} ({avail:.0f} MiB {where}, weights {weights:.0f} MiB already "
+        "loaded):\n" + "\n".join(lines) + f"\n{advice}, or use a device with more memory"
+    )
+
+
+def check_model_settings(cfg: RunConfig) -> None:
+    """RoPE scaling and temperature against the model's config, before any weight is loaded.
+
+    Raises:
+        NIAHError: scaling a model without RoPE, rejected parameters, a temperature for a model that is
+            not a DroPE model, a bad temperature.
+    """
+    from transformers import AutoConfig
+
+    from drope.hf.temperature import validate_temperature
+
+    config = AutoConfig.from_pretrained(check_model_dir(cfg.model), local_files_only=True)
+    if cfg.rope_scaling:
+        apply_rope_scaling(copy.deepcopy(config), cfg.rope_scaling)
+    if cfg.temperature is not None:
+        model_type = str(getattr(config, "model_type", ""))
+        if not model_type.endswith("_drope"):
+            raise NIAHError(f"--temperature {cfg.temperature}: the softmax temperature applies to DroPE models "
+                            f"(model_type llama_drope / qwen2_drope / qwen3_drope); {cfg.model} is {model_type!r}: "
+                            "convert it with drope.to_drope first")
+        try:
+            validate_temperature(parse_temperature(cfg.temperature))
+        except ValueError as e:
+            raise NIAHError(f"--temperature {cfg.temperature}: {e}") from None
+
+
+def check_lengths(cfg: RunConfig, builder: PromptBuilder) -> None:
+    """Every (task, length) of the sweep can be built, before any weight is loaded.
+
+    Raises:
+        NIAHError: a length too short for a task; a short one also suggests the ``k`` suffix.
+    """
     for length in cfg.lengths:
-        new = cfg.max_new_tokens or max(DEFAULT_MAX_NEW_TOKENS[t] for t in cfg.tasks)
-        est = prof.estimate_memory_mb(model.config, length, new, dtype, cfg.attn)
-        if est["total_mb"] > avail:
-            too_big.append(
-                f"  length {length}: needs ~{est['total_mb']:.0f} MiB (KV cache {est['kv_cache_mb']:.0f} MiB + "
-                f"activations {est['activations_mb']:.0f} MiB, +10 %)"
-            )
-    if too_big:
-        where = "--memory-budget-mb" if cfg.memory_budget_mb is not None else f"free on {device}"
+        for task in cfg.tasks:
+            try:
+                builder.build(task, length, 0.0, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+            except ValueError as e:
+                hint = (f"; --lengths counts tokens (k = 1024): did you mean {length}k ({length * 1024} tokens)?"
+                        if length < 1024 else "")
+                raise NIAHError(f"--lengths: {e}{hint}") from None
+
+
+def resumed_rows(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -> List[Dict[str, object]]:
+    """The finished rows of ``out_dir/results.json`` to continue, or none.
+
+    Raises:
+        NIAHError: both flags, existing results without either, or resuming with different settings.
+    """
+    if resume and overwrite:
+        raise NIAHError("--resume and --overwrite exclude each other")
+    previous = load_results(out_dir)
+    if previous is None or overwrite:
+        return []
+    if not resume:
         raise NIAHError(
-            f"the model cannot fit these lengths with attn={cfg.attn} ({avail:.0f} MiB {where}, weights "
-            f"{weights:.0f} MiB already loaded):\n" + "\n".join(too_big) +
-            "\ndrop them from --lengths, use a fused attention (sdpa, drope_triton) or a larger device"
+            f"{out_dir / 'results.json'} already exists ({len(previous['results'])} results); pass --resume to "
+            "continue it or --overwrite to start over"
         )
+    old = previous["config"].get("identity", {})
+    diff = [k for k in IDENTITY_FIELDS if old.get(k, IDENTITY_DEFAULTS.get(k)) != cfg.identity()[k]]
+    if diff:
+        raise NIAHError(
+            f"--resume: {out_dir / 'results.json'} was written with different settings: "
+            + ", ".join(f"{k}={old.get(k)!r} (now {cfg.identity()[k]!r})" for k in diff)
+        )
+    return list(previous["results"])
+
+
+def run_record(cfg: RunConfig, model, device: torch.device, dtype: torch.dtype, rope, builder: PromptBuilder,
+               path: Dict[str, object]) -> Dict[str, object]:
+    """The ``config`` block of results.json: the settings, what they resolved to, and the machine."""
+    import transformers
+
+    return {
+        **dataclasses.asdict(cfg),
+        "label": cfg.label or default_label(cfg),
+        "identity": cfg.identity(),
+        "resolved_device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "resolved_dtype": str(dtype).replace("torch.", ""),
+        "attn_implementation": getattr(model.config, "_attn_implementation", cfg.attn),
+        "attention_path": path["path"],
+        "rope_parameters": rope,
+        "rope_type_in_model": sorted({str(m.rope_type) for m in model.modules() if hasattr(m, "rope_type")}),
+        "model_type": getattr(model.config, "model_type", None),
+        "drope_temperature": getattr(model.config, "drope_temperature", None),
+        "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+        "chat_template_used": builder.use_chat,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "machine": prof.machine(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+    }
+
+
+@dataclass
+class Scored:
+    """One measured request: its sample, generation, decoded prediction and score (computed once)."""
+
+    sample: Sample
+    generation: Generation
+    prediction: str
+    accuracy: float
+    partial: float
+
+
+def score_requests(samples: Sequence[Sample], gens: Sequence[Generation], tokenizer) -> List[Scored]:
+    """Decode and score each request once; the cell row and samples.jsonl both read the result."""
+    out = []
+    for s, g in zip(samples, gens):
+        pred = tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        out.append(Scored(s, g, pred, *score(pred, s.answers, s.meta.get("value_type", "number"))))
+    return out
+
+
+def cell_row(task: str, length: int, depth: float, scored: Sequence[Scored], trace_path) -> Dict[str, object]:
+    """The results.json row of one (task, length, depth) cell."""
+    gens = [r.generation for r in scored]
+    peaks = [g.peak_mem_mb for g in gens if g.peak_mem_mb is not None]
+    prefill_ms = _median([g.prefill_ms for g in gens])
+    row = {
+        "task": task, "length": length, "depth": depth, "trials": len(scored),
+        "accuracy": statistics.fmean(r.accuracy for r in scored),
+        "partial": statistics.fmean(r.partial for r in scored),
+        "prefill_ms": prefill_ms,
+        "decode_tok_s": _median([g.decode_tok_s for g in gens]),
+        "peak_mem_mb": max(peaks) if peaks else None,
+        "peak_mem_kind": gens[0].peak_mem_kind,
+        "prefill_tok_s": length / (prefill_ms / 1e3),
+        "new_tokens": statistics.fmean(len(g.token_ids) for g in gens),
+        "needle_token_index": [r.sample.needles[0].token_index for r in scored],
+    }
+    if trace_path is not None:
+        row["trace"] = str(trace_path)
+    return row
+
+
+def append_samples(path: Path, scored: Sequence[Scored]) -> None:
+    """One samples.jsonl line per request: the sample, its prediction, score and profile."""
+    with open(path, "a") as f:
+        for r in scored:
+            s, g = r.sample, r.generation
+            f.write(json.dumps({
+                "task": s.task, "length": s.length, "depth": s.depth, "trial": s.trial,
+                "query_keys": s.query_keys, "answers": s.answers, "prediction": r.prediction,
+                "accuracy": r.accuracy, "partial": r.partial,
+                "needles": [dataclasses.asdict(n) for n in s.needles],
+                "prefill_ms": g.prefill_ms, "decode_tok_s": g.decode_tok_s, "peak_mem_mb": g.peak_mem_mb,
+            }) + "\n")
+
+
+def measure_cell(model, samples: Sequence[Sample], eos: Sequence[int], device: torch.device, *, warmup: int,
+                 on_request, bar) -> List[Generation]:
+    """``warmup`` short unmeasured requests, then one measured greedy request per sample."""
+    for _ in range(warmup):
+        greedy_generate(model, samples[0].input_ids, min(4, samples[0].max_new_tokens), eos, device)
+    gens = []
+    for s in samples:
+        g = greedy_generate(model, s.input_ids, s.max_new_tokens, eos, device)
+        gens.append(g)
+        if on_request is not None:
+            on_request(s, g)
+        bar.update(1)
+    return gens
+
+
+def trace_request(model, sample: Sample, eos: Sequence[int], device: torch.device, out_dir: Path) -> Path:
+    """One more request of ``sample`` under ``torch.profiler``; returns the trace's path relative to ``out_dir``."""
+    rel = Path("traces") / f"{sample.task}-{sample.length}.json"
+    with prof.chrome_trace(out_dir / rel, device):
+        greedy_generate(model, sample.input_ids, sample.max_new_tokens, eos, device)
+    return rel
+
+
+def _out_of_memory(error: Exception, task: str, length: int, depth: float, device: torch.device,
+                   out_dir: Path, results: Dict[str, object]) -> SweepStopped:
+    """Record the error in results.json and return the exception that stops the sweep."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    results["errors"].append({"task": task, "length": length, "depth": depth,
+                              "error": f"out of memory: {error}".splitlines()[0]})
+    _write_json(out_dir / "results.json", results)
+    return SweepStopped(
+        f"out of memory at length {length} ({task}, depth {depth:g}); the results of the cells before it "
+        f"are in {out_dir / 'results.json'}; rerun without this length, or with --resume on a larger device",
+        results,
+    )
+
+
+def sweep(cfg: RunConfig, model, tokenizer, builder: PromptBuilder, device: torch.device, out_dir: Path,
+          results: Dict[str, object], *, progress: Optional[bool], on_request) -> None:
+    """Run every cell not yet in ``results``, appending its row and rewriting results.json after each."""
+    from tqdm.auto import tqdm
+
+    done = {cell_key(r) for r in results["results"]}
+    todo = [(L, t, d) for L in cfg.lengths for t in cfg.tasks for d in cfg.depths if (t, L, round(d, 6)) not in done]
+    eos = eos_token_ids(model, tokenizer)
+    bar = tqdm(total=len(todo) * cfg.trials, desc="niah", unit="req", disable=(not progress) if progress is not None else None)
+    warmed, traced = set(), set()
+    try:
+        for length, task, depth in todo:
+            bar.set_postfix_str(f"{task} {length} d={depth:g}")
+            samples = [builder.build(task, length, depth, seed=cfg.seed, trial=i, max_new_tokens=cfg.max_new_tokens)
+                       for i in range(cfg.trials)]
+            trace_path = None
+            try:
+                gens = measure_cell(model, samples, eos, device, warmup=0 if length in warmed else cfg.warmup,
+                                    on_request=on_request, bar=bar)
+                warmed.add(length)
+                if cfg.trace and (task, length) not in traced:
+                    trace_path = trace_request(model, samples[0], eos, device, out_dir)
+                    traced.add((task, length))
+            except torch.OutOfMemoryError as e:
+                raise _out_of_memory(e, task, length, depth, device, out_dir, results) from None
+            scored = score_requests(samples, gens, tokenizer)
+            results["results"].append(cell_row(task, length, depth, scored, trace_path))
+            append_samples(out_dir / "samples.jsonl", scored)
+            _write_json(out_dir / "results.json", results)
+    finally:
+        bar.close()
 
 
 def run(cfg: RunConfig, out_dir, *, resume: bool = False, overwrite: bool = False, progress: Optional[bool] = None,
@@ -444,7 +781,9 @@ def run(cfg: RunConfig, out_dir, *, resume: bool = False, overwrite: bool = Fals
     """Run the sweep, writing ``out_dir/results.json`` after every (task, length, depth) cell.
 
     Cells are run length by length (all tasks and depths at 4k before 8k), so an interrupted sweep
-    keeps every shorter length; ``resume=True`` skips the cells already in results.json.
+    keeps every shorter length; ``resume=True`` skips the cells already in results.json. Lengths are
+    checked against the tokenizer before the weights load, and against the memory estimate of
+    ``cfg.attn`` on the device before the first request.
 
     Args:
         cfg: the sweep.
@@ -459,149 +798,35 @@ def run(cfg: RunConfig, out_dir, *, resume: bool = False, overwrite: bool = Fals
 
     Raises:
         NIAHError: bad input (see :func:`load_model`), existing results without resume/overwrite,
-            resuming with different settings, lengths that cannot fit, lengths too short for a task.
+            resuming with different settings, lengths that cannot fit, lengths too short for a task,
+            ``drope_triton`` with ``TRITON_INTERPRET=1`` set after drope was imported.
         SweepStopped: out of memory part-way; the finished cells are saved.
+
+    Warns:
+        SlowPathWarning: ``drope_triton`` in Triton's interpreter or on its CPU reference path.
     """
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
-    if resume and overwrite:
-        raise NIAHError("--resume and --overwrite exclude each other")
-    previous = load_results(out_dir)
-    rows: List[Dict[str, object]] = []
-    if previous is not None and not overwrite:
-        if not resume:
-            raise NIAHError(
-                f"{out_dir / 'results.json'} already exists ({len(previous['results'])} results); pass --resume to "
-                "continue it or --overwrite to start over"
-            )
-        old = previous["config"].get("identity", {})
-        diff = [k for k in IDENTITY_FIELDS if old.get(k) != cfg.identity()[k]]
-        if diff:
-            raise NIAHError(
-                f"--resume: {out_dir / 'results.json'} was written with different settings: "
-                + ", ".join(f"{k}={old.get(k)!r} (now {cfg.identity()[k]!r})" for k in diff)
-            )
-        rows = list(previous["results"])
-
+    rows = resumed_rows(cfg, out_dir, resume=resume, overwrite=overwrite)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tokenizer, rope = load_model(cfg, device, dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    check_attn(cfg.attn)
+    path = check_attention_path(cfg.attn, device)
+    check_model_settings(cfg)
     try:
-        builder = PromptBuilder(tokenizer, haystack=cfg.haystack, chat_template=cfg.chat_template)
+        builder = PromptBuilder(tokenizer, haystack=cfg.haystack, chat_template=cfg.chat_template,
+                                value_type=cfg.value_type)
     except ValueError as e:
         raise NIAHError(str(e)) from None
-    for length in cfg.lengths:
-        for task in cfg.tasks:
-            try:
-                builder.build(task, length, 0.0, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
-            except ValueError as e:
-                raise NIAHError(str(e)) from None
-    _memory_check(cfg, model, device, dtype)
+    check_lengths(cfg, builder)
+    model, tokenizer, rope = load_model(cfg, device, dtype, tokenizer=tokenizer)
+    check_memory(cfg, model, device, dtype)
 
-    import transformers
-
-    config_out = {
-        **dataclasses.asdict(cfg),
-        "label": cfg.label or default_label(cfg),
-        "identity": cfg.identity(),
-        "resolved_device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "resolved_dtype": str(dtype).replace("torch.", ""),
-        "attn_implementation": getattr(model.config, "_attn_implementation", cfg.attn),
-        "rope_parameters": rope,
-        "rope_type_in_model": sorted({str(m.rope_type) for m in model.modules() if hasattr(m, "rope_type")}),
-        "model_type": getattr(model.config, "model_type", None),
-        "drope_temperature": getattr(model.config, "drope_temperature", None),
-        "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
-        "chat_template_used": builder.use_chat,
-        # on CPU, drope_triton runs Triton's interpreter when this is "1", else drope.reference (it warns)
-        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
-    }
     # errors of an earlier attempt are superseded by this one (a resumed cell runs again)
-    errors: List[Dict[str, object]] = []
+    results = {"config": run_record(cfg, model, device, dtype, rope, builder, path), "results": rows, "errors": []}
     out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         (out_dir / "samples.jsonl").unlink(missing_ok=True)
-    results = {"config": config_out, "results": rows, "errors": errors}
     _write_json(out_dir / "results.json", results)
-
-    done = {cell_key(r) for r in rows}
-    todo = [(L, t, d) for L in cfg.lengths for t in cfg.tasks for d in cfg.depths if (t, L, round(d, 6)) not in done]
-    eos = eos_token_ids(model, tokenizer)
-    bar = tqdm(total=len(todo) * cfg.trials, desc="niah", unit="req", disable=(not progress) if progress is not None else None)
-    warmed, traced = set(), set()
-    try:
-        for length, task, depth in todo:
-            bar.set_postfix_str(f"{task} {length} d={depth:g}")
-            samples = [builder.build(task, length, depth, seed=cfg.seed, trial=i, max_new_tokens=cfg.max_new_tokens)
-                       for i in range(cfg.trials)]
-            try:
-                if length not in warmed:
-                    for _ in range(cfg.warmup):
-                        greedy_generate(model, samples[0].input_ids, min(4, samples[0].max_new_tokens), eos, device)
-                    warmed.add(length)
-                gens = []
-                for s in samples:
-                    g = greedy_generate(model, s.input_ids, s.max_new_tokens, eos, device)
-                    gens.append(g)
-                    if on_request is not None:
-                        on_request(s, g)
-                    bar.update(1)
-                trace_path = None
-                if cfg.trace and (task, length) not in traced:
-                    trace_path = Path("traces") / f"{task}-{length}.json"
-                    with prof.chrome_trace(out_dir / trace_path, device):
-                        greedy_generate(model, samples[0].input_ids, samples[0].max_new_tokens, eos, device)
-                    traced.add((task, length))
-            except torch.OutOfMemoryError as e:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                errors.append({"task": task, "length": length, "depth": depth, "error": f"out of memory: {e}".splitlines()[0]})
-                _write_json(out_dir / "results.json", results)
-                raise SweepStopped(
-                    f"out of memory at length {length} ({task}, depth {depth:g}); the results of the cells before it "
-                    f"are in {out_dir / 'results.json'}; rerun without this length, or with --resume on a larger device",
-                    results,
-                ) from None
-            rows.append(_cell_row(task, length, depth, samples, gens, tokenizer, trace_path))
-            _append_samples(out_dir / "samples.jsonl", samples, gens, tokenizer)
-            _write_json(out_dir / "results.json", results)
-    finally:
-        bar.close()
+    sweep(cfg, model, tokenizer, builder, device, out_dir, results, progress=progress, on_request=on_request)
     return results
-
-
-def _cell_row(task, length, depth, samples, gens, tokenizer, trace_path) -> Dict[str, object]:
-    scores = [score(tokenizer.decode(g.token_ids, skip_special_tokens=True), s.answers) for s, g in zip(samples, gens)]
-    peaks = [g.peak_mem_mb for g in gens if g.peak_mem_mb is not None]
-    row = {
-        "task": task, "length": length, "depth": depth, "trials": len(samples),
-        "accuracy": statistics.fmean(a for a, _ in scores),
-        "partial": statistics.fmean(p for _, p in scores),
-        "prefill_ms": _median([g.prefill_ms for g in gens]),
-        "decode_tok_s": _median([g.decode_tok_s for g in gens]),
-        "peak_mem_mb": max(peaks) if peaks else None,
-        "peak_mem_kind": gens[0].peak_mem_kind,
-        "prefill_tok_s": length / (_median([g.prefill_ms for g in gens]) / 1e3),
-        "new_tokens": statistics.fmean(len(g.token_ids) for g in gens),
-        "needle_token_index": [s.needles[0].token_index for s in samples],
-    }
-    if trace_path is not None:
-        row["trace"] = str(trace_path)
-    return row
-
-
-def _append_samples(path: Path, samples: Sequence[Sample], gens: Sequence[Generation], tokenizer) -> None:
-    with open(path, "a") as f:
-        for s, g in zip(samples, gens):
-            pred = tokenizer.decode(g.token_ids, skip_special_tokens=True)
-            acc, partial = score(pred, s.answers)
-            f.write(json.dumps({
-                "task": s.task, "length": s.length, "depth": s.depth, "trial": s.trial,
-                "query_keys": s.query_keys, "answers": s.answers, "prediction": pred,
-                "accuracy": acc, "partial": partial,
-                "needles": [dataclasses.asdict(n) for n in s.needles],
-                "prefill_ms": g.prefill_ms, "decode_tok_s": g.decode_tok_s, "peak_mem_mb": g.peak_mem_mb,
-            }) + "\n")
