@@ -21,8 +21,10 @@ function then picks the kernel:
   documents as flash-attention reads them.
 
 Windows (``p - W < j <= p``, in cache slots as transformers counts them), GPT-OSS sinks (``s_aux``) and
-Gemma 2's ``softcap`` go to the kernels' ``window`` / ``sinks`` / ``softcap``. A window over a row whose
-real tokens are not one contiguous run (padding in the middle) has no kernel form and raises.
+Gemma 2's ``softcap`` go to the kernels' ``window`` / ``sinks`` / ``softcap``; chunks that start at
+multiples of the chunk size in the key slots (no padding) go to their ``chunk``, others become the
+documents / per-chunk calls above. A window over a row whose real tokens are not one contiguous run
+(padding in the middle) has no kernel form and raises.
 
 CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run :mod:`drope.kernels`; other CPU tensors
 run :mod:`drope.hf.sdpa_path`, an exact path on ``torch.nn.functional.scaled_dot_product_attention``.
