@@ -39,6 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import reference
 from ..validation import interpreter_enabled
 from . import sdpa_path
 
@@ -283,10 +284,7 @@ def _norm_rows(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> t
     """Per-head RMSNorm in fp32 (what the kernel does in its prologue), back in x's dtype."""
     if weight is None:
         return x
-    xf = x.float()
-    w = weight.float()
-    w = w[None, :, None, :] if w.dim() == 2 else w
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
+    return reference.rms_norm(x.float(), weight, eps).to(x.dtype)
 
 
 class _Call:

@@ -51,11 +51,7 @@ def _scale_tensor(softmax_scale, B: int, HQ: int, SQ: int, D: int, device, dtype
 
 def _rms(x, weight, eps):
     """Per-head RMSNorm in fp32 (fp64 for fp64 inputs), as the kernels' prologue."""
-    ct = _compute_dtype(x.dtype)
-    xf = x.to(ct)
-    w = weight.to(ct)
-    w = w[None, :, None, :] if w.dim() == 2 else w
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w
+    return reference.rms_norm(x.to(_compute_dtype(x.dtype)), weight, eps)
 
 
 def _prepare_q(q, softmax_scale, q_norm_weight, norm_eps):
