@@ -101,3 +101,60 @@ def tiny_tokenizer():
     fast.padding_side = "left"
     assert len(fast) <= VOCAB
     return fast
+
+
+# The zoo: decoder architectures of transformers that build from a tiny config, each with what it can switch
+# on (windows, chunks, sinks, soft-caps) set shorter than the ~24-token test prompts.
+ZOO_WINDOW = 7
+_ZOO_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2, tie_word_embeddings=False, attention_dropout=0.0)
+_MIXED = ["sliding_attention", "full_attention"]
+# model_type: (config overrides, what the drope_triton calls must receive: window / chunk / sinks / softcap)
+ZOO = {
+    "llama": ({}, set()),
+    "qwen2": (dict(use_sliding_window=True, sliding_window=ZOO_WINDOW, max_window_layers=0, layer_types=_MIXED),
+              {"window"}),
+    "qwen2_moe": (dict(use_sliding_window=True, sliding_window=ZOO_WINDOW, max_window_layers=0, layer_types=_MIXED,
+                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32), {"window"}),
+    "qwen3": (dict(use_sliding_window=True, sliding_window=ZOO_WINDOW, max_window_layers=0, layer_types=_MIXED),
+              {"window"}),
+    "mistral": (dict(sliding_window=ZOO_WINDOW), {"window"}),
+    "phimoe": (dict(sliding_window=ZOO_WINDOW, num_local_experts=4, num_experts_per_tok=2), {"window"}),
+    "starcoder2": (dict(sliding_window=ZOO_WINDOW), {"window"}),
+    "gemma": ({}, set()),
+    "gemma2": (dict(sliding_window=ZOO_WINDOW, layer_types=_MIXED, attn_logit_softcapping=2.0,
+                    final_logit_softcapping=5.0), {"window", "softcap"}),
+    "gemma3_text": (dict(sliding_window=ZOO_WINDOW, layer_types=_MIXED), {"window"}),
+    "cohere2": (dict(sliding_window=ZOO_WINDOW, layer_types=_MIXED), {"window"}),
+    "smollm3": (dict(use_sliding_window=True, sliding_window=ZOO_WINDOW, layer_types=_MIXED, no_rope_layers=[1, 0]),
+                {"window"}),
+    "llama4_text": (dict(attention_chunk_size=ZOO_WINDOW, no_rope_layers=[1, 0], num_local_experts=2,
+                         num_experts_per_tok=1, intermediate_size_mlp=96, interleave_moe_layer_step=2,
+                         attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5), {"chunk"}),
+    "gpt_oss": (dict(sliding_window=ZOO_WINDOW, layer_types=_MIXED, num_local_experts=4, num_experts_per_tok=2),
+                {"window", "sinks"}),
+    "olmo2": ({}, set()),
+    "olmo3": (dict(sliding_window=ZOO_WINDOW, layer_types=_MIXED), {"window"}),
+    "granite": (dict(attention_multiplier=0.2, residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=1.5),
+                set()),
+    "phi3": (dict(sliding_window=ZOO_WINDOW), {"window"}),
+    "exaone4": (dict(sliding_window=ZOO_WINDOW, layer_types=_MIXED), {"window"}),
+}
+
+
+def zoo_model(model_type: str, seed: int = 0, device: str = DEVICE, **overrides):
+    """A randomly initialised tiny causal LM of ``model_type`` (fp32, eval, eager), biases and sinks
+    drawn away from zero so that a dropped one shows."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**_ZOO_COMMON, **ZOO[model_type][0], **overrides})
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "sinks")):
+                p.normal_(0.0, 0.5)
+    return model.to(device)

@@ -6,7 +6,9 @@ import warnings
 import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, DataCollatorWithFlattening
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import (AttentionMaskInterface, and_masks, causal_mask_function,
+                                       chunked_causal_mask_function, or_masks, sliding_window_causal_mask_function,
+                                       padding_mask_function, sliding_window_overlay)
 
 import drope
 from drope.hf import attention as hfa
@@ -14,11 +16,13 @@ from helpers import rel_err
 from hf_tiny import DEVICE, VOCAB, drope_model, logits, rope_model, tiny_tokenizer, to_device
 
 TOL = 1e-3
+POSITION_TEMP = {"mode": "position", "coef": 0.3, "train_length": 4}
 MODULE = types.SimpleNamespace(is_causal=True, training=False)
 
 
-def _oracle(q, k, v, valid, scale, w, eps):
-    """float64 masked causal attention: query i at slot L-Sq+i sees real keys at slots <= its own."""
+def _oracle(q, k, v, valid, scale, w, eps, window=None, sinks=None, softcap=None):
+    """float64 masked causal attention: query i at slot p = L-Sq+i sees real keys at slots j <= p
+    (and p - window < j); sinks join the softmax denominator; softcap caps the scaled logits."""
     B, HQ, SQ, D = q.shape
     L = valid.shape[1]
     q, k, v = q.double(), k[:, :, :L].double(), v[:, :, :L].double()
@@ -27,24 +31,49 @@ def _oracle(q, k, v, valid, scale, w, eps):
     G = HQ // k.shape[1]
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     pos = torch.arange(L - SQ, L)
-    visible = (torch.arange(L)[None, :] <= pos[:, None])[None] & valid[:, None, :]  # (B, Sq, L)
+    j = torch.arange(L)[None, :]
+    visible = j <= pos[:, None]
+    if window is not None:
+        visible &= j > pos[:, None] - window
+    visible = visible[None] & valid[:, None, :]  # (B, Sq, L)
     s = q @ k.transpose(-1, -2) * (scale if not torch.is_tensor(scale) else scale.double()[:, None, :, None])
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~visible[:, None], float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double()[None, :, None, None].expand(B, HQ, SQ, 1)], -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)
+    if sinks is not None:
+        p = p[..., :-1]
     return (p @ v).transpose(1, 2)  # (B, Sq, Hq, D)
 
 
-def _spy(monkeypatch):
+def _spy(monkeypatch, module=None):
+    """Record (function, packed?) of every call into ``module`` (the kernels, or the SDPA path)."""
+    module = drope.kernels if module is None else module
     calls = []
     for name in ("attention", "decode_attention"):
-        fn = getattr(drope.kernels, name)
+        fn = getattr(module, name)
 
         def wrapped(*args, _fn=fn, _name=name, **kwargs):
             calls.append((_name, kwargs.get("cu_seqlens") is not None))
             return _fn(*args, **kwargs)
 
-        monkeypatch.setattr(drope.kernels, name, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
     return calls
+
+
+def _path(monkeypatch, path):
+    """(device, module the layer must call) for the kernels or the exact CPU SDPA path."""
+    if path == "sdpa":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        return "cpu", hfa.sdpa_path
+    return DEVICE, drope.kernels
+
+
+PATHS = [pytest.param("kernels", marks=pytest.mark.interpreter), "sdpa"]
+FEATURES = {"plain": {}, "qnorm-rowscale": {}, "window-sinks": {"window": 6, "sinks": True},
+            "window-softcap": {"window": 9, "softcap": 0.7}}
 
 
 # name, B, Sq, cached tokens, key slots (Sk; > live = StaticCache), left padding per row, expected kernel call
@@ -61,12 +90,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("norm", [False, True], ids=["plain", "qnorm-rowscale"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_dispatch_paths_match_masked_oracle(monkeypatch, case, norm):
+def test_dispatch_paths_match_masked_oracle(monkeypatch, case, feature, path):
     name, B, SQ, past, SK, pads, expected = case
+    device, module = _path(monkeypatch, path)
+    norm = feature != "plain"
+    extra = FEATURES[feature]
     g = torch.Generator().manual_seed(len(name) + SQ)
     HQ, HKV, D = 4, 2, 16
+    sinks = torch.randn(HQ, generator=g) if extra.get("sinks") else None
+    window, softcap = extra.get("window"), extra.get("softcap")
     q = torch.randn(B, SQ, HQ, D, generator=g).transpose(1, 2)  # HF's layout
     k = torch.randn(B, HKV, SK, D, generator=g)
     v = torch.randn(B, HKV, SK, D, generator=g)
@@ -76,18 +111,21 @@ def test_dispatch_paths_match_masked_oracle(monkeypatch, case, norm):
     mask2d = torch.ones(B, L, dtype=torch.long)
     for b, p in enumerate(pads):
         mask2d[b, :p] = 0
-    mask = hfa.drope_mask(B, q_length=SQ, kv_length=SK, q_offset=past, attention_mask=mask2d.to(DEVICE))
-    if SK == L and not any(pads):
-        assert mask is None
-    dev = [None if t is None else t.to(DEVICE) for t in (q, k, v, w, rows)]
-    calls = _spy(monkeypatch)
+    mask_fn = None if window is None else sliding_window_causal_mask_function(window)
+    mask = hfa.drope_mask(B, q_length=SQ, kv_length=SK, q_offset=past, attention_mask=mask2d.to(device),
+                          mask_function=mask_fn)
+    assert mask.live == L and mask.window == window
+    assert (mask.valid is None) == (not any(pads))
+    dev = [None if t is None else t.to(device) for t in (q, k, v, w, rows, sinks)]
+    calls = _spy(monkeypatch, module)
     out, weights = hfa.drope_attention_forward(MODULE, *dev[:3], mask, scaling=0.3, drope_q_norm_weight=dev[3],
-                                               drope_norm_eps=1e-6, drope_row_scale=dev[4])
+                                               drope_norm_eps=1e-6, drope_row_scale=dev[4], s_aux=dev[5],
+                                               softcap=softcap)
     out = out.cpu()
     assert weights is None and out.shape == (B, SQ, HQ, D) and out.is_contiguous()
     assert calls and calls[0] == expected and all(c == expected for c in calls)
     scale = 0.3 if rows is None else rows * 0.3
-    ref = _oracle(q, k, v, mask2d.bool(), scale, w, 1e-6)
+    ref = _oracle(q, k, v, mask2d.bool(), scale, w, 1e-6, window=window, sinks=sinks, softcap=softcap)
     real_rows = mask2d.bool()[:, L - SQ:]
     assert rel_err(out[real_rows], ref[real_rows]) < TOL
     assert torch.all(out[~real_rows] == 0)
@@ -122,6 +160,7 @@ def test_rope_model_from_pretrained_with_drope_triton(tmp_path):
 @pytest.mark.parametrize("flash_kwargs", [True, False], ids=["cu_seq_lens", "position_ids"])
 @pytest.mark.parametrize("kind", ["rope", "drope"])
 def test_packed_batch_equals_documents_alone(monkeypatch, flash_kwargs, kind):
+    """Packed documents without a cache (training): transformers' rule finds them, nothing attends across."""
     model = rope_model("llama", seed=3) if kind == "rope" else drope_model(
         "llama", qk_norm="head", temperature={"mode": "length", "coef": 0.5, "train_length": 4})
     g = torch.Generator().manual_seed(4)
@@ -134,14 +173,31 @@ def test_packed_batch_equals_documents_alone(monkeypatch, flash_kwargs, kind):
     calls = _spy(monkeypatch)
     model.set_attn_implementation("drope_triton")
     with torch.no_grad():
-        out = model(**to_device(batch, model.device)).logits[0].cpu()
+        out = model(**to_device(batch, model.device), use_cache=False).logits[0].cpu()
     assert calls and all(c == ("attention", True) for c in calls)
     ref = torch.cat([logits(model, "eager", d[None])[0] for d in docs])
     assert rel_err(out, ref) < TOL
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_position_restart_with_cache_attends_across_as_eager(monkeypatch, path):
+    """Issue 14, silent result 5: with a cache (the default use_cache=True) transformers does not split
+    documents at restarting position_ids; neither does drope_triton."""
+    device, _ = _path(monkeypatch, path)
+    model = drope_model("llama", qk_norm="head", device=device)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, VOCAB, (2, 14), generator=g)
+    pos = torch.cat([torch.arange(6), torch.arange(8)])[None].expand(2, -1)
+    ref = logits(model, "eager", ids, position_ids=pos)
+    out = logits(model, "drope_triton", ids, position_ids=pos)
+    assert rel_err(out, ref) < TOL
+    ref_split = logits(model, "eager", ids, position_ids=pos, use_cache=False)
+    assert rel_err(logits(model, "drope_triton", ids, position_ids=pos, use_cache=False), ref_split) < TOL
+    assert rel_err(ref_split, ref) > 10 * TOL  # the two calls do differ
+
+
 def test_rows_of_packed_documents(monkeypatch):
-    """Batch > 1 with position_ids restarting inside rows: no token attends across a document."""
+    """Batch > 1 with position_ids restarting inside rows, no cache: no token attends across a document."""
     model = drope_model("qwen3", temperature={"mode": "position", "coef": 0.5, "train_length": 3})
     g = torch.Generator().manual_seed(8)
     lengths = [(5, 7), (8, 4)]
@@ -149,25 +205,29 @@ def test_rows_of_packed_documents(monkeypatch):
     ids = torch.stack([torch.cat(row) for row in docs])
     pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
     calls = _spy(monkeypatch)
-    out = logits(model, "drope_triton", ids, position_ids=pos)
+    out = logits(model, "drope_triton", ids, position_ids=pos, use_cache=False)
     assert calls and all(c == ("attention", True) for c in calls)
     ref = torch.stack([torch.cat([logits(model, "eager", d[None])[0] for d in row]) for row in docs])
     assert rel_err(out, ref) < TOL
 
 
-def test_cpu_fallback_warns_once_and_matches(monkeypatch):
+def test_cpu_sdpa_path_is_exact_and_never_the_reference(monkeypatch):
+    """Without the interpreter, CPU tensors run the SDPA path (no warning); drope.reference is not called."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setitem(hfa._warned, "fallback", False)
-    model = drope_model("qwen2", qk_norm="full", device="cpu")
-    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
-    ref = logits(model, "eager", ids)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = logits(model, "drope_triton", ids)
-        logits(model, "drope_triton", ids)
-    fallback = [w for w in caught if "drope.reference" in str(w.message)]
-    assert len(fallback) == 1 and issubclass(fallback[0].category, RuntimeWarning)
-    assert rel_err(out, ref) < TOL
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("drope.reference called on the CPU path")
+
+    monkeypatch.setattr(drope.reference, "attention", no_reference)
+    monkeypatch.setattr(drope.reference, "decode_attention", no_reference)
+    model = drope_model("qwen2", qk_norm="head", temperature=POSITION_TEMP, device="cpu")
+    batch = tiny_tokenizer()(["the fox", "dropping positional embeddings"], padding=True, return_tensors="pt")
+    ref = logits(model, "eager", batch["input_ids"], attention_mask=batch["attention_mask"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = logits(model, "drope_triton", batch["input_ids"], attention_mask=batch["attention_mask"])
+    real = batch["attention_mask"].bool()
+    assert rel_err(out[real], ref[real]) < TOL
 
 
 def test_bad_input():
@@ -175,20 +235,86 @@ def test_bad_input():
     k = v = torch.randn(1, 2, 6, 16)
     with pytest.raises(ValueError, match="4-D"):
         hfa.drope_attention_forward(MODULE, q, k, v, torch.zeros(1, 1, 6, 6))
-    with pytest.raises(ValueError, match="sliding"):
-        hfa.drope_attention_forward(MODULE, q, k, v, None, sliding_window=4)
     with pytest.raises(ValueError, match="dropout"):
         hfa.drope_attention_forward(types.SimpleNamespace(is_causal=True, training=True), q, k, v, None, dropout=0.1)
+    with pytest.raises(ValueError, match="causal attention only"):
+        hfa.drope_attention_forward(types.SimpleNamespace(is_causal=False, training=False), q, k, v, None)
     with pytest.raises(ValueError, match="packed"):
         hfa.drope_attention_forward(MODULE, q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
                                     v.expand(2, -1, -1, -1), None,
                                     cu_seq_lens_q=torch.tensor([0, 2, 6], dtype=torch.int32))
+    # issue 14, silent result 4: a (1, S) mask for a batch of 2
+    with pytest.raises(ValueError, match="batch 1 but the inputs have batch 2"):
+        hfa.drope_mask(2, q_length=6, kv_length=6, attention_mask=torch.ones(1, 6))
+    with pytest.raises(ValueError, match="covers 9 tokens"):
+        hfa.drope_mask(1, q_length=6, kv_length=6, attention_mask=torch.ones(1, 9))
+    mask = hfa.drope_mask(1, q_length=6, kv_length=6)
+    with pytest.raises(ValueError, match="batch 1, the layer has batch 2"):
+        hfa.drope_attention_forward(MODULE, q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
+                                    v.expand(2, -1, -1, -1), mask)
+    # a window over a row with padding between its tokens has no kernel form
+    holes = torch.tensor([[1, 1, 0, 1, 1, 1]])
+    mask = hfa.drope_mask(1, q_length=6, kv_length=6, attention_mask=holes,
+                          mask_function=sliding_window_causal_mask_function(3))
+    with pytest.raises(ValueError, match="sliding_window=3 over rows whose real tokens are not contiguous"):
+        hfa.drope_attention_forward(MODULE, q, k, v, mask)
+    # mask patterns the kernels cannot express are named
+    with pytest.raises(ValueError, match="or_mask"):
+        hfa.drope_mask(1, q_length=6, kv_length=6, mask_function=or_masks(causal_mask_function, lambda *a: True))
+    with pytest.raises(ValueError, match="non-causal"):
+        hfa.drope_mask(1, q_length=6, kv_length=6, mask_function=and_masks(sliding_window_overlay(3)))
 
 
+SDPA_CASES = {
+    # name: (B, Hq, Hkv, Sq, Sk, D, kwargs of the call)
+    "causal-gqa": (2, 4, 2, 37, 37, 16, {}),
+    "bottom-right": (2, 4, 1, 9, 40, 24, {}),
+    "window": (1, 4, 2, 1100, 1100, 16, {"window": 300}),
+    "chunk": (2, 2, 2, 70, 70, 16, {"chunk": 16}),
+    "window-chunk-sinks": (1, 4, 2, 50, 61, 40, {"window": 9, "chunk": 20, "sinks": True}),
+    "packed-window": (1, 4, 2, 30, 30, 16, {"cu_seqlens": [0, 7, 19, 30], "window": 5}),
+    "decode-window-chunk-sinks": (2, 4, 2, 3, 45, 16, {"window": 9, "chunk": 20, "sinks": True}),
+    "head-scale-norm": (2, 4, 2, 17, 17, 16, {"scale": "head", "norm": True}),
+    "row-head-scale": (2, 4, 2, 17, 23, 16, {"scale": "row-head"}),
+}
+
+
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+def test_sdpa_path_equals_the_reference(case):
+    """The CPU SDPA path against drope.reference in float64: blocks (BLOCK=512 queries), bands, sinks, scales."""
+    B, HQ, HKV, SQ, SK, D, kw = SDPA_CASES[case]
+    g = torch.Generator().manual_seed(len(case))
+    q = torch.randn(B, HQ, SQ, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, HKV, SK, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, HKV, SK, D, generator=g, dtype=torch.float64)
+    args = {key: kw[key] for key in ("window", "chunk") if key in kw}
+    if kw.get("sinks"):
+        args["sinks"] = torch.randn(HQ, generator=g, dtype=torch.float64)
+    if "cu_seqlens" in kw:
+        args["cu_seqlens"] = torch.tensor(kw["cu_seqlens"], dtype=torch.int32)
+    if kw.get("scale") == "head":
+        args["softmax_scale"] = 0.1 + torch.rand(HQ, generator=g, dtype=torch.float64)
+    elif kw.get("scale") == "row-head":
+        args["softmax_scale"] = 0.1 + torch.rand(B, HQ, SQ, generator=g, dtype=torch.float64)
+    if kw.get("norm"):
+        args["q_norm_weight"] = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
+    out = hfa.sdpa_path.attention(q, k, v, **args)
+    ref = drope.reference.attention(q, k, v, **args)
+    assert rel_err(out, ref) < 1e-10
+    if "cu_seqlens" not in args and "q_norm_weight" not in args and SQ <= 16:
+        lens = torch.tensor([SK] * B, dtype=torch.int32)
+        dec = {key: val for key, val in args.items() if key != "q_norm_weight"}
+        assert rel_err(hfa.sdpa_path.decode_attention(q, k, v, cache_seqlens=lens, **dec),
+                       drope.reference.decode_attention(q, k, v, cache_seqlens=lens, **dec)) < 1e-10
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_training_gradients_match_eager(layout):
+def test_training_gradients_match_eager(monkeypatch, layout, path):
     """Recalibration path: loss and every parameter gradient through drope_triton equal eager's."""
-    model = drope_model("llama", qk_norm="head", temperature={"mode": "position", "coef": 0.3, "train_length": 4})
+    device, _ = _path(monkeypatch, path)
+    model = drope_model("llama", qk_norm="head", temperature={"mode": "position", "coef": 0.3, "train_length": 4},
+                        device=device)
     model.train()
     g = torch.Generator().manual_seed(6)
     if layout == "padded":
@@ -225,9 +351,34 @@ def test_mask_function_accepts_both_transformers_signatures():
     pad[0, :4] = 0
     new = hfa.drope_mask(2, q_length=1, kv_length=32, q_offset=20, attention_mask=pad)
     old = hfa.drope_mask(2, cache_position=torch.tensor([20]), kv_length=32, attention_mask=pad)
-    assert new.shape == (2, 21) and new.dtype == torch.bool and torch.equal(new, old) and torch.equal(new, pad.bool())
-    # StaticCache without padding: the live slots only; a full DynamicCache: None
-    assert hfa.drope_mask(2, q_length=3, kv_length=32, q_offset=5, attention_mask=None, device="cpu").shape == (2, 8)
-    assert hfa.drope_mask(2, q_length=3, kv_length=8, q_offset=5, attention_mask=torch.ones(2, 8)) is None
+    assert new.valid.shape == (2, 21) and new.valid.dtype == torch.bool and torch.equal(new.valid, old.valid)
+    assert torch.equal(new.valid, pad.bool()) and new.live == old.live == 21
+    # StaticCache without padding: the live slots only, every one real
+    static = hfa.drope_mask(2, q_length=3, kv_length=32, q_offset=5, attention_mask=None, device="cpu")
+    assert static.live == 8 and static.valid is None
+    assert hfa.drope_mask(2, q_length=3, kv_length=8, q_offset=5, attention_mask=torch.ones(2, 8)).valid is None
     with pytest.raises(ValueError, match="q_length"):
         hfa.drope_mask(2, kv_length=8)
+
+
+def test_mask_function_reads_transformers_patterns():
+    """Windows, chunks (with transformers' left-padding origin) and sliding caches' offsets."""
+    m = hfa.drope_mask(2, q_length=5, kv_length=5, mask_function=sliding_window_causal_mask_function(4))
+    assert m.window == 4 and m.segments is None and m.pattern == "sliding_window=4"
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    lp = torch.tensor([2, 0])
+    m = hfa.drope_mask(2, q_length=8, kv_length=8, attention_mask=pad, mask_function=chunked_causal_mask_function(3, lp))
+    assert m.chunk == 3 and m.window is None
+    # chunk ids (slot - left padding) // 3: row 0 -1 -1 0 0 0 1 1 1, row 1 0 0 0 1 1 1 2 2
+    assert m.segments.tolist() == [[0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 0, 1, 1, 1, 2, 2]]
+    # older transformers put the 2-D mask into the tree too: the call's own is accepted, another refused
+    pad2 = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    tree = and_masks(causal_mask_function, padding_mask_function(pad2))
+    assert torch.equal(hfa.drope_mask(2, q_length=4, kv_length=4, attention_mask=pad2, mask_function=tree).valid,
+                       pad2.bool())
+    with pytest.raises(ValueError, match="padding mask other than"):
+        hfa.drope_mask(2, q_length=4, kv_length=4, attention_mask=torch.ones(2, 4), mask_function=tree)
+    # a sliding cache past its window: keys start at absolute position kv_offset
+    m = hfa.drope_mask(1, q_length=1, kv_length=4, q_offset=10, kv_offset=7,
+                       mask_function=sliding_window_causal_mask_function(4), attention_mask=torch.ones(1, 11))
+    assert m.live == 4 and m.valid is None

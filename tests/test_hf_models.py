@@ -9,9 +9,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GPT2Con
 
 import drope
 from drope.hf import LlamaDropeConfig, LlamaDropeForCausalLM, Qwen2DropeForCausalLM, Qwen3DropeForCausalLM
+from drope.hf.modeling import GemmaDropeForCausalLM
 from helpers import rel_err, with_cache
 from hf_tiny import (DEVICE, VOCAB, drope_model, logits, perturb_norms, rope_model, tiny_config, tiny_tokenizer,
-                     to_device)
+                     to_device, zoo_model)
 
 TOL = 1e-3  # fp32 model, relative error of the logits
 POSITION_TEMP = {"mode": "position", "coef": 0.3, "train_length": 8}
@@ -109,12 +110,24 @@ def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def _nope_forward(sd, cfg, ids, attention_type, qkv_bias):
-    """Plain float64 NoPE forward of a Llama/Qwen2 checkpoint, SakanaAI's QK-norm over all heads."""
+def _nope_forward(sd, cfg, ids, attention_type, qkv_bias, gemma=False):
+    """Plain float64 NoPE forward of a Llama/Qwen2 checkpoint, SakanaAI's QK-norm over all heads; ``gemma``:
+    Gemma's layout (embeddings times sqrt(hidden), (1 + w) layer norms, tanh-GELU MLP)."""
     sd = {k: v.double().cpu() for k, v in sd.items()}
     eps, H, HKV, D = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     S = ids.shape[1]
     h = sd["model.embed_tokens.weight"][ids]
+    if gemma:
+        h = h * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=torch.float32).double()
+        norm = _rms
+
+        def _rms_layer(x, w, e):
+            return norm(x, 1.0 + w, e)
+
+        def act(x):
+            return torch.nn.functional.gelu(x, approximate="tanh")
+    else:
+        _rms_layer, act = _rms, torch.nn.functional.silu
     causal = torch.ones(S, S, dtype=torch.bool).tril()
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -123,7 +136,7 @@ def _nope_forward(sd, cfg, ids, attention_type, qkv_bias):
             y = x @ sd[p + name + ".weight"].T
             return y + sd[p + name + ".bias"] if bias else y
 
-        x = _rms(h, sd[p + "input_layernorm.weight"], eps)
+        x = _rms_layer(h, sd[p + "input_layernorm.weight"], eps)
         q, k, v = (lin(x, f"self_attn.{n}_proj", qkv_bias) for n in "qkv")
         if attention_type in ("qk_norm_nope", "q_norm_nope"):
             q = _rms(q, sd[p + "self_attn.q_norm.weight"], eps)
@@ -135,10 +148,10 @@ def _nope_forward(sd, cfg, ids, attention_type, qkv_bias):
         s = (q @ k.transpose(-1, -2)) * D ** -0.5
         a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1) @ v
         h = h + lin(a.transpose(1, 2).reshape(1, S, H * D), "self_attn.o_proj")
-        x = _rms(h, sd[p + "post_attention_layernorm.weight"], eps)
+        x = _rms_layer(h, sd[p + "post_attention_layernorm.weight"], eps)
         gate, up = lin(x, "mlp.gate_proj"), lin(x, "mlp.up_proj")
-        h = h + lin(torch.nn.functional.silu(gate) * up, "mlp.down_proj")
-    return _rms(h, sd["model.norm.weight"], eps) @ sd["lm_head.weight"].T
+        h = h + lin(act(gate) * up, "mlp.down_proj")
+    return _rms_layer(h, sd["model.norm.weight"], eps) @ sd["lm_head.weight"].T
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -188,6 +201,50 @@ def test_converted_weights_are_kept_and_new_norms_start_at_one():
     ids = _ids(1, 15)
     cfg = plain.config.to_dict()
     assert rel_err(logits(plain, "eager", ids), _nope_forward(before, cfg, ids, "nope", False)) < 1e-5
+
+
+BEYOND = {"smollm3": ("llama_drope", LlamaDropeForCausalLM, dict(no_rope_layers=[1, 0], use_sliding_window=False,
+                                                             sliding_window=None, layer_types=None)),
+          "mistral": ("llama_drope", LlamaDropeForCausalLM, dict(sliding_window=None)),
+          "gemma": ("gemma_drope", GemmaDropeForCausalLM, {})}
+
+
+@pytest.mark.parametrize("model_type", list(BEYOND))
+def test_convert_beyond_llama_and_qwen(tmp_path, model_type):
+    """SmolLM3 (its remaining RoPE layers too), Mistral and Gemma: the converted model is the RoPE model's
+    weights run without RoPE (a hand-written float64 forward), drope_triton equals eager, save/load round trip."""
+    target, cls, overrides = BEYOND[model_type]
+    base = zoo_model(model_type, seed=11, **overrides)
+    before = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    plain = drope.to_drope(base, qk_norm=None)
+    assert isinstance(plain, cls) and plain.config.model_type == target
+    assert not hasattr(plain.config, "no_rope_layers") and getattr(plain.config, "sliding_window", None) is None
+    ids = _ids(1, 17, seed=4)
+    ref = _nope_forward(before, plain.config.to_dict(), ids, "nope", False, gemma=model_type == "gemma")
+    assert rel_err(logits(plain, "eager", ids), ref) < 1e-5
+    model = perturb_norms(drope.to_drope(zoo_model(model_type, seed=11, **overrides), qk_norm="head",
+                                         temperature=POSITION_TEMP)).eval()
+    batch = _prompts()
+    ref = logits(model, "eager", batch["input_ids"], attention_mask=batch["attention_mask"])
+    real = batch["attention_mask"].bool()
+    out = logits(model, "drope_triton", batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert rel_err(out[real], ref[real]) < TOL
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
+    assert isinstance(loaded, cls) and loaded.config.drope_temperature == POSITION_TEMP
+    assert torch.equal(logits(loaded, "eager", batch["input_ids"], attention_mask=batch["attention_mask"]), ref)
+
+
+@pytest.mark.parametrize("model_type,overrides,match", [
+    ("gemma2", {}, "soft-caps"),
+    ("gemma3_text", {}, "sliding-window layers and"),
+    ("mistral", dict(sliding_window=8), "sliding_window=8"),
+    ("smollm3", dict(use_sliding_window=True, sliding_window=8), "sliding-window layers"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0), "sliding-window layers"),
+])
+def test_to_drope_refuses_what_it_would_drop(model_type, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        drope.to_drope(zoo_model(model_type, **overrides))
 
 
 def test_qwen3_keeps_its_per_head_norms_and_tied_embeddings():

@@ -338,41 +338,32 @@ def test_memory_estimate_follows_attention_and_device(monkeypatch):
         return profile.estimate_memory_mb(config, length, 32, torch.float32, attn, device)["activations_mb"]
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert profile.attention_path("drope_triton", cpu)["quadratic"] == (profile.DROPE_TRITON_CPU_PATH == "reference")
+    # drope_triton's CPU path is SDPA-based (drope/hf/sdpa_path.py): O(L), like sdpa
+    assert not profile.attention_path("drope_triton", cpu)["quadratic"]
     assert not profile.attention_path("drope_triton", cuda)["quadratic"]
     assert not profile.attention_path("sdpa", cpu)["quadratic"] and profile.attention_path("eager", cuda)["quadratic"]
-    assert est("sdpa", cpu) == est("drope_triton", cuda) < 100
-    if profile.DROPE_TRITON_CPU_PATH == "reference":
-        # 2 heads x 16k x 16k float32 scores, three live at the peak: the 6 GiB the reference path takes
-        assert est("drope_triton", cpu) > 6 * 1024
-        assert est("drope_triton", cpu, 32768) == pytest.approx(4 * est("drope_triton", cpu), rel=0.01)
+    assert est("sdpa", cpu) == est("drope_triton", cuda) == est("drope_triton", cpu) < 100
+    # eager: 2 heads x 16k x 16k scores, growing with the square of the length
+    assert est("eager", cpu) > 1024
+    assert est("eager", cpu, 32768) == pytest.approx(4 * est("eager", cpu), rel=0.05)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not profile.attention_path("drope_triton", cpu)["quadratic"]
     assert profile.attention_path("drope_triton", cpu)["slow"]
 
 
 def test_refusal_names_only_implementations_that_fit(model_dir, tmp_path, monkeypatch):
-    """On CPU, drope_triton (the reference path) is refused at lengths sdpa fits, and is not recommended."""
-    if profile.DROPE_TRITON_CPU_PATH != "reference":
-        pytest.skip("drope_triton's CPU path is O(L) here; nothing to tell apart")
-    _drope_triton_or_skip()
+    """A length that eager (S x S scores) cannot fit is refused before the run, naming what does fit."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     need = {a: profile.estimate_memory_mb(config, 4096, 4, torch.float32, a, "cpu")["total_mb"]
-            for a in ("sdpa", "drope_triton")}
-    budget = (need["sdpa"] + need["drope_triton"]) / 2
-    with pytest.warns(SlowPathWarning, match="use --attn sdpa"):
-        with pytest.raises(NIAHError) as e:
-            runner.run(_cfg(model_dir, lengths=[4096], attn="drope_triton", device="cpu", memory_budget_mb=budget),
-                       tmp_path / "a", progress=False)
-    assert "length 4096: needs ~" in str(e.value) and "use --attn sdpa" in str(e.value)
-    assert "drope.reference" in str(e.value)
+            for a in ("sdpa", "eager")}
+    budget = (need["sdpa"] + need["eager"]) / 2
     with pytest.raises(NIAHError) as e:
-        runner.run(_cfg(model_dir, lengths=[4096], attn="sdpa", device="cpu", memory_budget_mb=need["sdpa"] / 2),
-                   tmp_path / "b", progress=False)
-    assert "drope_triton" not in str(e.value)
+        runner.run(_cfg(model_dir, lengths=[4096], attn="eager", device="cpu", memory_budget_mb=budget),
+                   tmp_path / "a", progress=False)
+    assert "length 4096: needs ~" in str(e.value) and "--attn sdpa" in str(e.value)
 
 
 def test_interpreter_set_after_import_is_refused(model_dir, tmp_path, monkeypatch):

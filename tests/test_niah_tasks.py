@@ -185,6 +185,9 @@ def test_number_prompts_are_unchanged_by_value_types(builder):
 def test_word_score_is_whole_words_and_value_type_checked(tok):
     assert score("the baker's gardener", ["garden"], "word") == (0.0, 0.0)
     assert score("Garden!", ["garden"], "word") == (1.0, 1.0)
+    # babble that happens to contain the word later does not score; a listed answer does
+    assert score("easy to underestimate how much about the garden", ["garden"], "word") == (0.0, 0.0)
+    assert score(" baker, sailor, and potter.", ["potter", "baker", "sailor"], "word") == (1.0, 1.0)
     with pytest.raises(ValueError, match="value_type"):
         PromptBuilder(tok, value_type="emoji")
     with pytest.raises(ValueError, match="value_type"):

@@ -1,7 +1,7 @@
 """Hugging Face integration: the "drope_triton" attention, DroPE model classes, conversion, temperature.
 
 Importing this package registers ``"drope_triton"`` with transformers' ``AttentionInterface`` /
-``AttentionMaskInterface`` and the ``llama_drope`` / ``qwen2_drope`` / ``qwen3_drope`` model types
+``AttentionMaskInterface`` and the ``llama_drope`` / ``qwen2_drope`` / ``qwen3_drope`` / ``gemma_drope`` model types
 with the Auto classes; ``import drope`` imports it as soon as transformers is imported.
 """
 
@@ -10,6 +10,9 @@ from .attention import ATTN_IMPLEMENTATION, drope_attention_forward, drope_mask
 from .convert import to_drope
 from .modeling import (
     DropeAttention,
+    GemmaDropeConfig,
+    GemmaDropeForCausalLM,
+    GemmaDropeModel,
     LlamaDropeConfig,
     LlamaDropeForCausalLM,
     LlamaDropeModel,
@@ -28,6 +31,7 @@ modeling.register()
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "drope_attention_forward", "drope_mask", "to_drope", "DropeAttention",
+    "GemmaDropeConfig", "GemmaDropeForCausalLM", "GemmaDropeModel",
     "LlamaDropeConfig", "LlamaDropeForCausalLM", "LlamaDropeModel", "Qwen2DropeConfig", "Qwen2DropeForCausalLM",
     "Qwen2DropeModel", "Qwen3DropeConfig", "Qwen3DropeForCausalLM", "Qwen3DropeModel", "get_temperature",
     "set_temperature", "temperature_rows", "temperature_scale", "validate_temperature", "cache_argument",

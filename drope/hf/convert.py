@@ -1,4 +1,4 @@
-"""``to_drope``: turn a RoPE causal LM (Llama / SmolLM, Qwen2, Qwen3) into a DroPE model."""
+"""``to_drope``: turn a RoPE causal LM (Llama / SmolLM, SmolLM3, Mistral, Qwen2, Qwen3, Gemma) into a DroPE model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,40 @@ __all__ = ["to_drope", "QK_NORM_CHOICES"]
 QK_NORM_CHOICES = ("auto", "full", "head", None)
 _DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "attention_type", "qk_norm_type",
               "drope_temperature", "_name_or_path")
+_NO_SLIDING = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
+# source model_type -> (DroPE family in DROPE_CLASSES, its config fields that have no meaning without RoPE/windows)
+_SOURCES = {
+    "llama": ("llama", ()),
+    "qwen2": ("qwen2", ()),
+    "qwen3": ("qwen3", ()),
+    # SmolLM3 and Mistral have Llama's layout (names, biases, norms, MLP): their DroPE model is a llama_drope
+    "smollm3": ("llama", ("no_rope_layers", "no_rope_layer_interval") + _NO_SLIDING),
+    "mistral": ("llama", _NO_SLIDING),
+    "gemma": ("gemma", ("use_bidirectional_attention",)),
+}
+# architectures to_drope refuses, and why (README lists them)
+_REFUSED = {
+    "gemma2": ("its attention soft-caps logits and alternates sliding-window layers, which DropeAttention does not "
+               "carry"),
+    "gemma3_text": "its sliding-window layers and (1 + w) per-head QK-norms are not DropeAttention's",
+    "gemma3": "its sliding-window layers and (1 + w) per-head QK-norms are not DropeAttention's",
+}
+
+
+def _check_source(model_type: str, config) -> None:
+    """Raise ValueError on settings of the source model its DroPE model would silently drop."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    sliding = [t for t in layer_types if t != "full_attention"]
+    if getattr(config, "use_sliding_window", False) or sliding:
+        raise ValueError(f"to_drope: the {model_type} model has sliding-window layers (use_sliding_window="
+                         f"{getattr(config, 'use_sliding_window', None)}, layer_types={list(layer_types)}); DroPE "
+                         "models have full attention in every layer")
+    if model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+        raise ValueError(f"to_drope: the Mistral model has sliding_window={config.sliding_window}; DroPE models have "
+                         "full attention in every layer (set config.sliding_window = None first if the model was "
+                         "trained without a window)")
+    if model_type == "gemma" and getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("to_drope: the Gemma model uses bidirectional attention; DroPE models are causal")
 
 
 def to_drope(model, *, qk_norm="auto", temperature=None):
@@ -24,7 +58,10 @@ def to_drope(model, *, qk_norm="auto", temperature=None):
     ``save_pretrained`` output loads with ``AutoModelForCausalLM`` after ``import drope``.
 
     Args:
-        model: a ``LlamaForCausalLM`` (SmolLM included), ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``.
+        model: a ``LlamaForCausalLM`` (SmolLM included), ``SmolLM3ForCausalLM`` (its remaining RoPE
+            layers lose RoPE too) or ``MistralForCausalLM`` without sliding window (both become
+            ``llama_drope``), ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` or ``GemmaForCausalLM``
+            (``gemma_drope``). Gemma 2 and Gemma 3 are refused (soft-capping, sliding windows).
         qk_norm: ``"full"`` (one RMSNorm over all heads of a token after the projection: SakanaAI's
             recipe), ``"head"`` (per head, weight (D,), fused into the kernel), None (no norm), or
             ``"auto"``: ``"full"`` for Llama/Qwen2, ``"head"`` for Qwen3. Qwen3 keeps its own trained
@@ -38,20 +75,25 @@ def to_drope(model, *, qk_norm="auto", temperature=None):
 
     Raises:
         ValueError: an unsupported architecture, an already-DroPE model, a bad ``qk_norm`` or
-            temperature, a model with no attention layers, or ``qk_norm`` other than "head" for Qwen3.
+            temperature, a model with no attention layers, ``qk_norm`` other than "head" for Qwen3, a
+            model with sliding-window layers.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is not None and str(model_type).endswith("_drope"):
         raise ValueError(f"the model is already a DroPE model (model_type {model_type!r}); set_temperature changes "
                          "its temperature")
-    if model_type not in DROPE_CLASSES:
-        raise ValueError(f"to_drope supports model_type {', '.join(DROPE_CLASSES)} (Llama/SmolLM, Qwen2, Qwen3); got "
-                         f"{model_type!r} ({type(model).__name__})")
+    if model_type in _REFUSED:
+        raise ValueError(f"to_drope does not convert {model_type!r} models: {_REFUSED[model_type]}")
+    if model_type not in _SOURCES:
+        raise ValueError(f"to_drope supports model_type {', '.join(_SOURCES)}; got {model_type!r} "
+                         f"({type(model).__name__})")
+    _check_source(model_type, config)
     if qk_norm not in QK_NORM_CHOICES:
         raise ValueError(f"qk_norm must be one of 'auto', 'full', 'head' or None, got {qk_norm!r}")
     temperature = None if temperature is None else validate_temperature(temperature)
-    config_cls, lm_cls, family = DROPE_CLASSES[model_type]
+    family, dropped = _SOURCES[model_type]
+    config_cls, lm_cls, family = DROPE_CLASSES[family]
     if family == "qwen3":
         if qk_norm not in ("auto", "head"):
             raise ValueError(f"Qwen3 already has a trained per-head QK-norm; convert it with qk_norm='head' (or "
@@ -67,7 +109,7 @@ def to_drope(model, *, qk_norm="auto", temperature=None):
     if len(layers) == 0 or not all(hasattr(layer, "self_attn") for layer in layers):
         raise ValueError(f"the model has no attention layers to convert ({len(layers)} layers with self_attn)")
 
-    fields = {k: v for k, v in config.to_dict().items() if k not in _DROP_KEYS}
+    fields = {k: v for k, v in config.to_dict().items() if k not in _DROP_KEYS + dropped}
     new_config = config_cls(attention_type="nope" if qk_norm is None else "qk_norm_nope",
                             qk_norm_type=qk_norm or "full", drope_temperature=temperature, **fields)
     new_config._attn_implementation = config._attn_implementation
@@ -89,6 +131,12 @@ def to_drope(model, *, qk_norm="auto", temperature=None):
         setattr(module, param, torch.nn.Parameter(torch.ones(module.weight.shape, dtype=reference.dtype,
                                                              device=reference.device)))
     new.tie_weights()
+    # non-persistent buffers (Gemma's embedding scale) are not in the state dict: take the source's
+    source_buffers = dict(model.named_buffers())
+    for name, buf in list(new.named_buffers()):
+        if buf.is_meta and name in source_buffers and source_buffers[name].shape == buf.shape:
+            module_name, _, attr = name.rpartition(".")
+            setattr(new.get_submodule(module_name), attr, source_buffers[name])
     left = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"to_drope left tensors without values: {left[:5]}")

@@ -1,4 +1,4 @@
-"""DroPE model classes for Llama (SmolLM included), Qwen2 and Qwen3.
+"""DroPE model classes for Llama (SmolLM included; SmolLM3 and Mistral convert to it), Qwen2, Qwen3 and Gemma.
 
 A DroPE model is its RoPE family's model with RoPE removed and an optional QK-norm:
 
@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gemma.configuration_gemma import GemmaConfig
+from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaForCausalLM, GemmaModel
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
@@ -50,6 +52,7 @@ __all__ = [
     "LlamaDropeConfig", "LlamaDropeModel", "LlamaDropeForCausalLM",
     "Qwen2DropeConfig", "Qwen2DropeModel", "Qwen2DropeForCausalLM",
     "Qwen3DropeConfig", "Qwen3DropeModel", "Qwen3DropeForCausalLM",
+    "GemmaDropeConfig", "GemmaDropeModel", "GemmaDropeForCausalLM",
     "register",
 ]
 
@@ -232,6 +235,9 @@ FAMILIES = (
     # Qwen3 keeps its trained per-head QK-norm by default
     Family("qwen3", "Qwen3", Qwen3Config, Qwen3Model, Qwen3ForCausalLM, Qwen3DecoderLayer,
            _attention_bias, _attention_bias, attention_type="qk_norm_nope", qk_norm_type="head"),
+    # Gemma (v1): Llama's attention; its (1 + w) layer norms and scaled embeddings stay Gemma's
+    Family("gemma", "Gemma", GemmaConfig, GemmaModel, GemmaForCausalLM, GemmaDecoderLayer,
+           _attention_bias, _attention_bias),
 )
 
 
@@ -317,6 +323,7 @@ _CLASSES = {family.name: _family_classes(family) for family in FAMILIES}
 LlamaDropeConfig, LlamaDropeModel, LlamaDropeForCausalLM = _CLASSES["llama"]
 Qwen2DropeConfig, Qwen2DropeModel, Qwen2DropeForCausalLM = _CLASSES["qwen2"]
 Qwen3DropeConfig, Qwen3DropeModel, Qwen3DropeForCausalLM = _CLASSES["qwen3"]
+GemmaDropeConfig, GemmaDropeModel, GemmaDropeForCausalLM = _CLASSES["gemma"]
 
 # RoPE family model_type -> (DroPE config, DroPE causal LM, family name), for to_drope
 DROPE_CLASSES = {name: (config_cls, lm_cls, name) for name, (config_cls, _, lm_cls) in _CLASSES.items()}

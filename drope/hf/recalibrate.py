@@ -238,6 +238,9 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
         save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
         logging_steps=logging_steps, report_to="none", disable_tqdm=not show_progress, seed=seed,
         remove_unused_columns=False, dataloader_pin_memory=cuda,
+        # without it, processes started by torchrun on a CPU-only machine each train alone (accelerate sees no
+        # distributed run); with it they train data-parallel over gloo
+        use_cpu=not cuda,
     )
     # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (old name deprecated)
     ckpt = "activation_checkpointing"

@@ -18,10 +18,6 @@ MB = 1024.0 ** 2
 # bytes per (Hq, L, L) score element on the drope.reference path: float32 logits, probabilities and
 # masked probabilities live at once
 _SCORE_BYTES_REFERENCE = 12
-# drope_triton on CPU without Triton's interpreter runs drope.reference today (one 16k request of the
-# mini DroPE model peaked at 7054 MiB, against 763 MiB with sdpa).
-# TODO(issue 17): "sdpa" once the HF layer's SDPA-based CPU path (the HF-zoo issue) lands.
-DROPE_TRITON_CPU_PATH = "reference"
 
 
 def synchronize(device: torch.device) -> None:
@@ -112,9 +108,7 @@ def attention_path(attn: str, device: torch.device) -> Dict[str, object]:
                     "slow": "Triton's interpreter runs every kernel program in Python"}
         if device.type == "cuda":
             return {"path": "drope's fused Triton kernels", "quadratic": False, "slow": ""}
-        if DROPE_TRITON_CPU_PATH == "reference":
-            return {"path": "drope.reference (the HF layer's CPU path: float32 scores)", "quadratic": True,
-                    "slow": "drope.reference materialises every score"}
+        # drope/hf/sdpa_path.py: exact, O(L) memory (a soft-capped model's calls run drope.reference)
         return {"path": "the HF layer's SDPA-based CPU path", "quadratic": False, "slow": ""}
     return {"path": attn, "quadratic": False, "slow": ""}
 

@@ -491,31 +491,24 @@ def check_attention_path(attn: str, device: torch.device) -> Dict[str, object]:
     path = prof.attention_path(attn, device)
     if attn != "drope_triton" or not path["slow"]:
         return path
-    if prof.interpreter_enabled():
-        compiled = kernels_interpreted() is False
-        if compiled and device.type == "cpu":
-            raise NIAHError(
-                "--attn drope_triton: TRITON_INTERPRET=1 was set after drope was imported, so its Triton kernels were "
-                "built for a GPU and cannot run on CPU tensors (Triton's \"0 active drivers\" error). Unset "
-                "TRITON_INTERPRET (the HF layer then takes its CPU path), or use --attn sdpa; set TRITON_INTERPRET=1 "
-                "before importing drope only to test the kernels (slow)"
-            )
-        what = ("makes drope's compiled kernels take their interpreter-only settings (untuned tiles, fp32 dots for "
-                "bf16)" if compiled else "runs drope's Triton kernels in Triton's interpreter, which executes every "
-                "kernel program in Python")
-        warnings.warn(
-            f"--attn drope_triton with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} exported {what}: not "
-            "what a measurement should run. The interpreter is meant for tests; for real runs unset it "
-            "(`env -u TRITON_INTERPRET drope niah ...`), or use --attn sdpa",
-            SlowPathWarning, stacklevel=3,
+    # attention_path marks drope_triton slow only under Triton's interpreter
+    compiled = kernels_interpreted() is False
+    if compiled and device.type == "cpu":
+        raise NIAHError(
+            "--attn drope_triton: TRITON_INTERPRET=1 was set after drope was imported, so its Triton kernels were "
+            "built for a GPU and cannot run on CPU tensors (Triton's \"0 active drivers\" error). Unset "
+            "TRITON_INTERPRET (the HF layer then takes its CPU path), or use --attn sdpa; set TRITON_INTERPRET=1 "
+            "before importing drope only to test the kernels (slow)"
         )
-    else:
-        warnings.warn(
-            f"--attn drope_triton on {device} runs {path['path']}: slower than --attn sdpa, and its memory grows with "
-            "the square of the length (README, 'Needle in a haystack', has the figures). On a CPU use --attn sdpa "
-            "(exact, O(L) memory)",
-            SlowPathWarning, stacklevel=3,
-        )
+    what = ("makes drope's compiled kernels take their interpreter-only settings (untuned tiles, fp32 dots for "
+            "bf16)" if compiled else "runs drope's Triton kernels in Triton's interpreter, which executes every "
+            "kernel program in Python")
+    warnings.warn(
+        f"--attn drope_triton with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} exported {what}: not "
+        "what a measurement should run. The interpreter is meant for tests; for real runs unset it "
+        "(`env -u TRITON_INTERPRET drope niah ...`), or use --attn sdpa",
+        SlowPathWarning, stacklevel=3,
+    )
     return path
 
 
@@ -803,7 +796,7 @@ def run(cfg: RunConfig, out_dir, *, resume: bool = False, overwrite: bool = Fals
         SweepStopped: out of memory part-way; the finished cells are saved.
 
     Warns:
-        SlowPathWarning: ``drope_triton`` in Triton's interpreter or on its CPU reference path.
+        SlowPathWarning: ``drope_triton`` in Triton's interpreter.
     """
     out_dir = Path(out_dir)
     rows = resumed_rows(cfg, out_dir, resume=resume, overwrite=overwrite)

@@ -51,6 +51,8 @@ VALUE_WORDS = (
     "canal tunnel tower palace temple castle fortress prison factory farm barn field meadow orchard"
 ).split()
 MIN_VALUE_WORDS = 16
+# a word answer must stand among the first WORD_WINDOW * len(answers) + 2 words of the prediction
+WORD_WINDOW = 3
 # never values: words any answer may contain by chance
 _FUNCTION_WORDS = frozenset(
     "about above after again against along among anyway because before being below between could "
@@ -209,7 +211,8 @@ def score(prediction: str, answers: Sequence[str], value_type: str = "number") -
         prediction: the generated text.
         answers: the expected values (7-digit strings, words or UUIDs).
         value_type: how values are delimited in the prediction: ``"number"`` (whole digit runs, so
-            ``12345678`` never counts as ``1234567``), ``"word"`` (whole words, any case) or ``"uuid"``.
+            ``12345678`` never counts as ``1234567``), ``"word"`` (whole words, any case, among the
+            first ``3 * len(answers) + 2`` words of the prediction) or ``"uuid"``.
 
     Returns:
         ``(accuracy, partial)``: accuracy is 1.0 if every expected value appears whole in the
@@ -220,7 +223,12 @@ def score(prediction: str, answers: Sequence[str], value_type: str = "number") -
     """
     if not answers:
         raise ValueError("answers must contain at least one expected value")
-    found = set(parse_values(prediction, value_type))
+    values = parse_values(prediction, value_type)
+    if value_type == "word":
+        # words count only where the answer stands (the first few after "is" / "are"): a value word may
+        # also occur in the haystack, and babbling haystack text must not score
+        values = values[:WORD_WINDOW * len(answers) + 2]
+    found = set(values)
     hits = sum(1 for a in answers if a.lower() in found)
     return float(hits == len(answers)), hits / len(answers)
 
