@@ -203,3 +203,66 @@ def test_the_kernel_gives_the_same_curve(planted, mode, device):
     for (c, p), (_, q) in zip(ours.curve, ref.curve):
         assert p == pytest.approx(q, rel=1e-4), c
     assert ours.coef == ref.coef
+
+
+@pytest.fixture(scope="module")
+def planted_heads():
+    """Data drawn at planted per-(layer, head) coefficients, position mode (causal-consistent sampling)."""
+    seed = random.randrange(2**31)
+    model = tiny_drope_model(seed)
+    g = torch.Generator().manual_seed(seed)
+    heads = (torch.rand(2, 4, generator=g) * 0.5 + 0.1).tolist()
+    temp = {"mode": "position", "coef": 0.0, "train_length": TRAIN_LEN, "head_coefs": heads}
+    drope.set_temperature(model, temp)
+    ids = sample(model, N_SEQ, TARGET_LEN)
+    drope.set_temperature(model, None)
+    return model, ids, temp, seed
+
+
+def test_per_head_fit_finds_the_planted_coefficients(planted_heads):
+    from drope.hf.fit import HeadTemperatureFit
+
+    model, ids, temp, seed = planted_heads
+    model.set_attn_implementation("drope_triton" if torch.cuda.is_available() else "sdpa")
+    impl = model.config._attn_implementation
+    fit = fit_temperature(model, ids, target_length=TARGET_LEN, train_length=TRAIN_LEN, mode="position",
+                          per_head=True, steps=150, lr=0.05, batch_size=N_SEQ, show_progress=False)
+    assert isinstance(fit, HeadTemperatureFit) and len(fit.curve) == 150
+    # left set to the fit, the model restored: implementation, frozen flags, no fitting parameters left
+    assert model.config.drope_temperature == fit.temperature()
+    assert model.config._attn_implementation == impl
+    got, want = torch.tensor(fit.head_coefs), torch.tensor(temp["head_coefs"])
+    assert got.shape == (2, 4) and (got >= 0).all()
+    # the data's own optimum, not exactly the planted values: as good as them, and close to them on average
+    planted_ppl = nll_ppl(model, ids, temp)
+    assert fit.perplexity <= planted_ppl * (1 + 2e-3), (fit.perplexity, planted_ppl, seed)
+    assert fit.perplexity < fit.start_perplexity
+    assert (got - want).abs().mean() < 0.1, (fit.head_coefs, temp["head_coefs"], seed)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("drope_head_coef" in n for n, _ in model.named_parameters())
+    assert nll_ppl(model, ids, fit.temperature()) == pytest.approx(fit.perplexity, rel=1e-5)
+
+
+def test_per_head_fit_bad_input_and_restore(planted_heads, monkeypatch):
+    model, ids, _, _ = planted_heads
+    before = {"mode": "length", "coef": 0.2, "train_length": TRAIN_LEN}
+    drope.set_temperature(model, before)
+    for kw, match in ((dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(start_coef=-0.1), "start_coef")):
+        with pytest.raises(ValueError, match=match):
+            fit_temperature(model, ids, target_length=TARGET_LEN, train_length=TRAIN_LEN, per_head=True,
+                            show_progress=False, **kw)
+    forward = model.forward
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit_temperature(model, ids, target_length=TARGET_LEN, train_length=TRAIN_LEN, per_head=True, steps=5,
+                        batch_size=N_SEQ, show_progress=False)
+    assert model.config.drope_temperature == before
+    assert not any("drope_head_coef" in n for n, _ in model.named_parameters())

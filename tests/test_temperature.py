@@ -139,3 +139,78 @@ def test_set_temperature_takes_effect_on_next_forward():
         drope.set_temperature(model, {"mode": "length", "coef": -1, "train_length": 4})
     with pytest.raises(ValueError, match="DroPE model"):
         drope.set_temperature(rope_model("llama"), t)
+
+
+def _heads_model(head_coefs, mode="position"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=8)
+    model = drope.to_drope(LlamaForCausalLM(cfg), qk_norm="head").eval()
+    drope.set_temperature(model, {"mode": mode, "coef": 0.0, "train_length": 8, "head_coefs": head_coefs})
+    return model
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([], "head_coefs"), ([[0.1, 0.2], [0.3]], "same number of heads"), ([[0.1, -0.2]], ">= 0"),
+    ([[float("nan")]], ">= 0"), ("x", "head_coefs"), ([[True]], ">= 0"),
+])
+def test_head_coefs_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        drope.validate_temperature({"mode": "position", "coef": 0.0, "train_length": 8, "head_coefs": bad})
+
+
+def test_head_coefs_must_fit_the_model():
+    model = _heads_model([[0.1] * 4, [0.2] * 4])
+    with pytest.raises(ValueError, match="2 layers x 4 query heads"):
+        drope.set_temperature(model, {"mode": "position", "coef": 0.0, "train_length": 8, "head_coefs": [[0.1] * 3] * 2})
+
+
+def test_rows_per_head_formula():
+    from drope.hf.temperature import temperature_rows
+
+    t = {"mode": "position", "coef": 0.0, "train_length": 4, "head_coefs": [[0.0, 0.5], [0.25, 1.0]]}
+    pos = torch.arange(10)[None]
+    rows = temperature_rows(t, pos, layer_idx=1)
+    assert rows.shape == (1, 2, 10)
+    want = torch.where(pos + 1 > 4, torch.log((pos + 1) / 4.0), torch.zeros(1))
+    assert torch.allclose(rows[0, 0], 1 + 0.25 * want[0]) and torch.allclose(rows[0, 1], 1 + 1.0 * want[0])
+    with pytest.raises(ValueError, match="layer index"):
+        temperature_rows(t, pos)
+
+
+@pytest.mark.parametrize("mode", ["position", "length"])
+def test_per_head_equal_coefficients_equal_the_scalar_and_differ_otherwise(mode):
+    ids = torch.randint(0, 64, (2, 30))
+    scalar = _heads_model([[0.3] * 4, [0.3] * 4], mode)
+    ref = scalar(input_ids=ids).logits
+    drope.set_temperature(scalar, {"mode": mode, "coef": 0.3, "train_length": 8})
+    assert torch.allclose(scalar(input_ids=ids).logits, ref, atol=1e-6)
+    drope.set_temperature(scalar, {"mode": mode, "coef": 0.0, "train_length": 8,
+                                   "head_coefs": [[0.0, 0.3, 0.9, 0.3], [0.3] * 4]})
+    assert not torch.allclose(scalar(input_ids=ids).logits, ref, atol=1e-4)
+
+
+def test_per_head_drope_triton_equals_eager_and_cached_decoding_equals_prefill(tmp_path):
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from helpers import with_cache
+
+    heads = [[0.0, 0.2, 0.7, 1.1], [0.4, 0.1, 0.0, 0.9]]
+    model = _heads_model(heads)
+    ids = torch.randint(0, 64, (2, 28))
+    model.set_attn_implementation("eager")
+    eager = model(input_ids=ids).logits
+    model.set_attn_implementation("drope_triton")
+    fused = model(input_ids=ids).logits
+    assert (fused - eager).abs().max() < 1e-4
+    # token by token with a cache: each step equals the prefill's row (position mode is causal-consistent)
+    cache = DynamicCache(config=model.config)
+    steps = [model(input_ids=ids[:, :20], **with_cache(model, cache), use_cache=True).logits[:, -1]]
+    for i in range(20, 28):
+        steps.append(model(input_ids=ids[:, i:i + 1], **with_cache(model, cache), use_cache=True).logits[:, -1])
+    assert (torch.stack(steps[1:], 1) - eager[:, 20:]).abs().max() < 1e-4
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert again.config.drope_temperature["head_coefs"] == heads

@@ -328,7 +328,7 @@ def _prefill_documents(call, q, k, v, rows, valid, segments):
     def flat(t, H):
         return t[:, :, :L].transpose(1, 2).reshape(B * L, H, D)[idx].transpose(0, 1).unsqueeze(0)
 
-    rp = None if rows is None else rows.reshape(-1)[idx].unsqueeze(0)
+    rp = None if rows is None else rows.transpose(1, 2).reshape(B * L, -1)[idx].transpose(0, 1).unsqueeze(0)
     op = call.attention(flat(q, HQ), flat(k, HKV), flat(v, HKV), rp, cu=cu)
     out = op.new_zeros((B * L, HQ, D)).index_copy(0, idx, op[0].transpose(0, 1))
     return out.view(B, L, HQ, D).transpose(1, 2)
@@ -338,12 +338,14 @@ def _against_cache(call, q, k, v, rows, valid, L):
     """Sq < L new queries (the last Sq live slots) against L live keys, one segment."""
     B, HQ, SQ, D = q.shape
     HKV = k.shape[1]
+    # the split-KV decode kernel has no backward: a cached step under autograd takes the attention kernel
+    decode = SQ <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     if valid is None:
-        if SQ <= DECODE_MAX_QUERIES:
+        if decode:
             seqlens = None if L == k.shape[2] else torch.full((B,), L, dtype=torch.int32, device=q.device)
             return call.decode(q, k, v, rows, seqlens, L)
         return call.attention(q, k[:, :, :L], v[:, :, :L], rows)
-    if SQ <= DECODE_MAX_QUERIES and bool(valid[:, L - SQ:].all()):
+    if decode and bool(valid[:, L - SQ:].all()):
         # decoding a padded batch: each row's real keys to the front, read with cache_seqlens
         counts = valid.sum(1)
         order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
@@ -357,7 +359,7 @@ def _against_cache(call, q, k, v, rows, valid, L):
         q_idx = torch.nonzero(valid[b, L - SQ:]).flatten()
         ob = q.new_zeros(1, HQ, SQ, D)
         if q_idx.numel():
-            rb = None if rows is None else rows[b:b + 1, q_idx]
+            rb = None if rows is None else rows[b:b + 1, :, q_idx]
             part = call.attention(q[b:b + 1, :, q_idx], k[b:b + 1, :, kv_idx], v[b:b + 1, :, kv_idx], rb)
             ob = ob.index_copy(2, q_idx, part)
         outs.append(ob)
@@ -380,7 +382,7 @@ def _chunks_against_cache(call, q, k, v, rows, valid, L, segments):
             ks = int((seg < c).sum())
             ke = L - SQ + qe
             vb = None if valid is None else valid[rs, ks:ke]
-            rb = None if rows is None else rows[rs, qa:qe]
+            rb = None if rows is None else rows[rs, :, qa:qe]
             args = (call, q[rs, :, qa:qe], k[rs, :, ks:ke], v[rs, :, ks:ke], rb)
             if qe - qa == ke - ks:
                 parts.append(_prefill_documents(*args, None if vb is None or bool(vb.all()) else vb, None))
@@ -423,7 +425,8 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         drope_q_norm_weight: per-head query RMSNorm weight (D,) or (Hq, D) fused into the kernel
             (DroPE models with ``qk_norm_type="head"``); keys arrive normalised.
         drope_norm_eps: its epsilon.
-        drope_row_scale: (B, Sq) temperature multipliers on top of ``scaling``.
+        drope_row_scale: (B, Sq) temperature multipliers on top of ``scaling``, or (B, Hq, Sq) with a
+            per-head temperature.
         **kwargs: ``position_ids``, packed-batch ``cu_seq_lens_q``/``cu_seq_lens_k``; others are ignored.
 
     Returns:
@@ -456,7 +459,9 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     base = float(D ** -0.5 if scaling is None else scaling)
     rows = None
     if drope_row_scale is not None:
-        rows = (drope_row_scale.to(device=query.device, dtype=torch.float32) * base).expand(B, SQ)
+        # (B, 1, Sq), or (B, Hq, Sq) with per-head temperatures: every slice below indexes the last dim
+        rows = drope_row_scale.to(device=query.device, dtype=torch.float32) * base
+        rows = (rows[:, None, :] if rows.dim() == 2 else rows).expand(B, -1, SQ)
     window = mask.window if mask is not None else (None if sliding_window is None else int(sliding_window))
     features = {}
     if window is not None:

@@ -45,7 +45,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3For
 
 from .. import reference
 from .attention import ATTN_IMPLEMENTATION
-from .temperature import temperature_rows, validate_temperature
+from .temperature import check_head_coefs, temperature_rows, validate_temperature
 
 __all__ = [
     "ATTENTION_TYPES", "QK_NORM_TYPES", "FAMILIES", "Family", "DropeAttention", "DropeRMSNorm",
@@ -75,7 +75,7 @@ def check_drope_config(config) -> None:
     qk_norm_type = getattr(config, "qk_norm_type", "full")
     if qk_norm_type not in QK_NORM_TYPES:
         raise ValueError(f"qk_norm_type must be one of {', '.join(QK_NORM_TYPES)}, got {qk_norm_type!r}")
-    validate_temperature(getattr(config, "drope_temperature", None))
+    check_head_coefs(getattr(config, "drope_temperature", None), config.num_hidden_layers, config.num_attention_heads)
     layer_types = getattr(config, "layer_types", None) or ()
     if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
         raise ValueError("DroPE models need full attention in every layer; sliding-window layers are not supported "
@@ -171,14 +171,17 @@ class DropeAttention(nn.Module):
         if position_ids is None:
             past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
             position_ids = torch.arange(past, past + SQ, device=q.device)[None]
-        rows = temperature_rows(getattr(self.config, "drope_temperature", None), position_ids)
+        # (B, Sq), or (B, Hq, Sq) with a per-head temperature; drope_head_coef is set while fitting one
+        rows = temperature_rows(getattr(self.config, "drope_temperature", None), position_ids,
+                                layer_idx=self.layer_idx, head_coef=getattr(self, "drope_head_coef", None))
         extra = {}
         if rows is not None:
-            rows = rows.to(q.device).expand(B, SQ)
+            rows = rows.to(q.device)
+            rows = rows.expand(B, SQ) if rows.dim() == 2 else rows.expand(B, -1, SQ)
         if fused:
             extra = {"drope_q_norm_weight": q_weight, "drope_norm_eps": self.norm_eps, "drope_row_scale": rows}
         elif rows is not None:
-            q = q * rows[:, None, :, None].to(q.dtype)
+            q = q * (rows[:, None, :, None] if rows.dim() == 2 else rows[..., None]).to(q.dtype)
 
         if cache is not None:
             cache_kwargs = {"cache_position": kwargs["cache_position"]} if "cache_position" in kwargs else {}

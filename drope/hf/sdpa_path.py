@@ -43,9 +43,10 @@ def _scale_tensor(softmax_scale, B: int, HQ: int, SQ: int, D: int, device, dtype
         return s[None, :, None, None]
     if s.dim() == 2 and tuple(s.shape) == (B, SQ):
         return s[:, None, :, None]
-    if s.dim() == 3 and tuple(s.shape) == (B, HQ, SQ):
+    if s.dim() == 3 and s.shape[0] in (1, B) and s.shape[1] in (1, HQ) and s.shape[2] in (1, SQ):
         return s[..., None]
-    raise ValueError(f"softmax_scale must be None, a float, or a tensor of shape (Sq,), (Hq,), (B, Sq) or (B, Hq, Sq); "
+    raise ValueError(f"softmax_scale must be None, a float, or a tensor of shape (Sq,), (Hq,), (B, Sq) or (B, Hq, Sq) "
+                     "(1s broadcast); "
                      f"got {tuple(s.shape)} for B={B}, Hq={HQ}, Sq={SQ}")
 
 

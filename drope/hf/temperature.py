@@ -12,6 +12,12 @@ name is a generation parameter), a dict ``{"mode": "none" | "length" | "position
   Causal-consistent: cached decoding equals prefill.
 
 The multiplier scales the attention logits on top of ``D**-0.5``.
+
+Per-head temperature: an optional ``"head_coefs"`` entry, one list of coefficients per layer with one
+per query head (``[[c_00, c_01, ...], [c_10, ...], ...]``), replaces ``coef`` for each (layer, head):
+head h of layer l multiplies its logits by ``1 + c_lh * ln(x / L)`` with x the same length or
+position as above. :func:`drope.fit_temperature` fits it with ``per_head=True``. The kernels take the
+resulting (B, Hq, Sq) multipliers as their softmax scale, so it costs nothing extra.
 """
 
 from __future__ import annotations
@@ -22,11 +28,11 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["MODES", "validate_temperature", "temperature_scale", "temperature_rows", "set_temperature",
-           "get_temperature"]
+__all__ = ["MODES", "validate_temperature", "check_head_coefs", "temperature_scale", "temperature_rows",
+           "set_temperature", "get_temperature"]
 
 MODES = ("none", "length", "position")
-_FIELDS = ("mode", "coef", "train_length")
+_FIELDS = ("mode", "coef", "train_length", "head_coefs")
 
 
 def validate_temperature(temperature) -> dict:
@@ -37,13 +43,17 @@ def validate_temperature(temperature) -> dict:
             "coef": c >= 0, "train_length": L >= 1}``; ``coef`` and ``train_length`` may be left out
             only for mode ``"none"``.
 
+            An optional ``"head_coefs"``: a list per layer of per-head coefficients >= 0 (all layers
+            the same number of heads), overriding ``coef`` head by head.
+
     Returns:
-        A new dict with exactly the keys ``mode`` (str), ``coef`` (float) and ``train_length``
-        (int, or None for mode ``"none"`` without one).
+        A new dict with the keys ``mode`` (str), ``coef`` (float) and ``train_length`` (int, or None
+        for mode ``"none"`` without one), and ``head_coefs`` (a list of lists of floats) when given.
 
     Raises:
         ValueError: not a dict, an unknown key, an unknown mode, a missing field, ``coef`` negative or
-            not a finite number, ``train_length`` not a positive int.
+            not a finite number, ``train_length`` not a positive int, ``head_coefs`` not a non-empty
+            rectangular list of lists of finite numbers >= 0.
     """
     if temperature is None:
         return {"mode": "none", "coef": 0.0, "train_length": None}
@@ -71,7 +81,38 @@ def validate_temperature(temperature) -> dict:
         if isinstance(train_length, bool) or not isinstance(train_length, Integral) or train_length < 1:
             raise ValueError(f"drope_temperature train_length must be a positive int, got {train_length!r}")
         train_length = int(train_length)
-    return {"mode": mode, "coef": float(coef), "train_length": train_length}
+    out = {"mode": mode, "coef": float(coef), "train_length": train_length}
+    if temperature.get("head_coefs") is not None:
+        out["head_coefs"] = _check_head_coefs(temperature["head_coefs"])
+    return out
+
+
+def _check_head_coefs(head_coefs) -> list:
+    msg = "drope_temperature head_coefs must be a list (one per layer) of lists of per-head coefficients >= 0"
+    if isinstance(head_coefs, torch.Tensor):
+        head_coefs = head_coefs.tolist()
+    if not isinstance(head_coefs, (list, tuple)) or not head_coefs:
+        raise ValueError(f"{msg}, got {type(head_coefs).__name__}")
+    rows = []
+    for layer in head_coefs:
+        if not isinstance(layer, (list, tuple)) or not layer:
+            raise ValueError(f"{msg}, got a layer entry {layer!r}")
+        for c in layer:
+            if isinstance(c, bool) or not isinstance(c, Real) or not math.isfinite(float(c)) or c < 0:
+                raise ValueError(f"{msg}, got {c!r}")
+        rows.append([float(c) for c in layer])
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"{msg}: every layer the same number of heads, got {[len(r) for r in rows]}")
+    return rows
+
+
+def check_head_coefs(temperature, num_layers: int, num_heads: int) -> None:
+    """A ``head_coefs`` entry must cover every layer and query head of the model it is set on."""
+    t = validate_temperature(temperature)
+    hc = t.get("head_coefs")
+    if hc is not None and (len(hc) != num_layers or len(hc[0]) != num_heads):
+        raise ValueError(f"drope_temperature head_coefs is {len(hc)} layers x {len(hc[0])} heads but the model has "
+                         f"{num_layers} layers x {num_heads} query heads")
 
 
 def _formula(coef: float, train_length: int, length):
@@ -129,33 +170,51 @@ def _segment_lengths(position_ids: torch.Tensor) -> torch.Tensor:
     return last.gather(1, seg) + 1
 
 
-def temperature_rows(temperature, position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Per query row multipliers (B, S) float32 for a forward whose queries sit at ``position_ids``.
+def _log_ratio(train_length: int, length: torch.Tensor) -> torch.Tensor:
+    """``ln(length / L)`` where ``length > L``, else 0 (float32)."""
+    return torch.log((length.to(torch.float64) / train_length).clamp_min(1.0)).float()
+
+
+def temperature_rows(temperature, position_ids: Optional[torch.Tensor], *, layer_idx: Optional[int] = None,
+                     head_coef: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Logit multipliers for a forward whose queries sit at ``position_ids``: (B, S), or (B, Hq, S) per head.
 
     ``"length"`` takes ``L_total`` per sequence from the positions (last position of each run of
     consecutive positions + 1: the total length including the cache; each document's own length
-    in a packed row). Mode ``"none"`` and ``coef == 0`` give None (no per-row scale at all).
+    in a packed row). Mode ``"none"`` and ``coef == 0`` without per-head coefficients give None (no
+    per-row scale at all).
 
     Args:
         temperature: the config dict or None.
         position_ids: (B, S) or (S,) integer positions.
+        layer_idx: the layer asking; needed when the setting has ``head_coefs``.
+        head_coef: (Hq,) coefficients overriding the setting's for this layer (differentiable: what
+            ``fit_temperature(per_head=True)`` trains).
 
     Returns:
-        None or a float32 tensor (B, S) on the positions' device.
+        None or a float32 tensor on the positions' device: (B, S), or (B, Hq, S) with per-head coefficients.
 
     Raises:
-        ValueError: a bad setting, or ``position_ids`` missing for a mode that needs them.
+        ValueError: a bad setting, ``position_ids`` missing for a mode that needs them, or per-head
+            coefficients without ``layer_idx``.
     """
     t = validate_temperature(temperature)
-    if t["mode"] == "none" or t["coef"] == 0.0:
+    per_head = head_coef is not None or t.get("head_coefs") is not None
+    if t["mode"] == "none" or (t["coef"] == 0.0 and not per_head):
         return None
     if position_ids is None:
         raise ValueError(f"temperature mode {t['mode']!r} needs position_ids")
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
-    if t["mode"] == "position":
-        return _formula(t["coef"], t["train_length"], position_ids + 1)
-    return _formula(t["coef"], t["train_length"], _segment_lengths(position_ids))
+    lengths = position_ids + 1 if t["mode"] == "position" else _segment_lengths(position_ids)
+    term = _log_ratio(t["train_length"], lengths)  # (B, S)
+    if not per_head:
+        return 1.0 + t["coef"] * term
+    if head_coef is None:
+        if layer_idx is None:
+            raise ValueError("a per-head temperature (head_coefs) needs the layer index")
+        head_coef = torch.tensor(t["head_coefs"][layer_idx], dtype=torch.float32, device=term.device)
+    return 1.0 + head_coef.to(term.device, torch.float32)[None, :, None] * term[:, None, :]
 
 
 def get_temperature(model) -> dict:
@@ -168,14 +227,15 @@ def set_temperature(model, temperature: Union[dict, None]):
 
     Args:
         model: a DroPE model (a ``*_drope`` model type, e.g. from :func:`drope.to_drope`).
-        temperature: None (no temperature) or ``{"mode", "coef", "train_length"}``
-            (see :func:`validate_temperature`).
+        temperature: None (no temperature) or ``{"mode", "coef", "train_length"}``, optionally with
+            ``"head_coefs"`` (see :func:`validate_temperature`).
 
     Returns:
         The model (its ``config.drope_temperature`` set to the normalised dict, or None).
 
     Raises:
-        ValueError: a bad setting, or a model that is not a DroPE model.
+        ValueError: a bad setting, ``head_coefs`` that do not match the model's layers and heads, or
+            a model that is not a DroPE model.
     """
     config = getattr(model, "config", None)
     if config is None or not str(getattr(config, "model_type", "")).endswith("_drope"):
@@ -183,5 +243,7 @@ def set_temperature(model, temperature: Union[dict, None]):
             "set_temperature needs a DroPE model (model_type llama_drope / qwen2_drope / qwen3_drope); "
             f"got model_type {getattr(config, 'model_type', None)!r}: convert it with drope.to_drope first"
         )
+    if temperature is not None:
+        check_head_coefs(temperature, config.num_hidden_layers, config.num_attention_heads)
     config.drope_temperature = None if temperature is None else validate_temperature(temperature)
     return model
