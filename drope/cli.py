@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "recalibrate": ("drope.hf.recalibrate", "convert a RoPE model to DroPE (if needed) and recalibrate it with the HF Trainer"),
+    "fit-temperature": ("drope.hf.fit_cli", "fit a DroPE model's softmax temperature (one c, or per head) on local data"),
     "niah": ("drope.niah.cli", "needle-in-a-haystack accuracy and long-context profile of a local model"),
     "demo": ("drope.demo.cli", "RoPE (and its scaling methods) vs NoPE vs DroPE on NIAH beyond the training length, with the shipped mini models"),
     "train-mini": ("drope.demo.train", "train the shipped mini RoPE / NoPE / DroPE models from scratch (seeded recipe)"),

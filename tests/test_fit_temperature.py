@@ -266,3 +266,25 @@ def test_per_head_fit_bad_input_and_restore(planted_heads, monkeypatch):
                         batch_size=N_SEQ, show_progress=False)
     assert model.config.drope_temperature == before
     assert not any("drope_head_coef" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["one-c", "per-head"])
+def test_cli_fits_and_saves(tmp_path, per_head, capsys):
+    from transformers import AutoConfig
+
+    from drope.cli import main
+    from drope.demo import checkpoint_path
+
+    data = tmp_path / "held_out.txt"
+    data.write_text(" ".join(f"the {w} walked to the {v} and back." for w in ("baker", "sailor") * 40
+                             for v in ("harbor", "meadow")))
+    args = [str(checkpoint_path("drope")), str(data), "--target-length", "512", "--max-windows", "2",
+            "--batch-size", "2", "--no-progress", "-o", str(tmp_path / "out")]
+    args += ["--per-head", "--steps", "3"] if per_head else []
+    assert main(["fit-temperature", *args]) == 0
+    printed = capsys.readouterr().out
+    assert ("per-head temperature" if per_head else "temperature c =") in printed
+    temp = AutoConfig.from_pretrained(tmp_path / "out").drope_temperature
+    assert temp["mode"] == "position" and temp["train_length"] == 256
+    assert ("head_coefs" in temp) == per_head
+    assert main(["fit-temperature", str(tmp_path / "nowhere"), str(data), "--target-length", "512"]) == 2
