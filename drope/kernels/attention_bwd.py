@@ -452,6 +452,9 @@ def _dq_kernel(
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_md)
 
 
+_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
 def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional[int], per_element: bool):
     """Tiles ``(BM, BN, num_warps, num_stages)`` of the dK/dV kernel and of the dQ kernel.
 
@@ -470,6 +473,9 @@ def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional
     if BD <= 64:
         return (32, 128, 8, 3), (128, 32, 8, 3)
     if BD <= 128:
+        if _TRITON < (3, 9):
+            # Triton 3.6 (the GPU machines') spills the 128-key tiles at D=128 (160 B, 8 B with per_element)
+            return (32, 64, 8, 2), (128, 32, 8, 3)
         return ((16, 128, 8, 3) if per_element else (32, 128, 8, 3)), (128, 32, 8, 3)
     return (32, 32, 8, 2), (64, 32, 4, 2)
 
