@@ -36,8 +36,9 @@ CASES = {
 # (case, kernel, tile) -> what fails, measured at the shape above; Triton 3.9 (CI's version): nothing.
 # TODO(issue 13): the kernels' owner prunes these candidates or fixes the kernels; then delete the entry.
 KNOWN_39: dict = {}
-# Triton 3.6 (the GPU machines', scripts/check_triton36.sh): nothing. It spilled the D128 dK/dV tiles of 3.9 (32x128 w8 s3: 160 B; 16x128 w8 s3 with a row scale: 8 B);
-# attention_bwd._blocks picks 32x64 w8 s2 there (250 registers, no spill, wgmma)
+# Triton 3.6 (the GPU machines', scripts/check_triton36.sh): nothing. It spilled the D128 dK/dV tiles of
+# 3.9 (32x128 w8 s3: 160 B; 16x128 w8 s3 with a row scale: 8 B); attention_bwd._blocks picks 32x64 w8 s2
+# there (250 registers, no spill, wgmma)
 KNOWN_36 = {}
 KNOWN_BY_VERSION = {"3.9": KNOWN_39, "3.6": KNOWN_36}
 TRITON = ".".join(triton.__version__.split(".")[:2])
