@@ -178,5 +178,6 @@ def test_full_demo_runs_and_reports_every_cell(tmp_path):
     # the demo's duration is a measured README figure (results.json "seconds"), never a test bound
     assert cli.run(_args(tmp_path / "full")) == 0
     data = json.loads((tmp_path / "full" / "results.json").read_text())
-    assert len(data["results"]) == len(cli.MODELS) * len(cli.DEFAULT_FACTORS) * len(TASKS)
+    assert len(data["results"]) == (len(cli.MODELS) * len(cli.DEFAULT_FACTORS) * len(TASKS)
+                                    * len(cli.DEFAULT_VALUE_TYPES))
     assert len(data["perplexity"]) == len(cli.MODELS) * len(cli.DEFAULT_FACTORS)

@@ -315,6 +315,16 @@ def _trainer_args(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+def _end_process_group() -> None:
+    """The command ends its process: leave torchrun's process group cleanly (a group left alive at
+    interpreter exit can abort a rank with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``drope recalibrate``; bad input prints one error line and returns 2."""
     warmup = int(args.warmup) if args.warmup >= 1 else args.warmup
@@ -333,6 +343,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"drope recalibrate: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     print(f"recalibrated {'converted RoPE -> DroPE ' if result.converted else ''}model saved to {result.output_dir} "
           f"({result.global_step} steps, {result.examples} examples of {result.seq_len} tokens, "
           f"mean train loss {result.train_loss:.4f})")
