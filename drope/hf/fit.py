@@ -71,6 +71,18 @@ def _windows(input_ids, target_length: int) -> torch.Tensor:
     return rows[:, : n * target_length].reshape(-1, target_length).long()
 
 
+def _checked_windows(config, input_ids, target_length: int, max_windows: Optional[int]) -> torch.Tensor:
+    """The windows of :func:`_windows`, at most ``max_windows``, every id inside the model's vocabulary."""
+    windows = _windows(input_ids, target_length)
+    if max_windows is not None:
+        windows = windows[: _positive_int("max_windows", max_windows)]
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and (int(windows.min()) < 0 or int(windows.max()) >= vocab):
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}), "
+                         f"got values in [{int(windows.min())}, {int(windows.max())}]")
+    return windows
+
+
 def _check_grid(grid) -> List[float]:
     if isinstance(grid, (str, bytes)) or not isinstance(grid, (Sequence, np.ndarray, torch.Tensor)):
         raise ValueError(f"grid must be a sequence of coefficients c, got {type(grid).__name__}")
@@ -193,13 +205,7 @@ def fit_temperature(model, input_ids, *, target_length: int, train_length: Optio
     if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
         raise ValueError(f"refine_steps must be a non-negative int, got {refine_steps!r}")
     batch_size = _positive_int("batch_size", batch_size)
-    windows = _windows(input_ids, target_length)
-    if max_windows is not None:
-        windows = windows[: _positive_int("max_windows", max_windows)]
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is not None and (int(windows.min()) < 0 or int(windows.max()) >= vocab):
-        raise ValueError(f"input_ids must be token ids in [0, {vocab}), "
-                         f"got values in [{int(windows.min())}, {int(windows.max())}]")
+    windows = _checked_windows(config, input_ids, target_length, max_windows)
 
     device = next(model.parameters()).device
     tokens = windows.shape[0] * (target_length - 1)
@@ -287,13 +293,7 @@ def _fit_per_head(model, input_ids, *, target_length: int, train_length: int, mo
             or start_coef < 0:
         raise ValueError(f"start_coef must be a finite coefficient >= 0, got {start_coef!r}")
     batch_size = _positive_int("batch_size", batch_size)
-    windows = _windows(input_ids, target_length)
-    if max_windows is not None:
-        windows = windows[: _positive_int("max_windows", max_windows)]
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is not None and (int(windows.min()) < 0 or int(windows.max()) >= vocab):
-        raise ValueError(f"input_ids must be token ids in [0, {vocab}), "
-                         f"got values in [{int(windows.min())}, {int(windows.max())}]")
+    windows = _checked_windows(config, input_ids, target_length, max_windows)
     attns = _drope_attentions(model)
     if not attns:
         raise ValueError("per_head=True needs the DroPE attention modules of drope's model classes")

@@ -32,6 +32,16 @@ def _load_halves(p, stride_d, m_s, m_h, HALF: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(H, S, HALF: tl.constexpr, BH: tl.constexpr, BS: tl.constexpr):
+    """This program's (batch x head, row block) ids, rows, half-D lanes and their masks."""
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_s = i_s * BS + tl.arange(0, BS)
+    o_h = tl.arange(0, BH)
+    return i_bh, i_s, i_b, i_h, o_s, o_h, o_s < S, o_h < HALF, o_s.to(tl.int64)
+
+
+@triton.jit
 def _angles(COS, SIN, POS, o_s, m_s, m_h, o_h, pos0, stride_cs, stride_cd, stride_ss, stride_sd,
             PACKED: tl.constexpr):
     """cos and sin [BS, BH] of each row's position (its own table entry when packed)."""
@@ -55,13 +65,7 @@ def _qk_prologue_kernel(
     HALF: tl.constexpr, BH: tl.constexpr, BS: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, PACKED: tl.constexpr,
 ):
-    i_bh, i_s = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_s = i_s * BS + tl.arange(0, BS)
-    o_h = tl.arange(0, BH)
-    m_s = o_s < S
-    m_h = o_h < HALF
-    o_s64 = o_s.to(tl.int64)
+    i_bh, i_s, i_b, i_h, o_s, o_h, m_s, m_h, o_s64 = _program_rows(H, S, HALF, BH, BS)
     p_x = X + i_b * stride_xb + i_h * stride_xh + o_s64[:, None] * stride_xs + o_h[None, :] * stride_xd
     b_x1, b_x2 = _load_halves(p_x, stride_xd, m_s, m_h, HALF)  # [BS, BH] each
     if HAS_NORM:
@@ -96,13 +100,7 @@ def _qk_epilogue_kernel(
     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, PACKED: tl.constexpr,
     STORE_DX: tl.constexpr, STORE_DW: tl.constexpr,
 ):
-    i_bh, i_s = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_s = i_s * BS + tl.arange(0, BS)
-    o_h = tl.arange(0, BH)
-    m_s = o_s < S
-    m_h = o_h < HALF
-    o_s64 = o_s.to(tl.int64)
+    i_bh, i_s, i_b, i_h, o_s, o_h, m_s, m_h, o_s64 = _program_rows(H, S, HALF, BH, BS)
     p_g = GY + i_b * stride_gb + i_h * stride_gh + o_s64[:, None] * stride_gs + o_h[None, :] * stride_gd
     b_g1, b_g2 = _load_halves(p_g, stride_gd, m_s, m_h, HALF)  # [BS, BH] each
     if HAS_ROPE:
