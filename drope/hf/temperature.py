@@ -58,7 +58,8 @@ def validate_temperature(temperature) -> dict:
     if temperature is None:
         return {"mode": "none", "coef": 0.0, "train_length": None}
     if not isinstance(temperature, dict):
-        raise ValueError(f"drope_temperature must be None or a dict with keys {_FIELDS}, got {type(temperature).__name__}")
+        raise ValueError(f"drope_temperature must be None or a dict with keys {_FIELDS}, "
+                         f"got {type(temperature).__name__}")
     unknown = sorted(set(temperature) - set(_FIELDS))
     if unknown:
         raise ValueError(f"drope_temperature has unknown key(s) {unknown}; accepted keys: {', '.join(_FIELDS)}")

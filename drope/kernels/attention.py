@@ -209,17 +209,17 @@ def _attn_fwd_kernel(
     nb_a = tl.minimum((tl.maximum(full_lo - lo_blk, 0) + BN - 1) // BN, nb_all)
     nb_b = tl.maximum(nb_a, tl.minimum(tl.maximum(full_hi - lo_blk, 0) // BN, nb_all))
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i,
-                              lo_blk, lo_blk + nb_a * BN, SK, BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA,
-                              HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
+                              softcap2, lo_i, hi_i, lo_blk, lo_blk + nb_a * BN, SK, BN=BN, BD=BD, D=D,
+                              MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC,
+                              UPCAST=UPCAST)
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i,
-                              lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, BN=BN, BD=BD, D=D, MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA,
-                              HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
+                              softcap2, lo_i, hi_i, lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, BN=BN, BD=BD, D=D,
+                              MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC,
+                              UPCAST=UPCAST)
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i,
-                              lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA,
-                              HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
+                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, BN=BN, BD=BD, D=D,
+                              MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC,
+                              UPCAST=UPCAST)
 
     if HAS_SINKS:
         # the head's sink logit joins the denominator only

@@ -460,8 +460,9 @@ def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional
 
     dK/dV holds a wide key block and walks narrow query blocks, dQ the opposite. Chosen with the
     sm_90a compile check (``drope.kernels.inspect``; bf16, B1 H32 KV8 S8192), none spills with Triton
-    3.9: unmasked loops of 299 (dK/dV) and 182 (dQ) SASS instructions at D=64, 350 and 217 at D=128. ``per_element`` (a per-row scale or a
-    soft-cap multiplies dS element-wise) needs registers the D=128 dK/dV tile lacks: 16 query rows
+    3.9: unmasked loops of 299 (dK/dV) and 182 (dQ) SASS instructions at D=64, 350 and 217 at D=128.
+    ``per_element`` (a per-row scale or a soft-cap multiplies dS element-wise) needs registers the
+    D=128 dK/dV tile lacks: 16 query rows there. Triton 3.6 spills both D=128 dK/dV tiles: 32x64 w8 s2
     there. At D=256 the dK/dV accumulators alone fill a warpgroup's registers: small mma.sync tiles.
     Forced ``block_m`` / ``block_n`` (tests) apply to both kernels.
     """

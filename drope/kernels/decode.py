@@ -21,7 +21,7 @@ Which is faster is not measured yet (no GPU in the session that wrote this). Exp
 when B x Hkv is small next to the SM count and a chunk's G x Sq rows fit one or two row blocks (it
 spreads the keys over the SMs and reads each K/V tile once per GQA group); ``attention`` for chunks
 of a few hundred rows or more, whose query blocks already fill the GPU, so that splits and the merge
-would be pure overhead. TODO(issue 6): measure the crossover with the decode/prefill benchmarks.
+would be pure overhead. The decode/prefill benchmarks measure the crossover once a GPU runs them.
 """
 
 from __future__ import annotations
@@ -351,7 +351,8 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, m
 
     launch(_decode_split_kernel, (B * HKV, splits, m_blocks), role="attention",
            Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens, SCALE=rows, SINKS=sinks,
-           **named_strides("q", q, "bhsd"), **named_strides("k", k_cache, "bhsd"), **named_strides("v", v_cache, "bhsd"),
+           **named_strides("q", q, "bhsd"), **named_strides("k", k_cache, "bhsd"),
+           **named_strides("v", v_cache, "bhsd"),
            **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"), o_strides)),
            **dict(zip(("stride_ls", "stride_lb", "stride_lh", "stride_lm"), l_strides)),
            stride_sl=cache_seqlens.stride(0) if cache_seqlens is not None else 0, **named_strides("r", rows, "bhs"),
