@@ -133,7 +133,8 @@ def test_weighted_loss_matches_cross_entropy():
 def _args(out, **over):
     d = dict(out=str(out), size="tiny", steps=20, batch=2, train_length=L_TRAIN, lr=3e-3, recal_lr=1e-3,
              recal_fraction=0.2, answer_weight=4.0, vocab_size=1024, fit_factor=2, fit_windows=1, eval_every=10,
-             variants="rope,nope,drope", threads=1, seed=0, device="cpu")
+             variants="rope,nope,drope", threads=1, seed=0, device="cpu", recal_weight_decay=0.1, recal_beta2=0.95,
+             recal_schedule="cosine", recal_preset=None)
     d.update(over)
     return argparse.Namespace(**d)
 
@@ -165,3 +166,17 @@ def test_twenty_step_recipe_on_cpu(tmp_path):
 def test_cli_rejects_unknown_variant(tmp_path, capsys):
     assert train.run(_args(tmp_path, variants="rope,alibi")) == 2
     assert "variants" in capsys.readouterr().err
+
+
+def test_sakana_recalibration_preset(tmp_path):
+    """--recal-preset sakana: SakanaAI's recalibration optimiser (lr 3e-4, wd 0, beta2 0.999, constant)."""
+    assert train.run(_args(tmp_path, steps=10, variants="drope", recal_preset="sakana", eval_every=5)) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    r = manifest["recipe"]
+    assert (r["recal_lr"], r["recal_weight_decay"], r["recal_beta2"], r["recal_schedule"]) == (3e-4, 0.0, 0.999,
+                                                                                             "constant")
+    lrs = [row["lr"] for row in manifest["log"] if row["variant"] == "drope"]
+    assert lrs[-1] == pytest.approx(3e-4)  # constant after the warm-up, no cosine decay
+    assert train._lr_at(50, 100, 1.0, 10, "constant") == 1.0 and train._lr_at(50, 100, 1.0, 10, "cosine") < 1.0
+    with pytest.raises(ValueError, match="recal_schedule"):
+        train.Recipe(recal_schedule="linear")

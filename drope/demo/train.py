@@ -56,6 +56,11 @@ class Recipe:
     recal_fraction: float = 0.4
     warmup: float = 0.05
     weight_decay: float = 0.1
+    # recalibration's optimiser: ours (AdamW 0.9/0.95, wd 0.1, 10 % warm-up then cosine) by default;
+    # SakanaAI's DroPE configs use wd 0, beta2 0.999, 10 % warm-up then constant (--recal-preset sakana)
+    recal_weight_decay: float = 0.1
+    recal_beta2: float = 0.95
+    recal_schedule: str = "cosine"
     answer_weight: float = 4.0
     vocab_size: int = 1024
     rope_theta: float = 10000.0
@@ -79,6 +84,11 @@ class Recipe:
             raise ValueError(f"recal_fraction must be in (0, 1), got {self.recal_fraction!r}")
         if not (self.lr > 0 and self.recal_lr > 0):
             raise ValueError(f"lr and recal_lr must be positive, got {self.lr!r}, {self.recal_lr!r}")
+        if self.recal_schedule not in ("cosine", "constant"):
+            raise ValueError(f"recal_schedule must be cosine or constant, got {self.recal_schedule!r}")
+        if not 0.0 <= self.recal_beta2 < 1.0 or self.recal_weight_decay < 0:
+            raise ValueError(f"recal_beta2 must be in [0, 1) and recal_weight_decay >= 0, got "
+                             f"{self.recal_beta2!r}, {self.recal_weight_decay!r}")
         if self.answer_weight < 0:
             raise ValueError(f"answer_weight must be >= 0, got {self.answer_weight!r}")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
@@ -146,27 +156,32 @@ def answer_accuracy(model, batch: Dict[str, torch.Tensor]) -> float:
     return float((pred[m] == batch["input_ids"][:, 1:][m]).float().mean())
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+def _lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine") -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     t = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
 def train_steps(model, sampler, recipe: Recipe, *, first: int, last: int, total: int, lr: float, warmup: int,
                 log: List[Dict[str, object]], name: str, probe: Dict[str, torch.Tensor],
-                optimizer: Optional[torch.optim.Optimizer] = None, lr_offset: int = 0) -> torch.optim.Optimizer:
+                optimizer: Optional[torch.optim.Optimizer] = None, lr_offset: int = 0,
+                weight_decay: Optional[float] = None, beta2: float = 0.95,
+                schedule: str = "cosine") -> torch.optim.Optimizer:
     """Train ``model`` on rows of steps ``first .. last-1`` (step s reads rows ``s*batch ..``)."""
     if optimizer is None:
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         other = [p for n, p in model.named_parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                       {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+        wd = recipe.weight_decay if weight_decay is None else weight_decay
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
+                                       {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, beta2))
     model.train()
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     for step in range(first, last):
-        cur = _lr_at(step - lr_offset, total, lr, warmup)
+        cur = _lr_at(step - lr_offset, total, lr, warmup, schedule)
         for g in optimizer.param_groups:
             g["lr"] = cur
         batch = {k: v.to(device) for k, v in sampler.batch(step * recipe.batch, recipe.batch).items()}
@@ -263,7 +278,9 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
             drope.set_attn_implementation("sdpa")
             recal_warmup = max(1, recipe.recal_steps // 10)
             train_steps(drope, sampler, recipe, first=cut, last=recipe.steps, total=recipe.recal_steps,
-                        lr=recipe.recal_lr, warmup=recal_warmup, log=log, name="drope", probe=probe, lr_offset=cut)
+                        lr=recipe.recal_lr, warmup=recal_warmup, log=log, name="drope", probe=probe, lr_offset=cut,
+                        weight_decay=recipe.recal_weight_decay, beta2=recipe.recal_beta2,
+                        schedule=recipe.recal_schedule)
             fits["drope"] = fit(drope, tokenizer, recipe)
             print(json.dumps({"variant": "drope", "temperature": fits["drope"]}), flush=True)
             times["drope"] = times["rope_shared"] + time.perf_counter() - t0
@@ -311,6 +328,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recal-lr", type=float, default=d.recal_lr, help="peak learning rate of DroPE recalibration")
     parser.add_argument("--recal-fraction", type=float, default=d.recal_fraction,
                         help="fraction of the steps that DroPE spends recalibrating without RoPE")
+    parser.add_argument("--recal-weight-decay", type=float, default=d.recal_weight_decay,
+                        help="AdamW weight decay of DroPE recalibration")
+    parser.add_argument("--recal-beta2", type=float, default=d.recal_beta2, help="Adam beta2 of DroPE recalibration")
+    parser.add_argument("--recal-schedule", default=d.recal_schedule, choices=("cosine", "constant"),
+                        help="learning-rate schedule of DroPE recalibration after its 10 %% warm-up")
+    parser.add_argument("--recal-preset", default=None, choices=("sakana",),
+                        help="sakana: SakanaAI's DroPE recalibration settings (lr 3e-4, weight decay 0, beta2 0.999, "
+                             "constant after warm-up); overrides the four --recal-* options above")
     parser.add_argument("--answer-weight", type=float, default=d.answer_weight, help="extra loss weight of answer tokens")
     parser.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size")
     parser.add_argument("--fit-factor", type=int, default=d.fit_factor,
@@ -334,8 +359,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         threads = choose_threads(args.threads)
+        recal = dict(recal_lr=args.recal_lr, recal_weight_decay=args.recal_weight_decay, recal_beta2=args.recal_beta2,
+                     recal_schedule=args.recal_schedule)
+        if args.recal_preset == "sakana":
+            recal = dict(recal_lr=3e-4, recal_weight_decay=0.0, recal_beta2=0.999, recal_schedule="constant")
         recipe = Recipe(size=args.size, train_length=args.train_length, steps=args.steps, batch=args.batch, lr=args.lr,
-                        recal_lr=args.recal_lr, recal_fraction=args.recal_fraction, answer_weight=args.answer_weight,
+                        recal_fraction=args.recal_fraction, answer_weight=args.answer_weight, **recal,
                         vocab_size=args.vocab_size, seed=args.seed, fit_factor=args.fit_factor,
                         fit_windows=args.fit_windows, eval_every=args.eval_every, threads=threads,
                         device=args.device)
