@@ -1,6 +1,6 @@
 """The ``"drope_triton"`` attention implementation for Hugging Face transformers.
 
-``register()`` (run on ``import drope``) adds one entry to transformers' ``AttentionInterface`` and
+``register()`` (run by ``import drope``, at once or when transformers is first imported) adds one entry to transformers' ``AttentionInterface`` and
 one to ``AttentionMaskInterface``; ``from_pretrained(..., attn_implementation="drope_triton")`` and
 ``model.set_attn_implementation("drope_triton")`` then route every attention layer here.
 
