@@ -116,11 +116,15 @@ def check_head_coefs(temperature, num_layers: int, num_heads: int) -> None:
                          f"{num_layers} layers x {num_heads} query heads")
 
 
+def _log_ratio(train_length: int, length: torch.Tensor) -> torch.Tensor:
+    """``ln(length / L)`` where ``length > L``, else 0 (float64)."""
+    return torch.log((length.to(torch.float64) / train_length).clamp_min(1.0))
+
+
 def _formula(coef: float, train_length: int, length):
-    """``1 + c*ln(length/L)`` where ``length > L``, else 1; ``length`` an int or a tensor."""
+    """``1 + c*ln(length/L)`` where ``length > L``, else 1; ``length`` an int or a tensor (float32 then)."""
     if isinstance(length, torch.Tensor):
-        ratio = length.to(torch.float64) / train_length
-        return torch.where(ratio > 1, 1 + coef * torch.log(ratio.clamp_min(1.0)), torch.ones_like(ratio)).float()
+        return (1.0 + coef * _log_ratio(train_length, length)).float()
     return 1.0 + coef * math.log(length / train_length) if length > train_length else 1.0
 
 
@@ -171,11 +175,6 @@ def _segment_lengths(position_ids: torch.Tensor) -> torch.Tensor:
     return last.gather(1, seg) + 1
 
 
-def _log_ratio(train_length: int, length: torch.Tensor) -> torch.Tensor:
-    """``ln(length / L)`` where ``length > L``, else 0 (float32)."""
-    return torch.log((length.to(torch.float64) / train_length).clamp_min(1.0)).float()
-
-
 def temperature_rows(temperature, position_ids: Optional[torch.Tensor], *, layer_idx: Optional[int] = None,
                      head_coef: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Logit multipliers for a forward whose queries sit at ``position_ids``: (B, S), or (B, Hq, S) per head.
@@ -208,14 +207,14 @@ def temperature_rows(temperature, position_ids: Optional[torch.Tensor], *, layer
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
     lengths = position_ids + 1 if t["mode"] == "position" else _segment_lengths(position_ids)
-    term = _log_ratio(t["train_length"], lengths)  # (B, S)
     if not per_head:
-        return 1.0 + t["coef"] * term
+        return _formula(t["coef"], t["train_length"], lengths)
     if head_coef is None:
         if layer_idx is None:
             raise ValueError("a per-head temperature (head_coefs) needs the layer index")
-        head_coef = torch.tensor(t["head_coefs"][layer_idx], dtype=torch.float32, device=term.device)
-    return 1.0 + head_coef.to(term.device, torch.float32)[None, :, None] * term[:, None, :]
+        head_coef = torch.tensor(t["head_coefs"][layer_idx], dtype=torch.float64, device=lengths.device)
+    term = _log_ratio(t["train_length"], lengths)  # (B, S)
+    return (1.0 + head_coef.to(term.device, torch.float64)[None, :, None] * term[:, None, :]).float()
 
 
 def get_temperature(model) -> dict:

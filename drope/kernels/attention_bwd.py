@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .qk_transform import packed_tables, qk_epilogue, qk_prologue
+from .qk_transform import packed_tables, qk_epilogue, qk_hat, row_block
 from ..validation import interpreter_enabled
 from .toolkit import LOG2E_C, dot_precision, launch, mm, named_strides, operand, padded_dim, phases, tanh, \
     tma_ok, upcast
@@ -481,17 +481,6 @@ def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional
     return (32, 32, 8, 2), (64, 32, 4, 2)
 
 
-def _row_block(S: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(max(S, 1))))
-
-
-def _hat(x, w, rope, pos, pos0: int, eps: float):
-    """rope(norm(x)) for the backward's products (fp32 of bf16-rounded values under the interpreter)."""
-    if upcast(x.dtype):
-        return qk_prologue(x, w, rope, pos, pos0, eps, torch.float32).to(torch.bfloat16).to(torch.float32)
-    return qk_prologue(x, w, rope, pos, pos0, eps, x.dtype)
-
-
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor, q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor],
                        sinks: Optional[torch.Tensor], opt, *, dlse: Optional[torch.Tensor] = None,
@@ -531,7 +520,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if do.dtype != o.dtype:
         do = do.to(o.dtype)
 
-    BS = _row_block(SQ)
+    BS = row_block(SQ)
     BD = padded_dim(D)
     delta = torch.zeros((B, HQ, SQ), device=dev, dtype=torch.float32)
     if SQ:
@@ -558,8 +547,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     rope, eps = opt.rope, opt.norm_eps
     q_tf = q_norm_weight is not None or rope is not None
     k_tf = k_norm_weight is not None or rope is not None
-    q_hat = _hat(q, q_norm_weight, rope, pos, q_pos0, eps) if q_tf else q
-    k_hat = _hat(k, k_norm_weight, rope, pos, 0, eps) if k_tf else k
+    q_hat = qk_hat(q, q_norm_weight, rope, pos, q_pos0, eps)
+    k_hat = qk_hat(k, k_norm_weight, rope, pos, 0, eps)
 
     (BM1, BN1, warps1, stages1), (BM2, BN2, warps2, stages2) = _blocks(BD, SQ, SK, block_m, block_n,
                                                                  opt.rows is not None or opt.softcap is not None)

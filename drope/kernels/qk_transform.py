@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .toolkit import launch, named_strides
+from .toolkit import launch, named_strides, upcast
 
-__all__ = ["qk_prologue", "qk_epilogue", "packed_tables"]
+__all__ = ["qk_prologue", "qk_hat", "qk_epilogue", "packed_tables", "row_block"]
 
 
 @triton.jit
@@ -134,7 +134,8 @@ def _qk_epilogue_kernel(
         tl.store(p_dx + HALF * stride_dxd, b_g2.to(DX.dtype.element_ty), mask=m)
 
 
-def _row_block(S: int) -> int:
+def row_block(S: int) -> int:
+    """Rows per program of the O(S*D) passes (this module's, and the backward's delta)."""
     return min(64, max(16, triton.next_power_of_2(max(S, 1))))
 
 
@@ -165,13 +166,28 @@ def qk_prologue(x: torch.Tensor, w: Optional[torch.Tensor], rope, pos: Optional[
     y = torch.empty((B, H, S, D), device=x.device, dtype=dtype)
     if y.numel() == 0:
         return y
-    BS = _row_block(S)
+    BS = row_block(S)
     launch(_qk_prologue_kernel, (B * H, triton.cdiv(S, BS)), role="prologue",
            X=x, Y=y, W=w, POS=pos, **_tables(rope),
            **named_strides("x", x, "bhsd"), **named_strides("y", y, "bhsd"), **_weight(w),
            H=H, S=S, pos0=pos0, eps=float(eps), HALF=D // 2, BH=_half_block(D), BS=BS,
            HAS_NORM=w is not None, HAS_ROPE=rope is not None, PACKED=pos is not None)
     return y
+
+
+def qk_hat(x: torch.Tensor, w: Optional[torch.Tensor], rope, pos: Optional[torch.Tensor], pos0: int,
+           eps: float) -> torch.Tensor:
+    """What the attention kernels multiply: ``rope(norm(x))`` (:func:`qk_prologue`, in x's dtype), or
+    ``x`` itself, read through its strides, when there is neither a weight nor tables.
+
+    Under Triton's interpreter bf16 hats are fp32 tensors of bf16-rounded values (its fp32 -> bf16
+    cast truncates, and its bf16 ``tl.dot`` is wrong).
+    """
+    if w is None and rope is None:
+        return x
+    if upcast(x.dtype):
+        return qk_prologue(x, w, rope, pos, pos0, eps, torch.float32).to(torch.bfloat16).to(torch.float32)
+    return qk_prologue(x, w, rope, pos, pos0, eps, x.dtype)
 
 
 def qk_epilogue(gy: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor], rope, pos: Optional[torch.Tensor],
@@ -181,7 +197,7 @@ def qk_epilogue(gy: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor], ro
     dx comes back in x's dtype, dw (summed over heads for a (D,) weight) in w's dtype.
     """
     B, H, S, D = x.shape
-    BS = _row_block(S)
+    BS = row_block(S)
     nblocks = triton.cdiv(S, BS)
     dx = torch.empty((B, H, S, D), device=x.device, dtype=x.dtype) if need_dx else None
     dw_part = torch.empty((B * H, nblocks, D), device=x.device, dtype=torch.float32) if need_dw else None
