@@ -42,6 +42,7 @@ import torch
 from .. import reference
 from ..validation import interpreter_enabled
 from . import sdpa_path
+from .temperature import segment_ids
 
 __all__ = ["ATTN_IMPLEMENTATION", "DECODE_MAX_QUERIES", "DropeMask", "drope_attention_forward", "drope_mask",
            "register"]
@@ -272,12 +273,8 @@ def _packed_from_positions(position_ids: Optional[torch.Tensor], B: int, S: int)
     ``find_packed_sequence_indices``), else None."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != S or S < 2:
         return None
-    pos = position_ids.expand(B, S)
-    change = torch.zeros(B, S, dtype=torch.bool, device=pos.device)
-    change[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
-    if not bool(change.any()):
-        return None
-    return change.long().cumsum(1)
+    seg = segment_ids(position_ids.expand(B, S))
+    return seg if bool(seg[:, -1].any()) else None
 
 
 def _norm_rows(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
@@ -288,11 +285,11 @@ def _norm_rows(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> t
 
 
 class _Call:
-    """One layer call's fixed arguments: the ops module, the base scale or per-row scales, the fused
-    query norm, and the features (window, sinks, softcap) passed on only when set."""
+    """One layer call's fixed arguments: the ops module, the base scale, the fused query norm, and the
+    features (window, sinks, softcap) passed on only when set; per-row scales come with each call."""
 
-    def __init__(self, ops, scale, rows, w, eps, features):
-        self.ops, self.scale, self.rows, self.w, self.eps, self.features = ops, scale, rows, w, eps, features
+    def __init__(self, ops, scale, w, eps, features):
+        self.ops, self.scale, self.w, self.eps, self.features = ops, scale, w, eps, features
 
     def scale_for(self, rows: Optional[torch.Tensor]):
         return self.scale if rows is None else rows
@@ -470,7 +467,7 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         features["sinks"] = s_aux
     if softcap is not None:
         features["softcap"] = float(softcap)
-    call = _Call(_ops(query.device), base, rows, drope_q_norm_weight, float(drope_norm_eps), features)
+    call = _Call(_ops(query.device), base, drope_q_norm_weight, float(drope_norm_eps), features)
 
     L = SK if mask is None else mask.live
     if L > SK:

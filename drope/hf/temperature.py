@@ -159,17 +159,23 @@ def temperature_scale(temperature, positions=None, *, total_length=None):
     return _formula(t["coef"], t["train_length"], total_length)
 
 
-def _segment_lengths(position_ids: torch.Tensor) -> torch.Tensor:
-    """For each token, the length of its sequence: its segment's last position + 1.
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) index, within its row, of each token's segment: a run of consecutive positions (+1 steps).
 
-    A segment is a run of consecutive positions (+1 steps); a restart (packed documents, or the
-    real tokens after left padding) opens a new one.
+    A restart (packed documents, or the real tokens after left padding) opens a new segment; this is
+    transformers' packed-sequence rule too (``find_packed_sequence_indices``).
     """
-    B, S = position_ids.shape
     pos = position_ids.to(torch.int64)
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
-    seg = starts.cumsum(-1) - 1  # (B, S) segment index within the row
+    return starts.cumsum(-1) - 1
+
+
+def _segment_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """For each token, the length of its sequence: its segment's last position + 1."""
+    B, S = position_ids.shape
+    pos = position_ids.to(torch.int64)
+    seg = segment_ids(pos)
     last = torch.full((B, S), -1, dtype=torch.int64, device=pos.device)
     last = last.scatter_reduce(1, seg, pos, reduce="amax", include_self=True)
     return last.gather(1, seg) + 1

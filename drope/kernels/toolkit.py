@@ -166,7 +166,7 @@ def check_device(t: torch.Tensor, op: str) -> None:
     if t.device.type == "meta" and is_recording():
         return
     check_kernel_device(t, op)
-    if t.device.type == "cpu" and not _defined_interpreted():
+    if t.device.type == "cpu" and not defined_interpreted():
         raise DeviceError(
             f"drope.kernels.{op}: TRITON_INTERPRET=1 was set after drope was imported, so the kernels were "
             "defined for a GPU and cannot run in Triton's interpreter; set it before the import (export "
@@ -174,8 +174,9 @@ def check_device(t: torch.Tensor, op: str) -> None:
             f"drope.reference.{op}")
 
 
-def _defined_interpreted() -> bool:
-    """Whether this module's jit functions were defined under Triton's interpreter."""
+def defined_interpreted() -> bool:
+    """Whether drope's jit functions were defined under Triton's interpreter (``TRITON_INTERPRET`` is read
+    when a ``@triton.jit`` function is defined, i.e. at import)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(mm, InterpretedFunction)

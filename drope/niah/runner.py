@@ -461,24 +461,15 @@ class SlowPathWarning(UserWarning):
     """The run takes an attention path far slower than the alternatives (the message says which to use)."""
 
 
-def kernels_interpreted() -> Optional[bool]:
-    """Whether drope's Triton kernels were defined under Triton's interpreter (None: none found).
+def kernels_interpreted() -> bool:
+    """Whether drope's Triton kernels were defined under Triton's interpreter.
 
-    Triton reads ``TRITON_INTERPRET`` when a ``@triton.jit`` function is defined, i.e. when drope is
-    imported; setting it afterwards leaves compiled kernels, which Triton cannot launch on CPU tensors
-    ("0 active drivers").
+    Setting ``TRITON_INTERPRET`` after ``import drope`` leaves compiled kernels, which Triton cannot
+    launch on CPU tensors ("0 active drivers").
     """
-    import sys
+    from ..kernels.toolkit import defined_interpreted
 
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    for name, module in list(sys.modules.items()):
-        if name.startswith("drope.kernels") and module is not None:
-            for value in vars(module).values():
-                if isinstance(value, (JITFunction, InterpretedFunction)):
-                    return isinstance(value, InterpretedFunction)
-    return None
+    return defined_interpreted()
 
 
 def check_attention_path(attn: str, device: torch.device) -> Dict[str, object]:
