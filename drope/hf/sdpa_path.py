@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..validation import AttentionShape, check_scale, split_scale
 
 __all__ = ["BLOCK", "attention", "decode_attention"]
 
@@ -26,41 +27,25 @@ __all__ = ["BLOCK", "attention", "decode_attention"]
 BLOCK = 512
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scale_tensor(softmax_scale, B: int, HQ: int, SQ: int, D: int, device, dtype) -> torch.Tensor:
-    """The softmax scale as a tensor (``dtype``) broadcastable to (B, Hq, Sq, 1)."""
-    if softmax_scale is None:
-        return torch.tensor(D ** -0.5, dtype=dtype, device=device)
-    if not isinstance(softmax_scale, torch.Tensor):
-        return torch.tensor(float(softmax_scale), dtype=dtype, device=device)
-    s = softmax_scale.to(device=device, dtype=dtype)
-    if s.dim() == 1 and s.shape[0] == SQ:
-        return s[None, None, :, None]
-    if s.dim() == 1 and s.shape[0] == HQ:
-        return s[None, :, None, None]
-    if s.dim() == 2 and tuple(s.shape) == (B, SQ):
-        return s[:, None, :, None]
-    if s.dim() == 3 and s.shape[0] in (1, B) and s.shape[1] in (1, HQ) and s.shape[2] in (1, SQ):
-        return s[..., None]
-    raise ValueError(f"softmax_scale must be None, a float, or a tensor of shape (Sq,), (Hq,), (B, Sq) or (B, Hq, Sq) "
-                     "(1s broadcast); "
-                     f"got {tuple(s.shape)} for B={B}, Hq={HQ}, Sq={SQ}")
+def _scale_tensor(softmax_scale, q: torch.Tensor, dtype) -> torch.Tensor:
+    """The softmax scale as a tensor (``dtype``) broadcastable to (B, Hq, Sq, 1); the kernels' own
+    check and split (:func:`drope.validation.check_scale`, :func:`~drope.validation.split_scale`)."""
+    B, HQ, SQ, D = q.shape
+    check_scale(softmax_scale, B, HQ, SQ, q)
+    const, rows = split_scale(softmax_scale, AttentionShape(B, HQ, HQ, SQ, SQ, D), q.device, dtype)
+    return torch.tensor(const, dtype=dtype, device=q.device) if rows is None else rows[..., None]
 
 
 def _rms(x, weight, eps):
     """Per-head RMSNorm in fp32 (fp64 for fp64 inputs), as the kernels' prologue."""
-    return reference.rms_norm(x.to(_compute_dtype(x.dtype)), weight, eps)
+    return reference.rms_norm(x.to(reference._compute_dtype(x.dtype)), weight, eps)
 
 
 def _prepare_q(q, softmax_scale, q_norm_weight, norm_eps):
     """RMSNorm and the scale folded into q (fp32 arithmetic, fp64 for fp64), back in q's dtype."""
-    B, HQ, SQ, D = q.shape
-    ct = _compute_dtype(q.dtype)
+    ct = reference._compute_dtype(q.dtype)
     qf = q.to(ct) if q_norm_weight is None else _rms(q, q_norm_weight, norm_eps)
-    return (qf * _scale_tensor(softmax_scale, B, HQ, SQ, D, q.device, ct)).to(q.dtype)
+    return (qf * _scale_tensor(softmax_scale, q, ct)).to(q.dtype)
 
 
 def _sdpa(q, k, v, mask, sinks, is_causal=False):
@@ -113,11 +98,9 @@ def _core(q, k, v, *, p0: int, causal: bool, window, chunk, sinks):
         if window is not None:
             lo = max(lo, p - window + 1)
         hi = p0 + e
-        pos = torch.arange(p, p0 + e, device=q.device)[:, None]
-        j = torch.arange(lo, hi, device=q.device)[None, :]
-        vis = j <= pos
-        if window is not None:
-            vis &= j > pos - window
+        # the block lies inside one chunk (its keys start at the chunk's start): causal and window remain
+        vis = reference._visible(torch.arange(p, p0 + e, device=q.device), torch.arange(lo, hi, device=q.device),
+                                 window, None)
         outs.append(_sdpa(q[:, :, a:e], k[:, :, lo:hi], v[:, :, lo:hi], vis[None, None], sinks))
         a = e
     return torch.cat(outs, dim=2)
@@ -183,10 +166,5 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, softmax_scale=N
         # one query that sees every key: no mask, so SDPA keeps its fused CPU kernel
         return _sdpa(q, k_cache, v_cache, None, None)
     pos = lens[:, None] - SQ + torch.arange(SQ, device=q.device)[None, :]  # (B, Sq)
-    j = torch.arange(n, device=q.device)[None, None, :]
-    vis = j <= pos[:, :, None]
-    if window is not None:
-        vis &= j > pos[:, :, None] - window
-    if chunk is not None:
-        vis &= (j // chunk) == (pos[:, :, None] // chunk)
+    vis = reference._visible(pos, torch.arange(n, device=q.device), window, chunk)  # (B, Sq, n)
     return _sdpa(q, k_cache, v_cache, vis[:, None], sinks)
