@@ -146,7 +146,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
                             kernel=False)
-    B, HQ, SQ, SK, G = shape.B, shape.HQ, shape.SQ, shape.SK, shape.G
+    SQ, SK, G = shape.SQ, shape.SK, shape.G
     ct = _compute_dtype(q.dtype)
     const, rows = split_scale(softmax_scale, shape, q.device, ct)
     scale = const if rows is None else rows[..., None]
