@@ -24,7 +24,7 @@ from ..validation import check_attention, split_scale
 from .attention_bwd import attention_backward
 from .qk_transform import packed_tables, qk_hat
 from .toolkit import LN2_C, LOG2E, LOG2E_C, autotuned, check_device, compiled, dot_precision, launch, mm, \
-    named_strides, operand, padded_dim, tanh, tma_ok, upcast
+    named_strides, operand, padded_dim, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["attention"]
 
@@ -225,13 +225,7 @@ def _attn_fwd_kernel(
 
     if HAS_SINKS:
         # the head's sink logit joins the denominator only
-        b_sink = tl.load(SINKS + i_h).to(tl.float32) * LOG2E_C
-        b_m_new = tl.maximum(b_m, b_sink)
-        b_m_sub = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.math.exp2(b_m - b_m_sub)
-        b_l = b_l * b_alpha + tl.math.exp2(b_sink - b_m_sub)
-        acc = acc * b_alpha[:, None]
-        b_m = b_m_new
+        acc, b_l, b_m = with_sink(acc, b_l, b_m, tl.load(SINKS + i_h).to(tl.float32) * LOG2E_C)
     # rows that saw no key (l == 0) output zeros and lse = -inf
     empty = b_l == 0.0
     b_o = acc / tl.where(empty, 1.0, b_l)[:, None]

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..validation import check_decode, split_scale
 from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, check_device, dot_precision, launch, mm, named_strides, \
-    operand, padded_dim, phases, tanh, tma_ok, upcast
+    operand, padded_dim, phases, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["decode_attention", "choose_num_splits"]
 
@@ -171,12 +171,7 @@ def _decode_split_kernel(
     if ADD_SINKS:
         # one split: the head's sink logit joins the denominator here (else in the merge)
         b_sink = tl.load(SINKS + o_h, mask=m_row, other=float("-inf")).to(tl.float32) * LOG2E_C
-        b_m_new = tl.maximum(b_m, b_sink)
-        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.exp2(b_m - b_ref)
-        b_l = b_l * b_alpha + tl.exp2(b_sink - b_ref)
-        b_acc = b_acc * b_alpha[:, None]
-        b_m = b_m_new
+        b_acc, b_l, b_m = with_sink(b_acc, b_l, b_m, b_sink)
     has = b_l > 0
     b_l_safe = tl.where(has, b_l, 1.0)
     b_o = b_acc / b_l_safe[:, None]

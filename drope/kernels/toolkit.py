@@ -118,6 +118,16 @@ def phases(lo, hi, f_lo, f_hi, B: tl.constexpr):
 
 
 @triton.jit
+def with_sink(acc, b_l, b_m, b_sink):
+    """The online softmax's state after one more logit ``b_sink`` (base 2) that joins the denominator only."""
+    b_m_new = tl.maximum(b_m, b_sink)
+    b_m_sub = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_alpha = tl.math.exp2(b_m - b_m_sub)
+    b_l = b_l * b_alpha + tl.math.exp2(b_sink - b_m_sub)
+    return acc * b_alpha[:, None], b_l, b_m_new
+
+
+@triton.jit
 def tanh(x):
     """tanh through exp2 (exact at the ends: +-1 for |x| large, no inf/inf)."""
     return 1.0 - 2.0 / (1.0 + tl.math.exp2(x * (2.0 * LOG2E_C)))
