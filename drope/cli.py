@@ -21,6 +21,15 @@ COMMANDS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default; options whose default is None or off explain it in their help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = COMMANDS
     parser = argparse.ArgumentParser(prog="drope", description="DroPE models: fast attention, conversion, recalibration, NIAH.")
@@ -34,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     module = importlib.import_module(commands[args.command][0])
     # every subcommand's --help shows its defaults
     cmd_parser = argparse.ArgumentParser(prog=f"drope {args.command}", description=commands[args.command][1],
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                         formatter_class=DefaultsHelpFormatter)
     module.add_arguments(cmd_parser)
     return int(module.run(cmd_parser.parse_args(rest)) or 0)
 

@@ -405,12 +405,17 @@ def test_cli_threads_and_help_defaults(model_dir, tmp_path, capsys):
     for command, expected in [("niah", ["(default: 5)", "(default: sdpa)", "(default: 4k,8k,16k,32k)",
                                         "(default: auto)"]),
                               ("demo", ["(default: drope-demo)", "(default: 1,2,4,8)", "(default: auto)"]),
-                              ("train-mini", ["(default: 5000)", "(default: 0.4)", "(default: auto)"])]:
+                              ("train-mini", ["(default: 5000)", "(default: 0.4)", "(default: auto)",
+                                              "(default: number,word)"]),
+                              ("fit-temperature", ["(default: 200)", "(default: only print the fit)"]),
+                              ("recalibrate", [])]:
         with pytest.raises(SystemExit):
             main([command, "--help"])
         shown = " ".join(capsys.readouterr().out.split())
         for text in expected:
             assert text in shown, (command, text)
+        # an option without a default explains itself, never "(default: None)" or "(default: False)"
+        assert "(default: None)" not in shown and "(default: False)" not in shown, command
 
 
 

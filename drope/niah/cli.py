@@ -7,16 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..cli import DefaultsHelpFormatter
 from .tasks import TASKS, parse_depths, parse_lengths, parse_tasks
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each option's default; options whose default is None or off explain it in their help."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
