@@ -33,12 +33,18 @@ def test_tokenizer_is_seeded():
     assert a.get_vocab() == b.get_vocab()
 
 
-@pytest.mark.parametrize("seed", [0, 5], ids=lambda s: f"seed{s}")
-def test_rows_exact_length_answers_retrievable(tokenizer, seed):
-    sampler = corpus.RowSampler(tokenizer, L_TRAIN, seed=seed)
+NEEDLE_RE = {"number": r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.",
+             "word": r"One of the special magic words for ([a-z]+-[a-z]+) is: ([a-z]+)\."}
+
+
+@pytest.mark.parametrize("seed,value_types", [(0, ("number",)), (5, ("number",)), (0, ("number", "word"))],
+                         ids=["seed0", "seed5", "seed0-mixed"])
+def test_rows_exact_length_answers_retrievable(tokenizer, seed, value_types):
+    sampler = corpus.RowSampler(tokenizer, L_TRAIN, seed=seed, value_types=value_types)
     batch = sampler.batch(0, 24)
     assert batch["input_ids"].shape == (24, L_TRAIN) and batch["answer_mask"].shape == (24, L_TRAIN)
     n_copy = 0
+    seen = set()
     for ids, mask in zip(batch["input_ids"].tolist(), batch["answer_mask"].tolist()):
         assert sum(mask) > 0
         text = tokenizer.decode(ids, skip_special_tokens=False)
@@ -55,32 +61,57 @@ def test_rows_exact_length_answers_retrievable(tokenizer, seed):
             if " mentioned in the provided text " not in doc:
                 continue  # the copy half of a split row
             # every answered value was planted in a needle of the same document, in the drope.niah format
-            needles = dict(re.findall(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", doc))
+            # of its value type (one type per document)
+            kinds = [v for v in NEEDLE_RE if re.search(NEEDLE_RE[v], doc)]
+            assert len(kinds) == 1 and kinds[0] in value_types, doc
+            seen.add(kinds[0])
+            needles = dict(re.findall(NEEDLE_RE[kinds[0]], doc))
             question, _, answer = doc.rpartition(" mentioned in the provided text ")
             assert needles and answer.startswith(("is ", "are "))
-            for value in re.findall(r"\d{7}", answer):
-                assert value in needles.values()
+            answered = re.findall(r"\d{7}" if kinds[0] == "number" else r"[a-z]+", answer.split(" ", 1)[1].split(corpus.EOS)[0])
+            answered = [a for a in answered if a != "and"]
+            assert answered and all(a in needles.values() for a in answered), (answer, needles)
+            if kinds[0] == "word":
+                assert all(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) == 1 for a in answered)
+    assert seen == set(value_types)
     assert 0 < n_copy < 24
-    again = corpus.RowSampler(tokenizer, L_TRAIN, seed=seed).batch(0, 24)
+    again = corpus.RowSampler(tokenizer, L_TRAIN, seed=seed, value_types=value_types).batch(0, 24)
     assert torch.equal(batch["input_ids"], again["input_ids"])
 
 
-def test_quiz_rows_ask_several_planted_keys(tokenizer):
+def test_number_rows_do_not_depend_on_the_value_type_option(tokenizer):
+    """Number-only rows are the stream the shipped models before value types were trained on."""
+    a = corpus.RowSampler(tokenizer, L_TRAIN, seed=0).batch(0, 6)["input_ids"]
+    b = corpus.RowSampler(tokenizer, L_TRAIN, seed=0, value_types=["number", "number"]).batch(0, 6)["input_ids"]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="value_types"):
+        corpus.RowSampler(tokenizer, L_TRAIN, value_types=("uuid",))
+    with pytest.raises(ValueError, match="value_types"):
+        corpus.RowSampler(tokenizer, L_TRAIN, value_types=())
+    with pytest.raises(ValueError, match="value_types"):
+        train.Recipe(value_types=("number", "number"))
+    with pytest.raises(ValueError, match="value_types"):
+        train.Recipe(value_types=("emoji",))
+
+
+@pytest.mark.parametrize("value_type", ["number", "word"])
+def test_quiz_rows_ask_several_planted_keys(tokenizer, value_type):
     import random
 
-    sampler = corpus.RowSampler(tokenizer, 256, seed=0)
+    sampler = corpus.RowSampler(tokenizer, 256, seed=0, value_types=(value_type,))
+    kind, value = {"number": ("number", r"\d{7}"), "word": ("word", r"[a-z]+")}[value_type]
     n_questions = set()
     for i in range(12):
         ids, mask = sampler._kv(256, random.Random(i))
         assert len(ids) == len(mask) == 256 and ids[-1] == tokenizer.eos_token_id
         text = tokenizer.decode(ids)
-        needles = dict(re.findall(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", text))
-        asked = re.findall(r"The special magic number for ([a-z]+-[a-z]+) mentioned in the provided text is (\d{7})\.",
-                           text)
+        needles = dict(re.findall(NEEDLE_RE[value_type], text))
+        asked = re.findall(rf"The special magic {kind} for ([a-z]+-[a-z]+) mentioned in the provided text is "
+                           rf"({value})\.", text)
         assert asked and len(needles) >= len(asked)
         assert all(needles[k] == v for k, v in asked)
         assert len({k for k, _ in asked}) == len(asked)
-        # the weighted targets are exactly the answers (" " + 7 digits + "." per question) and EOS
+        # the weighted targets are exactly the answers (" " + value + "." per question) and EOS
         answers = tokenizer.decode([t for t, m in zip(ids, mask) if m])
         assert answers == "".join(f" {v}." for _, v in asked) + corpus.EOS
         n_questions.add(len(asked))
@@ -134,7 +165,7 @@ def _args(out, **over):
     d = dict(out=str(out), size="tiny", steps=20, batch=2, train_length=L_TRAIN, lr=3e-3, recal_lr=1e-3,
              recal_fraction=0.2, answer_weight=4.0, vocab_size=1024, fit_factor=2, fit_windows=1, eval_every=10,
              variants="rope,nope,drope", threads=1, seed=0, device="cpu", recal_weight_decay=0.1, recal_beta2=0.95,
-             recal_schedule="cosine", recal_preset=None)
+             recal_schedule="cosine", recal_preset=None, value_types="number,word", rope_from=None)
     d.update(over)
     return argparse.Namespace(**d)
 
@@ -180,3 +211,41 @@ def test_sakana_recalibration_preset(tmp_path):
     assert train._lr_at(50, 100, 1.0, 10, "constant") == 1.0 and train._lr_at(50, 100, 1.0, 10, "cosine") < 1.0
     with pytest.raises(ValueError, match="recal_schedule"):
         train.Recipe(recal_schedule="linear")
+
+
+@pytest.mark.slow
+def test_drope_from_a_kept_rope_snapshot_equals_one_run(tmp_path):
+    """--rope-from: a DroPE branch started from an earlier run's RoPE snapshot is the one-process run."""
+    one, later = tmp_path / "one", tmp_path / "later"
+    assert train.run(_args(one, steps=10, variants="rope,drope", recal_fraction=0.3, eval_every=5)) == 0
+    kept = sorted(int(p.stem.split("_")[1]) for p in (one / train.SNAPSHOT_DIR).glob("step_*.pt"))
+    assert kept == train.snapshot_steps(train.Recipe(steps=10)) == list(range(1, 10))
+    assert train.run(_args(later, steps=10, variants="drope", recal_fraction=0.3, eval_every=5,
+                           rope_from=str(one))) == 0
+    a = torch.load(one / train.SNAPSHOT_DIR / "step_7.pt")
+    from safetensors.torch import load_file
+
+    w_one, w_later = load_file(one / "drope" / "model.safetensors"), load_file(later / "drope" / "model.safetensors")
+    assert w_one.keys() == w_later.keys()
+    assert all(torch.equal(w_one[k], w_later[k]) for k in w_one)
+    # the snapshot is the RoPE model of the one-process run at the cut (step 7 of 10)
+    assert not torch.equal(a["model.embed_tokens.weight"], w_one["model.embed_tokens.weight"])
+    log = lambda d: [r for r in json.loads((d / "manifest.json").read_text())["log"] if r["variant"] == "drope"]
+    assert [r["answer_acc"] for r in log(one)] == [r["answer_acc"] for r in log(later)]
+
+
+def test_rope_from_refuses_another_recipe(tmp_path, capsys):
+    assert train.run(_args(tmp_path / "one", steps=20, variants="rope", eval_every=5)) == 0
+    assert train.run(_args(tmp_path / "b", steps=20, batch=3, variants="drope", rope_from=str(tmp_path / "one"))) == 2
+    assert "batch=2 there, 3 here" in capsys.readouterr().err
+    assert train.run(_args(tmp_path / "c", steps=20, variants="drope", value_types="number",
+                           rope_from=str(tmp_path / "one"))) == 2
+    assert "value_types" in capsys.readouterr().err
+    assert train.run(_args(tmp_path / "d", steps=20, variants="drope", recal_fraction=0.25,
+                           rope_from=str(tmp_path / "one"))) == 2
+    # 5 recal steps: the cut at 15 is not a tenth of the run, so no snapshot was kept there
+    assert "no RoPE snapshot at step 15" in capsys.readouterr().err
+    assert train.run(_args(tmp_path / "e", steps=20, variants="rope,drope", rope_from=str(tmp_path / "one"))) == 2
+    assert "drope alone" in capsys.readouterr().err
+    assert train.run(_args(tmp_path / "f", steps=20, variants="drope", rope_from=str(tmp_path / "nothing"))) == 2
+    assert "not a drope train-mini output" in capsys.readouterr().err

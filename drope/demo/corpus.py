@@ -5,7 +5,9 @@ Everything is generated, nothing is downloaded:
 - text: the NIAH haystack essay shipped with :mod:`drope.niah` (generated, digit-free);
 - retrieval rows: NIAH prompts built by :class:`drope.niah.PromptBuilder` in the exact needle, question
   and answer format of ``drope niah`` (single, multikey, multiquery, multivalue) followed by the
-  answer and EOS; training samples use seeds disjoint from the evaluation seeds;
+  answer and EOS; training samples use seeds disjoint from the evaluation seeds; each sample draws
+  its value type (7-digit numbers, or words that are one token of the tokenizer) from the sampler's
+  ``value_types``;
 - key-value quiz rows: up to eight needles (the same sentence format) in a short haystack, then up to
   four of their keys asked one after another, each question followed by its answer;
 - copy rows: episodes of 8-24 random tokens, a little haystack, and the same tokens again.
@@ -40,6 +42,9 @@ KV_QUESTIONS = 4
 # copy episodes draw their tokens from ids 3 .. 3 + COPY_ALPHABET - 1 (byte tokens): a small alphabet
 # makes the induction head form within the CPU budget (with the full vocabulary it did not)
 COPY_ALPHABET = 64
+# value types a training row can carry: uuids are 36 characters, too long for L_train = 256 rows with
+# four needles
+TRAIN_VALUE_TYPES = ("number", "word")
 
 
 def _random_key(rng: random.Random) -> str:
@@ -48,6 +53,11 @@ def _random_key(rng: random.Random) -> str:
 
 def _value(rng: random.Random) -> str:
     return str(rng.randrange(1_000_000, 10_000_000))
+
+
+def _dummy_values(builder, n: int) -> List[str]:
+    """``n`` values of ``builder``'s type whose token count is that of any value of that type."""
+    return ["1000000"] * n if builder.value_type == "number" else builder.value_words[:n]
 
 
 def answer_text(values: Sequence[str]) -> str:
@@ -123,15 +133,30 @@ class RowSampler:
         tokenizer: the tokenizer of :func:`train_tokenizer`.
         length: row length (L_train).
         seed: seed; row ``i`` depends only on (seed, i), so any worker order gives the same data.
+        value_types: the NIAH value types retrieval and quiz samples draw from (uniformly, one type
+            per sample): ``"number"`` (7 digits, what the paper's NIAH uses) and/or ``"word"`` (one
+            token of ``tokenizer``, the words ``drope niah --value-type word`` asks for).
+
+    Raises:
+        ValueError: a ``length`` below 128, an empty ``value_types`` or one that is not number or
+            word, or ``"word"`` with a tokenizer that has too few single-token words.
     """
 
-    def __init__(self, tokenizer, length: int = 256, seed: int = 0):
+    def __init__(self, tokenizer, length: int = 256, seed: int = 0, value_types: Sequence[str] = ("number",)):
         if not isinstance(length, int) or length < 128:
             raise ValueError(f"length must be an int >= 128 (room for 4 needles and the question), got {length!r}")
+        value_types = tuple(dict.fromkeys(value_types))
+        if not value_types or any(v not in TRAIN_VALUE_TYPES for v in value_types):
+            raise ValueError(f"value_types must be a non-empty subset of {', '.join(TRAIN_VALUE_TYPES)}, "
+                             f"got {list(value_types)}")
         self.tokenizer = tokenizer
         self.length = length
         self.seed = seed
-        self.builder = niah.PromptBuilder(tokenizer, haystack="essay", chat_template="off")
+        self.value_types = value_types
+        # one builder per value type; the number builder also serves the copy rows' haystack
+        self.builders = {v: niah.PromptBuilder(tokenizer, haystack="essay", chat_template="off", value_type=v)
+                         for v in dict.fromkeys(("number",) + value_types)}
+        self.builder = self.builders["number"]
         self.eos = tokenizer.eos_token_id
         self._kinds = [k for k, _ in MIX]
         self._weights = [w for _, w in MIX]
@@ -139,32 +164,42 @@ class RowSampler:
     def _encode(self, text: str) -> List[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _value_builder(self, rng: random.Random):
+        if len(self.value_types) == 1:
+            return self.builders[self.value_types[0]]  # the number-only stream draws no extra random number
+        return self.builders[rng.choice(self.value_types)]
+
     def _niah(self, task: str, length: int, rng: random.Random, index: int) -> Tuple[List[int], List[int]]:
-        # digits are one token each, so the answer's token count depends only on how many values it has
+        # digits are one token each and value words one token, so the answer's token count depends only
+        # on how many values it has
+        builder = self._value_builder(rng)
         n_values = 1 if task in ("single", "multikey") else niah.NUM_NEEDLES
-        n_ans = len(self._encode(answer_text(["1000000"] * n_values))) + 1
-        sample = self.builder.build(task, length - n_ans, rng.random(), seed=TRAIN_SEED_OFFSET + self.seed,
-                                    trial=index)
+        n_ans = len(self._encode(answer_text(_dummy_values(builder, n_values)))) + 1
+        sample = builder.build(task, length - n_ans, rng.random(), seed=TRAIN_SEED_OFFSET + self.seed, trial=index)
         ans = self._encode(answer_text(sample.answers)) + [self.eos]
         if len(ans) != n_ans:
-            raise ValueError(f"the tokenizer does not split digits one per token (answer of {len(ans)} tokens)")
+            raise ValueError(f"the tokenizer does not split {builder.value_type} values into a fixed number of "
+                             f"tokens (answer of {len(ans)} tokens, expected {n_ans})")
         return sample.input_ids + ans, [0] * len(sample.input_ids) + [1] * len(ans)
 
     def _kv(self, length: int, rng: random.Random) -> Tuple[List[int], List[int]]:
         """A quiz: up to ``KV_NEEDLES`` needles in a short haystack, then up to ``KV_QUESTIONS`` of their
         keys asked one after another, each question followed by its answer (the lookups are the targets)."""
+        builder = self._value_builder(rng)
+        text = builder.text
         keys: List[str] = []
         while len(keys) < KV_NEEDLES:
             k = _random_key(rng)
             if k.split("-")[0] not in {x.split("-")[0] for x in keys} and k.split("-")[1] not in {x.split("-")[1] for x in keys}:
                 keys.append(k)
-        values = [_value(rng) for _ in keys]
-        head = self.builder.special_prefix + self._encode(niah.INTRO)
-        needles = [self._encode(" " + niah.NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
+        taken: set = set()
+        values = [_value(rng) if builder.value_type == "number" else builder._value(rng, taken) for _ in keys]
+        head = builder.special_prefix + self._encode(text["INTRO"])
+        needles = [self._encode(" " + text["NEEDLE"].format(key=k, value=v)) for k, v in zip(keys, values)]
 
         def qa(i: int) -> Tuple[List[int], List[int]]:
-            q = self._encode("\n" + niah.QUESTION_ONE.format(key=keys[i]) + "\n"
-                             + niah.ANSWER_ONE.format(key=keys[i]))
+            q = self._encode("\n" + text["QUESTION_ONE"].format(key=keys[i]) + "\n"
+                             + text["ANSWER_ONE"].format(key=keys[i]))
             a = self._encode(answer_text([values[i]]))
             return q + a, [0] * len(q) + [1] * len(a)
 

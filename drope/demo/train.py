@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -68,6 +68,9 @@ class Recipe:
     fit_factor: int = 4
     fit_windows: int = 4
     eval_every: int = 100
+    # value types of the retrieval and quiz rows (corpus.RowSampler): the shipped models see both, so
+    # the demo's word column measures finding a needle apart from copying a 7-digit value
+    value_types: Tuple[str, ...] = ("number", "word")
     threads: int = 0
     device: str = "auto"
 
@@ -91,6 +94,13 @@ class Recipe:
                              f"{self.recal_beta2!r}, {self.recal_weight_decay!r}")
         if self.answer_weight < 0:
             raise ValueError(f"answer_weight must be >= 0, got {self.answer_weight!r}")
+        self.value_types = tuple(self.value_types)
+        from .corpus import TRAIN_VALUE_TYPES
+
+        if not self.value_types or any(v not in TRAIN_VALUE_TYPES for v in self.value_types) \
+                or len(set(self.value_types)) != len(self.value_types):
+            raise ValueError(f"value_types must be distinct entries of {', '.join(TRAIN_VALUE_TYPES)}, "
+                             f"got {list(self.value_types)}")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -169,8 +179,9 @@ def train_steps(model, sampler, recipe: Recipe, *, first: int, last: int, total:
                 log: List[Dict[str, object]], name: str, probe: Dict[str, torch.Tensor],
                 optimizer: Optional[torch.optim.Optimizer] = None, lr_offset: int = 0,
                 weight_decay: Optional[float] = None, beta2: float = 0.95,
-                schedule: str = "cosine") -> torch.optim.Optimizer:
-    """Train ``model`` on rows of steps ``first .. last-1`` (step s reads rows ``s*batch ..``)."""
+                schedule: str = "cosine", after_step: Optional[Callable[[int], None]] = None) -> torch.optim.Optimizer:
+    """Train ``model`` on rows of steps ``first .. last-1`` (step s reads rows ``s*batch ..``);
+    ``after_step(n)`` is called after the n-th step (1-based) when given."""
     if optimizer is None:
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         other = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -197,6 +208,8 @@ def train_steps(model, sampler, recipe: Recipe, *, first: int, last: int, total:
                    "answer_acc": round(acc, 4), "elapsed_s": round(time.perf_counter() - t0, 1)}
             log.append(row)
             print(json.dumps(row), flush=True)
+        if after_step is not None:
+            after_step(step + 1)
     return optimizer
 
 
@@ -219,20 +232,62 @@ def fit(model, tokenizer, recipe: Recipe) -> Dict[str, object]:
             "target_length": target, "perplexity": result.perplexity, "curve": result.curve}
 
 
-def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]:
+# the settings the RoPE run depends on: a DroPE branch may start from another run's RoPE snapshot
+# (--rope-from) only when these agree
+ROPE_FIELDS = ("size", "train_length", "steps", "batch", "lr", "warmup", "weight_decay", "answer_weight",
+               "vocab_size", "rope_theta", "seed", "value_types")
+SNAPSHOT_DIR = "rope_snapshots"
+
+
+def snapshot_steps(recipe: Recipe) -> List[int]:
+    """The RoPE steps a run keeps weights of (every tenth of the run): the cuts of recal fractions 0.1 .. 0.9."""
+    return sorted({round(recipe.steps * k / 10) for k in range(1, 10)} - {0, recipe.steps})
+
+
+def load_rope_snapshot(recipe: Recipe, run_dir: Path, step: int) -> Dict[str, torch.Tensor]:
+    """The RoPE weights at ``step`` of the earlier run in ``run_dir`` (its ``manifest.json`` and snapshots).
+
+    Raises:
+        ValueError: ``run_dir`` has no manifest, a RoPE setting differs from ``recipe``'s, or no
+            snapshot was kept at ``step``.
+    """
+    run_dir = Path(run_dir)
+    try:
+        theirs = json.loads((run_dir / "manifest.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"rope_from: {run_dir} is not a drope train-mini output ({e})") from None
+    ours = asdict(recipe)
+    ours["value_types"] = list(ours["value_types"])
+    theirs.setdefault("value_types", ["number"])  # runs from before value types trained on numbers
+    diff = [f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in ROPE_FIELDS if theirs.get(k) != ours[k]]
+    if diff:
+        raise ValueError(f"rope_from: the RoPE run in {run_dir} used other settings: {'; '.join(diff)}")
+    path = run_dir / SNAPSHOT_DIR / f"step_{step}.pt"
+    if not path.exists():
+        kept = sorted(int(p.stem.split("_")[1]) for p in (run_dir / SNAPSHOT_DIR).glob("step_*.pt"))
+        raise ValueError(f"rope_from: no RoPE snapshot at step {step} (the cut of recal_fraction "
+                         f"{recipe.recal_fraction}) in {run_dir}; kept: {kept or 'none'}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_all(recipe: Recipe, out: Path, variants=VARIANTS, rope_from: Optional[Path] = None) -> Dict[str, object]:
     """Run the recipe and write ``out/{tokenizer,rope,nope,drope}`` and ``out/manifest.json``.
 
     Args:
         recipe: the settings.
-        out: output directory (created).
+        out: output directory (created). A run that trains RoPE also keeps its weights every tenth of
+            the run in ``out/rope_snapshots/`` (~5 MB each at the mini size), so DroPE branches with
+            other recalibration settings can start from them (``rope_from``).
         variants: which of ``rope``, ``nope``, ``drope`` to produce (``drope`` needs the RoPE run,
-            which is done even when ``rope`` is not asked for).
+            which is done even when ``rope`` is not asked for, unless ``rope_from`` is given).
+        rope_from: an earlier output directory whose RoPE run (same RoPE settings) the DroPE branch
+            starts from, instead of repeating the RoPE steps before the cut.
 
     Returns:
         The manifest: recipe, per-variant wall times, fitted temperatures, the training log.
 
     Raises:
-        ValueError: an unknown variant.
+        ValueError: an unknown variant; ``rope_from`` with ``rope`` asked for, or not matching.
     """
     from ..hf.convert import to_drope
     from .corpus import HELD_OUT_SEED_OFFSET, RowSampler, train_tokenizer
@@ -240,6 +295,10 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ValueError(f"variants must be a non-empty subset of {', '.join(VARIANTS)}, got {list(variants)}")
+    if rope_from is not None and (list(variants) != ["drope"]):
+        raise ValueError(f"rope_from recalibrates an earlier RoPE run: variants must be drope alone, got {list(variants)}")
+    cut = recipe.steps - recipe.recal_steps
+    snapshot = load_rope_snapshot(recipe, rope_from, cut) if rope_from is not None else None
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     device = recipe.torch_device()
@@ -248,27 +307,39 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
     t_start = time.perf_counter()
     tokenizer = train_tokenizer(recipe.vocab_size, seed=recipe.seed)
     tokenizer.save_pretrained(out / "tokenizer")
-    sampler = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed)
-    probe_rows = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed + HELD_OUT_SEED_OFFSET).batch(0, 32)
+    sampler = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed, value_types=recipe.value_types)
+    probe_rows = RowSampler(tokenizer, recipe.train_length, seed=recipe.seed + HELD_OUT_SEED_OFFSET,
+                            value_types=recipe.value_types).batch(0, 32)
     probe = {k: v.to(device) for k, v in probe_rows.items()}
     warmup = max(1, round(recipe.warmup * recipe.steps))
     log: List[Dict[str, object]] = []
     times: Dict[str, float] = {}
     fits: Dict[str, object] = {}
-    cut = recipe.steps - recipe.recal_steps
+    keep = set(snapshot_steps(recipe))
 
     if "rope" in variants or "drope" in variants:
         t0 = time.perf_counter()
         model = new_model(recipe, tokenizer, "rope").to(device)
-        opt = train_steps(model, sampler, recipe, first=0, last=cut, total=recipe.steps, lr=recipe.lr, warmup=warmup,
-                          log=log, name="rope", probe=probe)
+
+        def keep_snapshot(n: int) -> None:
+            if n in keep:
+                (out / SNAPSHOT_DIR).mkdir(exist_ok=True)
+                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                           out / SNAPSHOT_DIR / f"step_{n}.pt")
+
+        if snapshot is None:
+            opt = train_steps(model, sampler, recipe, first=0, last=cut, total=recipe.steps, lr=recipe.lr,
+                              warmup=warmup, log=log, name="rope", probe=probe, after_step=keep_snapshot)
+        else:
+            model.load_state_dict(snapshot)
+            print(json.dumps({"variant": "rope", "step": cut, "from": str(rope_from)}), flush=True)
         times["rope_shared"] = time.perf_counter() - t0
         if "drope" in variants:
             state = {k: v.clone() for k, v in model.state_dict().items()}
         if "rope" in variants:
             t0 = time.perf_counter()
             train_steps(model, sampler, recipe, first=cut, last=recipe.steps, total=recipe.steps, lr=recipe.lr,
-                        warmup=warmup, log=log, name="rope", probe=probe, optimizer=opt)
+                        warmup=warmup, log=log, name="rope", probe=probe, optimizer=opt, after_step=keep_snapshot)
             times["rope"] = times["rope_shared"] + time.perf_counter() - t0
             save(model, tokenizer, out / "rope")
         if "drope" in variants:
@@ -300,6 +371,7 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS) -> Dict[str, object]
 
     manifest = {
         "recipe": asdict(recipe), "recal_steps": recipe.recal_steps, "variants": list(variants),
+        "rope_from": None if rope_from is None else str(rope_from),
         "tokens_per_variant": recipe.steps * recipe.batch * recipe.train_length,
         "wall_time_s": {k: round(v, 1) for k, v in times.items()},
         "total_wall_time_s": round(time.perf_counter() - t_start, 1),
@@ -343,6 +415,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-windows", type=int, default=d.fit_windows, help="held-out prompts for the temperature fit")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="log loss and answer accuracy every N steps")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of rope, nope, drope")
+    parser.add_argument("--value-types", default=",".join(d.value_types),
+                        help="comma list of the NIAH value types the retrieval rows carry: number, word")
+    parser.add_argument("--rope-from", default=None,
+                        help="an earlier --out directory with the same RoPE settings: the drope variant (alone) "
+                             "starts from its RoPE snapshot at the cut instead of repeating those steps")
     parser.add_argument("--threads", default="auto",
                         help="torch CPU threads: N, or auto (OMP_NUM_THREADS when set, else the cores not busy now)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of data, initialisation and tokenizer")
@@ -367,9 +444,10 @@ def run(args: argparse.Namespace) -> int:
                         recal_fraction=args.recal_fraction, answer_weight=args.answer_weight, **recal,
                         vocab_size=args.vocab_size, seed=args.seed, fit_factor=args.fit_factor,
                         fit_windows=args.fit_windows, eval_every=args.eval_every, threads=threads,
-                        device=args.device)
+                        device=args.device, value_types=[v.strip() for v in args.value_types.split(",") if v.strip()])
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        manifest = train_all(recipe, Path(args.out), variants)
+        manifest = train_all(recipe, Path(args.out), variants,
+                             rope_from=None if args.rope_from is None else Path(args.rope_from))
     except ValueError as e:
         print(f"drope train-mini: error: {e}", file=sys.stderr)
         return 2
