@@ -10,7 +10,8 @@ Everything is generated, nothing is downloaded:
   ``value_types``;
 - key-value quiz rows: up to eight needles (the same sentence format) in a short haystack, then up to
   four of their keys asked one after another, each question followed by its answer;
-- copy rows: episodes of 8-24 random tokens, a little haystack, and the same tokens again.
+- copy rows: episodes of 8-24 random tokens, a little haystack, and the same tokens again (with word
+  values, half the episodes are made of the value words' tokens, the tokens a word answer copies).
 
 The tokenizer is a byte-level BPE trained on that text with digits split one per token, so a
 7-digit value is always 7 tokens and can be copied digit by digit.
@@ -157,6 +158,9 @@ class RowSampler:
         self.builders = {v: niah.PromptBuilder(tokenizer, haystack="essay", chat_template="off", value_type=v)
                          for v in dict.fromkeys(("number",) + value_types)}
         self.builder = self.builders["number"]
+        # with word values, half the copy episodes are drawn from the value words' token ids
+        self.copy_words = ([self._encode(" " + w)[0] for w in self.builders["word"].value_words]
+                           if "word" in value_types else [])
         self.eos = tokenizer.eos_token_id
         self._kinds = [k for k, _ in MIX]
         self._weights = [w for _, w in MIX]
@@ -239,8 +243,9 @@ class RowSampler:
         return ids + [self.eos], mask + [1]
 
     def _copy(self, length: int, rng: random.Random) -> Tuple[List[int], List[int]]:
-        """Copy episodes back to back: X (8-24 random ids of a ``COPY_ALPHABET``-token alphabet), 0-24
-        haystack tokens, X again; the repeated X is the target.
+        """Copy episodes back to back: X (8-24 random ids of a ``COPY_ALPHABET``-token alphabet, or with
+        word values half the time of the value words' ids), 0-24 haystack tokens, X again; the repeated
+        X is the target.
 
         X cannot be memorised, so the only way to predict its repeat is to find the earlier occurrence
         of the current token and copy what followed it: an induction head, the mechanism every
@@ -250,7 +255,11 @@ class RowSampler:
         mask = [0] * len(ids)
         sents = self.builder._sentence_ids
         while len(ids) < length:
-            x = [rng.randrange(3, 3 + COPY_ALPHABET) for _ in range(rng.randint(8, 24))]
+            if self.copy_words and rng.random() < 0.5:
+                # the value words' own ids: retrieving a word value copies one of these tokens
+                x = [rng.choice(self.copy_words) for _ in range(rng.randint(8, 24))]
+            else:
+                x = [rng.randrange(3, 3 + COPY_ALPHABET) for _ in range(rng.randint(8, 24))]
             gap: List[int] = []
             n_gap = rng.randint(0, 24)
             while len(gap) < n_gap:

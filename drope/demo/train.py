@@ -245,20 +245,20 @@ def snapshot_steps(recipe: Recipe) -> List[int]:
 
 
 def load_rope_snapshot(recipe: Recipe, run_dir: Path, step: int) -> Dict[str, torch.Tensor]:
-    """The RoPE weights at ``step`` of the earlier run in ``run_dir`` (its ``manifest.json`` and snapshots).
+    """The RoPE weights at ``step`` of the earlier (or still running) run in ``run_dir``.
 
     Raises:
-        ValueError: ``run_dir`` has no manifest, a RoPE setting differs from ``recipe``'s, or no
-            snapshot was kept at ``step``.
+        ValueError: ``run_dir`` has no snapshots, a RoPE setting differs from ``recipe``'s, or no
+            snapshot was kept at ``step`` (yet: a run still in progress keeps them as it goes).
     """
     run_dir = Path(run_dir)
     try:
-        theirs = json.loads((run_dir / "manifest.json").read_text())["recipe"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"rope_from: {run_dir} is not a drope train-mini output ({e})") from None
+        # written when the RoPE run starts, so its snapshots serve while it is still running
+        theirs = json.loads((run_dir / SNAPSHOT_DIR / "recipe.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"rope_from: {run_dir} holds no RoPE snapshots of drope train-mini ({e})") from None
     ours = asdict(recipe)
     ours["value_types"] = list(ours["value_types"])
-    theirs.setdefault("value_types", ["number"])  # runs from before value types trained on numbers
     diff = [f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in ROPE_FIELDS if theirs.get(k) != ours[k]]
     if diff:
         raise ValueError(f"rope_from: the RoPE run in {run_dir} used other settings: {'; '.join(diff)}")
@@ -321,11 +321,16 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS, rope_from: Optional[
         t0 = time.perf_counter()
         model = new_model(recipe, tokenizer, "rope").to(device)
 
+        if snapshot is None:
+            (out / SNAPSHOT_DIR).mkdir(exist_ok=True)
+            (out / SNAPSHOT_DIR / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+
         def keep_snapshot(n: int) -> None:
             if n in keep:
-                (out / SNAPSHOT_DIR).mkdir(exist_ok=True)
-                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                           out / SNAPSHOT_DIR / f"step_{n}.pt")
+                # written aside and renamed: a --rope-from run reading it meanwhile sees all of it or nothing
+                tmp = out / SNAPSHOT_DIR / f".step_{n}.pt.tmp"
+                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+                tmp.replace(out / SNAPSHOT_DIR / f"step_{n}.pt")
 
         if snapshot is None:
             opt = train_steps(model, sampler, recipe, first=0, last=cut, total=recipe.steps, lr=recipe.lr,
