@@ -339,10 +339,7 @@ def _accuracy_block(rows, models, factors, title: str, task: Optional[str], vt: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``drope demo``."""
-    from ..niah import DefaultsHelpFormatter
-
-    parser.formatter_class = DefaultsHelpFormatter
+    """Options of ``drope demo`` (``drope.cli`` gives the parser its defaults-showing formatter)."""
     parser.add_argument("--out", default="drope-demo", help="output directory")
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
                         help="your own model directory, or a directory of them (repeatable) (default: the shipped "

@@ -48,6 +48,16 @@ COPY_ALPHABET = 64
 TRAIN_VALUE_TYPES = ("number", "word")
 
 
+def check_value_types(value_types: Sequence[str], *, repeats: bool = True) -> Tuple[str, ...]:
+    """``value_types`` as a tuple without repeats; raises ValueError unless it is a non-empty subset of
+    :data:`TRAIN_VALUE_TYPES` (and, with ``repeats=False``, lists each type once)."""
+    unique = tuple(dict.fromkeys(value_types))
+    if not unique or any(v not in TRAIN_VALUE_TYPES for v in unique) or (not repeats and len(unique) != len(value_types)):
+        raise ValueError(f"value_types must be a non-empty subset of {', '.join(TRAIN_VALUE_TYPES)}"
+                         f"{'' if repeats else ', each once'}, got {list(value_types)}")
+    return unique
+
+
 def _random_key(rng: random.Random) -> str:
     return f"{rng.choice(niah.KEY_ADJECTIVES)}-{rng.choice(niah.KEY_NOUNS)}"
 
@@ -146,10 +156,7 @@ class RowSampler:
     def __init__(self, tokenizer, length: int = 256, seed: int = 0, value_types: Sequence[str] = ("number",)):
         if not isinstance(length, int) or length < 128:
             raise ValueError(f"length must be an int >= 128 (room for 4 needles and the question), got {length!r}")
-        value_types = tuple(dict.fromkeys(value_types))
-        if not value_types or any(v not in TRAIN_VALUE_TYPES for v in value_types):
-            raise ValueError(f"value_types must be a non-empty subset of {', '.join(TRAIN_VALUE_TYPES)}, "
-                             f"got {list(value_types)}")
+        value_types = check_value_types(value_types)
         self.tokenizer = tokenizer
         self.length = length
         self.seed = seed
@@ -197,6 +204,7 @@ class RowSampler:
             if k.split("-")[0] not in {x.split("-")[0] for x in keys} and k.split("-")[1] not in {x.split("-")[1] for x in keys}:
                 keys.append(k)
         taken: set = set()
+        # numbers keep the number-only release's stream (drawn without the distinctness retry)
         values = [_value(rng) if builder.value_type == "number" else builder._value(rng, taken) for _ in keys]
         head = builder.special_prefix + self._encode(text["INTRO"])
         needles = [self._encode(" " + text["NEEDLE"].format(key=k, value=v)) for k, v in zip(keys, values)]

@@ -94,13 +94,9 @@ class Recipe:
                              f"{self.recal_beta2!r}, {self.recal_weight_decay!r}")
         if self.answer_weight < 0:
             raise ValueError(f"answer_weight must be >= 0, got {self.answer_weight!r}")
-        self.value_types = tuple(self.value_types)
-        from .corpus import TRAIN_VALUE_TYPES
+        from .corpus import check_value_types
 
-        if not self.value_types or any(v not in TRAIN_VALUE_TYPES for v in self.value_types) \
-                or len(set(self.value_types)) != len(self.value_types):
-            raise ValueError(f"value_types must be distinct entries of {', '.join(TRAIN_VALUE_TYPES)}, "
-                             f"got {list(self.value_types)}")
+        self.value_types = check_value_types(tuple(self.value_types), repeats=False)
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -391,10 +387,7 @@ def train_all(recipe: Recipe, out: Path, variants=VARIANTS, rope_from: Optional[
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``drope train-mini``."""
-    from ..niah import DefaultsHelpFormatter
-
-    parser.formatter_class = DefaultsHelpFormatter
+    """Options of ``drope train-mini`` (``drope.cli`` gives the parser its defaults-showing formatter)."""
     d = Recipe()
     parser.add_argument("--out", required=True, help="output directory (rope/, nope/, drope/, tokenizer/, manifest.json)")
     parser.add_argument("--size", default=d.size, choices=tuple(SIZES), help="model size (tiny: for tests)")

@@ -7,7 +7,7 @@
 Everything other modules of drope (``drope demo``, the mini-model recipe) use is exported here.
 """
 
-from .cli import DefaultsHelpFormatter
+from ..cli import DefaultsHelpFormatter
 from .haystack import NOISE, generate_essay, load_haystack
 from .profile import attention_path, choose_threads, estimate_memory_mb, machine, set_threads
 from .report import (format_table, load_run, log2_length_axis, mark_train_length, plot_accuracy_vs_length, pyplot,

@@ -7,13 +7,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..cli import DefaultsHelpFormatter
 from .tasks import TASKS, parse_depths, parse_lengths, parse_tasks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``drope niah``."""
-    parser.formatter_class = DefaultsHelpFormatter
+    """Options of ``drope niah`` (``drope.cli`` gives the parser its defaults-showing formatter)."""
     parser.add_argument("--model", help="local model directory (save_pretrained format, tokenizer beside it); "
                                         "required unless --compare alone")
     parser.add_argument("--lengths", default="4k,8k,16k,32k", help="prompt lengths in tokens: 4096, 4k, 128k (k = 1024)")
