@@ -20,15 +20,28 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def norm_pow2(x: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x``, a power of two c >= max|x| / 2 when max|x| > 1, else 1 (float, keepdim).
+
+    ``x / c`` is exact and its squares cannot overflow, and ``rsqrt(mean((x/c)^2) + eps/c^2) / c``
+    rounds exactly as ``rsqrt(mean(x^2) + eps)`` wherever the latter does not overflow.
+    """
+    m = x.detach().abs().amax(-1, keepdim=True)
+    return torch.exp2(torch.ceil(torch.log2(m.clamp_min(1.0))))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-head RMSNorm over the last dim: ``x * rsqrt(mean(x^2) + eps) * w``.
 
-    ``x`` (B, H, S, D); ``weight`` (D,) shared by all heads or (H, D). Computes in ``x``'s dtype.
+    ``x`` (B, H, S, D); ``weight`` (D,) shared by all heads or (H, D). Computes in ``x``'s dtype,
+    scaled by a power of two per row (:func:`norm_pow2`) so that inputs up to the dtype's maximum do
+    not overflow ``x^2`` (the kernels' prologue does the same).
     """
     w = weight.to(x.dtype)
     if w.dim() == 2:
         w = w[None, :, None, :]
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    c = norm_pow2(x)
+    return x * (torch.rsqrt((x / c).pow(2).mean(-1, keepdim=True) + eps / (c * c)) / c) * w
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -114,7 +127,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None,
               norm_eps: float = 1e-6, cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False,
               window: Optional[int] = None, chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
-              softcap: Optional[float] = None):
+              softcap: Optional[float] = None, key_mask: Optional[torch.Tensor] = None):
     """Reference of :func:`drope.kernels.attention` (contract: docs/design.md).
 
     Args:
@@ -135,6 +148,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         chunk: chunked attention (needs causal): visible iff j <= p and j // chunk == p // chunk.
         sinks: (Hq,) logits, one per query head, added to the softmax denominator only.
         softcap: logits become ``softcap * tanh(s / softcap)`` after the scale.
+        key_mask: optional (B, Sk) bool / uint8 / int8, nonzero where key slot j may be attended
+            (padding, holes, unwritten cache slots); positions and the causal rule are unchanged.
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
@@ -145,7 +160,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
-                            kernel=False)
+                            key_mask=key_mask, kernel=False)
     SQ, SK, G = shape.SQ, shape.SK, shape.G
     ct = _compute_dtype(q.dtype)
     const, rows = split_scale(softmax_scale, shape, q.device, ct)
@@ -153,6 +168,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
     extra = dict(sinks=None if sinks is None else sinks.to(ct), softcap=softcap)
     dev = q.device
+    keys = None if key_mask is None else (key_mask != 0)[:, None, None, :]  # (B, 1, 1, Sk)
 
     if cu_seqlens is None:
         qf, kf = _prepare_qk(qf, kf, rope, q_norm_weight, k_norm_weight, norm_eps, SK - SQ)
@@ -160,7 +176,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         visible = None
         if causal:
             visible = _visible(torch.arange(SQ, device=dev) + (SK - SQ), torch.arange(SK, device=dev), window, chunk)
-        out, lse = _attend(qf, kf, vf, scale, visible, **extra)
+        out, lse = _attend(qf, kf, vf, scale, _and(visible, keys), **extra)
     else:
         outs, lses = [], []
         bounds = cu_seqlens.tolist()
@@ -170,12 +186,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             pos = torch.arange(b - a, device=dev)
             visible = _visible(pos, pos, window, chunk) if causal else None
             sd = scale if rows is None else scale[:, :, a:b]
-            o, l = _attend(qd, kd, vd, sd, visible, **extra)
+            o, l = _attend(qd, kd, vd, sd, _and(visible, None if keys is None else keys[..., a:b]), **extra)
             outs.append(o)
             lses.append(l)
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _and(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The intersection of two broadcastable visibility masks (None = everything visible)."""
+    return b if a is None else a if b is None else a & b
 
 
 def _repeat_kv(x: torch.Tensor, G: int) -> torch.Tensor:
@@ -187,7 +208,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      cache_seqlens: Optional[torch.Tensor] = None, softmax_scale=None,
                      num_splits: Optional[int] = None, return_lse: bool = False,
                      max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
-                     sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
+                     sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                     key_mask: Optional[torch.Tensor] = None):
     """Reference of :func:`drope.kernels.decode_attention` (NoPE attention of a few queries to a cache).
 
     Args:
@@ -199,6 +221,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return_lse: also return the natural-log log-sum-exp (B, Hq, Sq).
         max_seqlen: accepted (and range-checked) for signature parity; the kernel's split-count hint.
         window, chunk, sinks, softcap: as in :func:`attention`, positions as above.
+        key_mask: optional (B, Smax) or, per query row, (B, Sq, Smax) bool / uint8 / int8: nonzero
+            where the cache slot may be attended (left padding, holes, another document or chunk).
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype (or ``(out, lse)``).
@@ -208,7 +232,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
                          num_splits=num_splits, kernel=False, max_seqlen=max_seqlen, window=window, chunk=chunk,
-                         sinks=sinks, softcap=softcap)
+                         sinks=sinks, softcap=softcap, key_mask=key_mask)
     B, SQ, SMAX, G = shape.B, shape.SQ, shape.SK, shape.G
     ct = _compute_dtype(q.dtype)
     const, rows = split_scale(softmax_scale, shape, q.device, ct)
@@ -220,6 +244,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lens = cache_seqlens.to(device=q.device, dtype=torch.int64)
     pos = lens[:, None] - SQ + torch.arange(SQ, device=q.device)[None, :]  # (B, Sq)
     visible = _visible(pos, torch.arange(SMAX, device=q.device), window, chunk)  # (B, Sq, Smax)
+    if key_mask is not None:
+        visible = visible & (key_mask != 0 if key_mask.dim() == 3 else (key_mask != 0)[:, None, :])
     out, lse = _attend(q.to(ct), kf, vf, scale, visible[:, None],
                        sinks=None if sinks is None else sinks.to(ct), softcap=softcap)
     out = out.to(q.dtype)

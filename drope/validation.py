@@ -16,6 +16,12 @@ import torch
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # any multiple of 8 up to 256: the kernels pad D to a power of two with masked loads, no copies
 KERNEL_HEAD_DIMS = tuple(range(8, 257, 8))
+# softmax_scale entries and softcap above this overflow fp32 logits for ordinary inputs (|q.k| of a
+# few hundred already reaches 1e38 at scale 1e36); a one-hot softmax needs nothing near it
+MAX_MULTIPLIER = 1e6
+# window and chunk sizes are int32 in the kernels
+MAX_SPAN = 2**31 - 1
+KEY_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8)
 
 
 class DeviceError(ValueError, RuntimeError):
@@ -34,6 +40,16 @@ class AttentionShape:
     @property
     def G(self) -> int:
         return self.HQ // self.HKV
+
+
+def compiling() -> bool:
+    """Whether the call is being traced by torch.compile / torch.export (no tensor values exist then)."""
+    return torch.compiler.is_compiling()
+
+
+def host_values(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be checked without a device sync: a CPU tensor, outside tracing."""
+    return t.device.type == "cpu" and not compiling()
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -68,6 +84,8 @@ def check_qkv(q, k, v, *, kernel: bool) -> AttentionShape:
         raise ValueError(f"k/v head dim {k.shape[3]} does not match q's head dim {D}; D must be the same for q, k, v")
     if HKV == 0 or HQ % HKV != 0:
         raise ValueError(f"the number of query heads Hq={HQ} must be a multiple of the number of key/value heads Hkv={HKV}")
+    if D < 1:
+        raise ValueError(f"head dim D must be at least 1, got q of shape {_shape(q)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if kernel:
@@ -112,10 +130,13 @@ def check_scale(softmax_scale, B: int, HQ: int, SQ: int, q: torch.Tensor, *, row
     """None, a float, or a tensor of shape (Sq,), (B, Sq), (Hq,) or (B, Hq, Sq) (1s broadcast in 3-D).
 
     A 1-D tensor whose length is both Sq and Hq is read as (Sq,): pass (1, Hq, 1) for per-head.
+    Every multiplier lies in [0, MAX_MULTIPLIER]: floats always, tensor entries where that costs no
+    device sync (CPU tensors outside torch.compile); on a GPU an entry outside gives NaN rows.
     """
     if softmax_scale is None:
         return
     accepted = f"({rows_name},), (B, {rows_name}), (Hq,) or (B, Hq, {rows_name}) = ({SQ},), ({B}, {SQ}), ({HQ},) or ({B}, {HQ}, {SQ})"
+    bound = f"in [0, {MAX_MULTIPLIER:g}] (larger ones overflow the fp32 logits)"
     if isinstance(softmax_scale, torch.Tensor):
         shp = tuple(softmax_scale.shape)
         ok = shp in ((SQ,), (B, SQ), (HQ,)) or (
@@ -125,16 +146,17 @@ def check_scale(softmax_scale, B: int, HQ: int, SQ: int, q: torch.Tensor, *, row
         if not softmax_scale.dtype.is_floating_point:
             raise ValueError(f"softmax_scale tensor must be floating point, got {softmax_scale.dtype}")
         _check_same_device(q, softmax_scale=softmax_scale)
-        # values are checked where that costs no device sync; on a GPU a negative entry gives NaN rows
-        if softmax_scale.device.type == "cpu" and softmax_scale.numel() and not bool((softmax_scale >= 0).all()):
-            raise ValueError("softmax_scale tensor must hold multipliers >= 0 (a temperature), got a negative "
-                             "or NaN entry")
+        if host_values(softmax_scale) and softmax_scale.numel():
+            t = softmax_scale.detach()
+            if not bool(((t >= 0) & (t <= MAX_MULTIPLIER)).all()):
+                bad = t[~((t >= 0) & (t <= MAX_MULTIPLIER))].flatten()[0].item()
+                raise ValueError(f"softmax_scale tensor must hold finite multipliers {bound}; got an entry {bad!r}")
         return
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, Real):
         raise ValueError(f"softmax_scale must be None, a float, or a tensor of shape {accepted}; "
                          f"got {type(softmax_scale).__name__}")
-    if not softmax_scale >= 0 or softmax_scale == float("inf"):
-        raise ValueError(f"softmax_scale must be a finite multiplier >= 0, got {softmax_scale!r}")
+    if not 0 <= softmax_scale <= MAX_MULTIPLIER:
+        raise ValueError(f"softmax_scale must be a finite multiplier {bound}; got {softmax_scale!r}")
 
 
 def check_features(*, causal: bool, window, chunk, sinks, softcap, HQ: int, q: torch.Tensor) -> None:
@@ -142,14 +164,15 @@ def check_features(*, causal: bool, window, chunk, sinks, softcap, HQ: int, q: t
     for name, value in (("window", window), ("chunk", chunk)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be None or a positive int (a number of positions), got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SPAN:
+            raise ValueError(f"{name} must be None or an int in [1, 2**31 - 1] (a number of positions), got {value!r}")
         if not causal:
             raise ValueError(f"{name}={value} needs causal=True: it restricts the causal mask "
                              "(key j visible to position p only if j <= p)")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, Real) or not softcap > 0
-                                or softcap == float("inf")):
-        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, Real)
+                                or not 0 < softcap <= MAX_MULTIPLIER):
+        raise ValueError(f"softcap must be None or a float in (0, {MAX_MULTIPLIER:g}] (a larger cap does nothing "
+                         f"but overflow fp32), got {softcap!r}")
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (HQ,):
             got = _shape(sinks) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
@@ -157,12 +180,31 @@ def check_features(*, causal: bool, window, chunk, sinks, softcap, HQ: int, q: t
         if not sinks.dtype.is_floating_point:
             raise ValueError(f"sinks must be floating point, got {sinks.dtype}")
         _check_same_device(q, sinks=sinks)
+        if host_values(sinks) and bool(torch.isnan(sinks.detach()).any()):
+            raise ValueError("sinks must not hold NaN (a sink of -inf is no sink, +inf takes all the weight)")
 
 
-def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor) -> int:
-    """Packed-sequence boundaries: int32 (N+1,), 0 = c[0] < c[1] < ... < c[N] = total. Returns N.
+def check_key_mask(key_mask, shape: "AttentionShape", q: torch.Tensor, *, per_row: bool = False) -> None:
+    """(B, Sk) bool / uint8 / int8, nonzero where a key slot may be attended; (B, Sq, Sk) too with ``per_row``."""
+    if key_mask is None:
+        return
+    B, SQ, SK = shape.B, shape.SQ, shape.SK
+    shapes = ((B, SK), (B, SQ, SK)) if per_row else ((B, SK),)
+    if not isinstance(key_mask, torch.Tensor) or tuple(key_mask.shape) not in shapes:
+        got = _shape(key_mask) if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
+        accepted = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"key_mask must be a {accepted} tensor (nonzero = the key slot may be attended), got {got}")
+    if key_mask.dtype not in KEY_MASK_DTYPES:
+        raise ValueError(f"key_mask must be bool, uint8 or int8, got {key_mask.dtype}")
+    _check_same_device(q, key_mask=key_mask)
 
-    Reads the boundaries on the host (one small copy): packed batches are a training-time input.
+
+def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor, *, values: bool = True) -> int:
+    """Packed-sequence boundaries: int32 (N+1,), 0 = c[0] <= c[1] <= ... <= c[N] = total. Returns N.
+
+    Empty documents (repeated boundaries) are allowed, so a caller may pad ``cu_seqlens`` to a fixed
+    size. The values are read on the host (one small copy, a device sync for GPU tensors) unless
+    ``values`` is False or torch.compile is tracing the call.
     """
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor of N+1 document boundaries (N >= 1)")
@@ -173,19 +215,22 @@ def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor) -> int:
         raise ValueError(f"with cu_seqlens, q/k/v must be packed as (1, H, total, D); got batch size {shape.B}")
     if shape.SQ != shape.SK:
         raise ValueError(f"with cu_seqlens, q and k must hold the same packed tokens; got Sq={shape.SQ}, Sk={shape.SK}")
+    if not values or compiling():
+        return cu_seqlens.numel() - 1
     c = cu_seqlens.tolist()
     if c[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {c[0]}")
-    if any(b <= a for a, b in zip(c[:-1], c[1:])):
-        raise ValueError(f"cu_seqlens must be strictly increasing, got {c}")
+    if any(b < a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {c}")
     if c[-1] != shape.SQ:
         raise ValueError(f"cu_seqlens must end at the total packed length {shape.SQ}, got {c[-1]}")
     return len(c) - 1
 
 
 def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_norm_weight, norm_eps, cu_seqlens=None,
-                    window=None, chunk=None, sinks=None, softcap=None, kernel: bool) -> AttentionShape:
-    """Every check of the ``attention`` contract; returns the problem's sizes."""
+                    window=None, chunk=None, sinks=None, softcap=None, key_mask=None, kernel: bool,
+                    values: bool = True) -> AttentionShape:
+    """Every check of the ``attention`` contract; returns the problem's sizes (``values``: see check_cu_seqlens)."""
     shape = check_qkv(q, k, v, kernel=kernel)
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
@@ -202,12 +247,13 @@ def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_no
         )
     check_norm_weight("q_norm_weight", q_norm_weight, shape.HQ, shape.D, q)
     check_norm_weight("k_norm_weight", k_norm_weight, shape.HKV, shape.D, q)
-    if isinstance(norm_eps, bool) or not isinstance(norm_eps, Real) or not norm_eps >= 0:
-        raise ValueError(f"norm_eps must be a non-negative float, got {norm_eps!r}")
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, Real) or not 0 <= norm_eps < float("inf"):
+        raise ValueError(f"norm_eps must be a finite float >= 0, got {norm_eps!r}")
     check_scale(softmax_scale, shape.B, shape.HQ, shape.SQ, q)
     check_features(causal=causal, window=window, chunk=chunk, sinks=sinks, softcap=softcap, HQ=shape.HQ, q=q)
+    check_key_mask(key_mask, shape, q)
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, shape, q)
+        check_cu_seqlens(cu_seqlens, shape, q, values=values)
     return shape
 
 
@@ -251,11 +297,12 @@ def check_kernel_device(q: torch.Tensor, op: str) -> None:
 
 
 def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_splits, kernel: bool,
-                 max_seqlen=None, window=None, chunk=None, sinks=None, softcap=None) -> AttentionShape:
+                 max_seqlen=None, window=None, chunk=None, sinks=None, softcap=None, key_mask=None) -> AttentionShape:
     """Every check of the ``decode_attention`` contract; returns sizes with SK = Smax (cache capacity).
 
-    Lengths in ``cache_seqlens`` are range-checked only when they live on the CPU (no device sync).
-    ``max_seqlen`` (a host-side hint of the longest length) must lie in [Sq, Smax].
+    Lengths in ``cache_seqlens`` are range-checked only when they live on the CPU (no device sync) and
+    torch.compile is not tracing. ``max_seqlen`` (a host-side hint of the longest length) must lie in
+    [Sq, Smax].
     """
     for name, t, layout in (("q", q, "(B, Hq, Sq, D)"), ("k_cache", k_cache, "(B, Hkv, Smax, D)"),
                             ("v_cache", v_cache, "(B, Hkv, Smax, D)")):
@@ -270,7 +317,7 @@ def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_split
         if cache_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
         _check_same_device(q, cache_seqlens=cache_seqlens)
-        if cache_seqlens.device.type == "cpu" and shape.B:
+        if host_values(cache_seqlens) and shape.B:
             lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
             if lo < shape.SQ:
                 raise ValueError(f"cache_seqlens holds a length {lo} < Sq={shape.SQ}; each length includes the Sq new tokens")
@@ -280,6 +327,7 @@ def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_split
         raise ValueError(f"q has Sq={shape.SQ} rows but the cache holds only Smax={shape.SK} positions")
     check_scale(softmax_scale, shape.B, shape.HQ, shape.SQ, q)
     check_features(causal=True, window=window, chunk=chunk, sinks=sinks, softcap=softcap, HQ=shape.HQ, q=q)
+    check_key_mask(key_mask, shape, q, per_row=True)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)

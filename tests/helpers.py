@@ -47,7 +47,7 @@ def poisoned_empty():
 
 
 def lowp_attention(q, k, v, *, causal=True, softmax_scale=None, rope=None, q_norm_weight=None, k_norm_weight=None,
-                   norm_eps=1e-6, cu_seqlens=None, window=None, chunk=None, sinks=None, softcap=None):
+                   norm_eps=1e-6, cu_seqlens=None, window=None, chunk=None, sinks=None, softcap=None, key_mask=None):
     """The attention of ``reference.attention`` computed the way a 16-bit kernel rounds it.
 
     Normed/rotated q and k are rounded to q's dtype, products accumulate in fp32, the softmax is fp32,
@@ -60,7 +60,7 @@ def lowp_attention(q, k, v, *, causal=True, softmax_scale=None, rope=None, q_nor
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
-                            kernel=False)
+                            key_mask=key_mask, kernel=False)
     const, rows = split_scale(softmax_scale, shape, q.device, torch.float32)
     scale = const if rows is None else rows[..., None]
     bounds = cu_seqlens.tolist() if cu_seqlens is not None else [0, SQ]
@@ -81,6 +81,8 @@ def lowp_attention(q, k, v, *, causal=True, softmax_scale=None, rope=None, q_nor
             n = qd.shape[2]
             vis = reference._visible(torch.arange(n) + pos0, torch.arange(kb - ka), window, chunk)
             s = s.masked_fill(~vis, float("-inf"))
+        if key_mask is not None:
+            s = s.masked_fill(~key_mask[:, ka:kb].bool()[:, None, None, :], float("-inf"))
         if sinks is not None:
             s = torch.cat((s, sinks.float()[None, :, None, None].expand(*s.shape[:-1], 1)), -1)
         m = s.amax(-1, keepdim=True).clamp(min=-1e30)

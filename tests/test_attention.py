@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from drope import reference
 from drope.kernels import attention
-from drope.kernels.attention import Options, _attention_forward
+from drope.kernels.attention import Options, attention_forward
 from drope.validation import DeviceError, check_attention, split_scale
 from helpers import assert_rows_close, lowp_attention, noncontiguous, poisoned_empty, rel_err
 
@@ -118,7 +118,7 @@ def run_kernel(q, k, v, kw, blocks):
     with poisoned_empty():
         if blocks is None:
             return attention(q, k, v, return_lse=True, **kw)
-        return _attention_forward(q, k, v, kw.get("q_norm_weight"), kw.get("k_norm_weight"), kw.get("sinks"),
+        return attention_forward(q, k, v, kw.get("q_norm_weight"), kw.get("k_norm_weight"), kw.get("sinks"),
                                   options(q, k, v, kw), block_sizes=blocks)
 
 
@@ -245,7 +245,7 @@ def test_lse_not_computed_unless_asked(device):
     (q, k, v, kw), _ = make_inputs(Case(1, 2, 1, 9, 9, 16), device)
     out = attention(q, k, v, **kw)
     assert isinstance(out, torch.Tensor)
-    o, lse = _attention_forward(q, k, v, None, None, None, options(q, k, v, kw), return_lse=False)
+    o, lse = attention_forward(q, k, v, None, None, None, options(q, k, v, kw), return_lse=False)
     assert lse is None and torch.equal(o, out)
 
 
@@ -333,19 +333,27 @@ BAD = [
     (dict(softmax_scale="x"), "softmax_scale"),
     (dict(softmax_scale=torch.rand(1, 3, 8)), "softmax_scale"),
     (dict(softmax_scale=torch.rand(2, 4, 8)), "softmax_scale"),
-    (dict(softmax_scale=-0.1), "softmax_scale must be a finite multiplier >= 0"),
-    (dict(softmax_scale=-torch.rand(8)), ">= 0"),
-    (dict(window=0), "window must be None or a positive int"),
+    (dict(softmax_scale=-0.1), "softmax_scale must be a finite multiplier in \\[0"),
+    (dict(softmax_scale=-torch.rand(8)), r"finite multipliers in \[0, 1e\+06\]"),
+    (dict(softmax_scale=torch.full((8,), float("inf"))), "finite multipliers"),
+    (dict(softmax_scale=1e38), r"overflow the fp32 logits"),
+    (dict(window=0), r"window must be None or an int in \[1, 2\*\*31 - 1\]"),
+    (dict(window=2**64), "window must be None or an int in"),
+    (dict(chunk=2**64), "chunk must be None or an int in"),
     (dict(window=2.5), "window"),
     (dict(window=4, causal=False), "needs causal=True"),
-    (dict(chunk=-1), "chunk must be None or a positive int"),
+    (dict(chunk=-1), "chunk must be None or an int in"),
     (dict(chunk=4, causal=False), "needs causal=True"),
     (dict(sinks=torch.randn(2)), r"sinks must be a \(4,\) tensor"),
     (dict(sinks=torch.zeros(4, dtype=torch.int32)), "sinks must be floating point"),
-    (dict(softcap=0.0), "softcap must be None or a positive finite float"),
+    (dict(softcap=0.0), r"softcap must be None or a float in \(0, 1e\+06\]"),
     (dict(softcap=float("inf")), "softcap"),
+    (dict(softcap=1e39), "overflow fp32"),
+    (dict(sinks=torch.tensor([0.0, float("nan"), 0.0, 0.0])), "sinks must not hold NaN"),
+    (dict(key_mask=torch.ones(2, 7, dtype=torch.bool)), r"key_mask must be a \(1, 8\) tensor"),
+    (dict(key_mask=torch.ones(1, 8)), "key_mask must be bool, uint8 or int8"),
     (dict(cu_seqlens=torch.tensor([1, 8], dtype=torch.int32)), "start at 0"),
-    (dict(cu_seqlens=torch.tensor([0, 5, 5, 8], dtype=torch.int32)), "increasing"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 4, 8], dtype=torch.int32)), "non-decreasing"),
     (dict(cu_seqlens=torch.tensor([0, 7], dtype=torch.int32)), "end at"),
     (dict(cu_seqlens=torch.tensor([0, 8.0])), "int32"),
     (dict(q=torch.randn(2, 4, 8, 16), k=torch.randn(2, 2, 8, 16), v=torch.randn(2, 2, 8, 16),

@@ -9,6 +9,7 @@ import torch
 
 import drope.kernels
 import drope.kernels.decode as dec
+import drope.kernels.interface as interface
 from drope import reference
 from drope.kernels import choose_num_splits, decode_attention
 from drope.kernels.toolkit import recording
@@ -226,8 +227,8 @@ def test_heuristic_path_on_a_pretend_132_sm_device(monkeypatch, device):
 def test_zero_length_rows_give_zeros(monkeypatch, device):
     """On CUDA, lengths are not range-checked (that would sync); a length below Sq leaves rows that
     see no key: zeros and LSE -inf, never NaN. The host-side range check is bypassed to get there on CPU."""
-    real = dec.check_decode
-    monkeypatch.setattr(dec, "check_decode", lambda *a, cache_seqlens, **kw: real(*a, cache_seqlens=None, **kw))
+    real = interface.check_decode
+    monkeypatch.setattr(interface, "check_decode", lambda *a, cache_seqlens, **kw: real(*a, cache_seqlens=None, **kw))
     SQ = 3
     lens = torch.tensor([0, 1, 40], dtype=torch.int32, device=device)
     q, k, v, kd, vd = make_inputs(3, 4, 2, SQ, 40, 64, torch.float32, device, lens)
@@ -360,12 +361,12 @@ def test_heuristic_depends_on_live_length_not_capacity():
 
 
 @pytest.mark.parametrize("kwargs,expected", [
-    ({}, 300),                                # lengths on the host: their max, not the capacity
-    ({"max_seqlen": 50}, 50),                 # a caller's hint wins (on CUDA it avoids a sync)
+    ({}, 1000),                               # lengths are never read: the capacity (graph-safe)
+    ({"max_seqlen": 50}, 50),                 # a caller's host hint lowers the bound
     ({"cache_seqlens": None}, 300),           # no lengths: every row is Smax long
     ({"window": 64}, 64),                     # a window bounds the keys any row sees
 ], ids=["cpu-lengths", "max_seqlen-hint", "no-lengths", "window"])
-def test_launcher_feeds_live_lengths_to_the_heuristic(monkeypatch, kwargs, expected):
+def test_launcher_feeds_capacities_to_the_heuristic(monkeypatch, kwargs, expected):
     seen = []
     monkeypatch.setattr(dec, "choose_num_splits", lambda max_seqlen, *a, **kw: seen.append(max_seqlen) or 1)
     q = torch.randn(2, 4, 1, 64)
@@ -375,14 +376,21 @@ def test_launcher_feeds_live_lengths_to_the_heuristic(monkeypatch, kwargs, expec
     if call["cache_seqlens"] is None:
         k = k[:, :, :300]
     with recording() as launches:
-        dec.decode_attention(q, k, k, **call)
+        decode_attention(q, k, k, **call)
     assert seen == [expected] and [launch.role for launch in launches] == ["attention"]
 
 
-def test_live_bound_on_device_lengths_without_hint_is_the_capacity():
-    meta = torch.tensor([5, 9], dtype=torch.int32, device="meta")  # not on the CPU: must not be read
-    assert dec._live_bound(meta, None, 4096) == 4096
-    assert dec._live_bound(meta, 77, 4096) == 77
+def test_grid_and_splits_do_not_depend_on_the_lengths(monkeypatch):
+    """Contract (graph-safe decode): one launch configuration for any cache_seqlens values."""
+    monkeypatch.setattr(dec, "_num_sms", lambda _device: 132)
+    q = torch.randn(1, 8, 1, 64)
+    k = torch.randn(1, 2, 4096, 64)
+    grids = set()
+    for lens in ([1], [100], [4096]):
+        with recording() as launches:
+            decode_attention(q, k, k, cache_seqlens=torch.tensor(lens, dtype=torch.int32))
+        grids.add(tuple((launch.grid, launch.args["NUM_SPLITS"]) for launch in launches))
+    assert len(grids) == 1 and next(iter(grids))[0][1] > 1
 
 
 def _qkv(B=2, HQ=4, HKV=2, SQ=2, SMAX=16, D=64, dtype=torch.float32):

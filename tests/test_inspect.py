@@ -30,7 +30,9 @@ CASES = {
     for D in (64, 128)
     for name, op, extra in (("fwd", "prefill_fwd", []), ("fwd-rope-norm-scale", "prefill_fwd", FUSED),
                             ("bwd", "prefill_bwd", []), ("bwd-rope-norm-scale", "prefill_bwd", FUSED),
-                            ("decode", "decode", []))
+                            ("decode", "decode", []), ("fwd-key-mask", "prefill_fwd", ["--key-mask"]),
+                            ("bwd-key-mask", "prefill_bwd", ["--key-mask"]),
+                            ("decode-key-mask", "decode", ["--key-mask"]))
 }
 
 # (case, kernel, tile) -> what fails, measured at the shape above; Triton 3.9 (CI's version): nothing.

@@ -161,7 +161,7 @@ BAD = [
     (dict(softmax_scale="x"), "softmax_scale"),
     (dict(v=torch.randn(1, 2, 8, 16, dtype=torch.float64)), "dtype"),
     (dict(cu_seqlens=torch.tensor([1, 8], dtype=torch.int32)), "start at 0"),
-    (dict(cu_seqlens=torch.tensor([0, 5, 5, 8], dtype=torch.int32)), "increasing"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 4, 8], dtype=torch.int32)), "non-decreasing"),
     (dict(cu_seqlens=torch.tensor([0, 7], dtype=torch.int32)), "end at"),
 ]
 

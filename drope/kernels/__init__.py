@@ -1,3 +1,7 @@
-"""Triton kernels. Imports torch and triton only, never transformers."""
-from .decode import choose_num_splits, decode_attention  # noqa: F401
-from .attention import attention  # noqa: F401
+"""Triton kernels. Imports torch and triton only, never transformers.
+
+The public functions (:mod:`drope.kernels.interface`) are backed by PyTorch operators in the ``drope``
+namespace (:mod:`drope.kernels.ops`), so torch.compile and torch.export trace them as single nodes.
+"""
+from .decode import choose_num_splits  # noqa: F401
+from .interface import attention, decode_attention, qk_norm_rope  # noqa: F401

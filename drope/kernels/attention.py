@@ -20,13 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validation import check_attention, split_scale
-from .attention_bwd import attention_backward
 from .qk_transform import packed_tables, qk_hat
-from .toolkit import LN2_C, LOG2E, LOG2E_C, autotuned, check_device, compiled, dot_precision, launch, mm, \
+from .toolkit import LN2_C, LOG2E, LOG2E_C, autotuned, compiled, dot_precision, key_bounds, launch, mm, \
     named_strides, operand, padded_dim, tanh, tma_ok, upcast, with_sink
 
-__all__ = ["attention"]
+__all__ = ["Options", "attention_forward"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,7 @@ class Options:
     window: Optional[int]
     chunk: Optional[int]
     softcap: Optional[float]
+    key_mask: Optional[torch.Tensor] = None               # None or (B, Sk) bool / uint8 / int8
 
 
 @triton.jit
@@ -60,16 +59,17 @@ def _doc_index(CU, rows, N_DOCS, N_ITER):
 
 @triton.jit
 def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc, softcap2, lo_i, hi_i,
-              n_start, n_end, SK, BN: tl.constexpr, BD: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
-              D: tl.constexpr, USE_TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-              UPCAST: tl.constexpr):
+              n_start, n_end, SK, p_km, stride_ms, BN: tl.constexpr, BD: tl.constexpr, MASKED: tl.constexpr,
+              PAD_D: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_KMASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online-softmax update of one program's rows over key blocks [n_start, n_end), step BN.
 
     ``p_k``/``p_v`` are [Sk, D] tensor descriptors of the (batch, KV head) under USE_TMA (TMA
     zero-fills rows past Sk and lanes past D), else base pointers whose tile addresses are rebuilt
     from the block start each iteration (a loop-carried [BN, BD] pointer tile costs a register per
     element). Unmasked (MASKED=False) blocks lie inside every row's interval [lo_i, hi_i) and inside
-    [0, SK): no bounds, no mask, no -inf guard.
+    [0, SK), and hold only attendable keys: no bounds, no mask, no -inf guard. Masked blocks also
+    read the key mask row ``p_km`` under HAS_KMASK.
     """
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -99,6 +99,8 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
             b_s = b_s * b_sc[:, None]
         if MASKED:
             vis = (o_n[None, :] >= lo_i[:, None]) & (o_n[None, :] < hi_i[:, None])
+            if HAS_KMASK:
+                vis = vis & (tl.load(p_km + o_n.to(tl.int64) * stride_ms, mask=o_n < SK, other=0) != 0)[None, :]
             b_s = tl.where(vis, b_s, float("-inf"))
         if HAS_SOFTCAP or MASKED:
             b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -130,17 +132,17 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
 
 @triton.jit(do_not_specialize=["SQ", "SK", "N_DOCS", "N_ITER", "WINDOW", "CHUNK", "SK_BUCKET"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, SCALE, SINKS, CU,
+    Q, K, V, O, LSE, SCALE, SINKS, CU, KMASK,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    stride_rb, stride_rh, stride_rs,
+    stride_rb, stride_rh, stride_rs, stride_mb, stride_ms,
     HQ, SQ, SK, G, N_DOCS, N_ITER, WINDOW, CHUNK, SK_BUCKET, qk_scale, softcap2,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr,
+    STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # heads of one KV group run side by side (K/V reuse in L2); longest causal rows first (tail balance)
     i_bh = tl.program_id(0)
@@ -178,11 +180,20 @@ def _attn_fwd_kernel(
         lo_i = tl.maximum(lo_i, k0_i + pos_i - WINDOW + 1)
     if HAS_CHUNK:
         lo_i = tl.maximum(lo_i, k0_i + (pos_i // CHUNK) * CHUNK)
+    p_km = KMASK
+    if HAS_KMASK:
+        # attendable keys span [k_lo, k_hi) of this batch row; with holes every block is masked
+        p_km = KMASK + i_b64 * stride_mb
+        k_lo, k_hi, k_dense = key_bounds(p_km, stride_ms, SK, 1024)
+        lo_i = tl.maximum(lo_i, k_lo)
+        hi_i = tl.minimum(hi_i, k_hi)
     # over the program's valid rows: keys in [lo_blk, hi_blk) are seen by some row, [full_lo, full_hi) by all
     lo_blk = tl.min(tl.where(m_m, lo_i, SK), 0)
     hi_blk = tl.max(tl.where(m_m, hi_i, 0), 0)
     full_lo = tl.max(tl.where(m_m, lo_i, 0), 0)
     full_hi = tl.min(tl.where(m_m, hi_i, SK), 0)
+    if HAS_KMASK:
+        full_lo = tl.where(k_dense, full_lo, SK)
 
     m_q = m_m[:, None] & m_d[None, :]
     p_q = Q + i_b64 * stride_qb + i_h64 * stride_qh + o_m64[:, None] * stride_qs + o_d[None, :] * stride_qd
@@ -211,17 +222,17 @@ def _attn_fwd_kernel(
     nb_a = tl.minimum((tl.maximum(full_lo - lo_blk, 0) + BN - 1) // BN, nb_all)
     nb_b = tl.maximum(nb_a, tl.minimum(tl.maximum(full_hi - lo_blk, 0) // BN, nb_all))
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk, lo_blk + nb_a * BN, SK, BN=BN, BD=BD, D=D,
-                              MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC,
-                              UPCAST=UPCAST)
+                              softcap2, lo_i, hi_i, lo_blk, lo_blk + nb_a * BN, SK, p_km, stride_ms, BN=BN, BD=BD,
+                              D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
+                              HAS_KMASK=HAS_KMASK, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, BN=BN, BD=BD, D=D,
-                              MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC,
-                              UPCAST=UPCAST)
+                              softcap2, lo_i, hi_i, lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, p_km, stride_ms, BN=BN,
+                              BD=BD, D=D, MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
+                              HAS_KMASK=HAS_KMASK, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, BN=BN, BD=BD, D=D,
-                              MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP, DOT_PREC=DOT_PREC,
-                              UPCAST=UPCAST)
+                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, p_km, stride_ms, BN=BN,
+                              BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
+                              HAS_KMASK=HAS_KMASK, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
 
     if HAS_SINKS:
         # the head's sink logit joins the denominator only
@@ -269,7 +280,7 @@ def _keep(c: triton.Config, args) -> bool:
 
 
 _AUTOTUNE_KEY = ["D", "IS_CAUSAL", "PACKED", "HAS_SCALE", "HAS_WINDOW", "HAS_CHUNK", "HAS_SINKS", "HAS_SOFTCAP",
-                 "DOT_PREC", "SK_BUCKET"]
+                 "HAS_KMASK", "DOT_PREC", "SK_BUCKET"]
 _attn_fwd_tuned = autotuned(_attn_fwd_kernel, _CONFIGS, _AUTOTUNE_KEY, _keep)
 
 # interpreter default: big enough to keep the number of (slow, sequential) programs down
@@ -281,7 +292,7 @@ def _sk_bucket(SK: int) -> int:
     return min(max(triton.next_power_of_2(max(SK, 1)), 1024), 32768)
 
 
-def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: Optional[torch.Tensor],
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: Optional[torch.Tensor],
                        k_norm_weight: Optional[torch.Tensor], sinks: Optional[torch.Tensor], opt: Options, *,
                        return_lse: bool = True,
                        block_sizes: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -317,17 +328,21 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm
     k_hat = qk_hat(k, k_norm_weight, opt.rope, pos, 0, opt.norm_eps)
     n_docs = cu.numel() - 1 if cu is not None else 1
     cap = opt.softcap
+    km = opt.key_mask
+    if km is not None and km.dtype == torch.bool:
+        km = km.view(torch.uint8)
     args = dict(
-        Q=q_hat, K=k_hat, V=v, O=out, LSE=lse, SCALE=opt.rows, SINKS=sinks, CU=cu,
+        Q=q_hat, K=k_hat, V=v, O=out, LSE=lse, SCALE=opt.rows, SINKS=sinks, CU=cu, KMASK=km,
         **named_strides("q", q_hat, "bhsd"), **named_strides("k", k_hat, "bhsd"),
         **named_strides("v", v, "bhsd"), **named_strides("o", out, "bhsd"), **named_strides("r", opt.rows, "bhs"),
+        **named_strides("m", km, "bs"),
         HQ=HQ, SQ=SQ, SK=SK, G=HQ // HKV, N_DOCS=n_docs, N_ITER=(n_docs - 1).bit_length(),
         WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, SK_BUCKET=_sk_bucket(SK),
         qk_scale=opt.scale / cap if cap is not None else opt.scale * LOG2E,
         softcap2=cap * LOG2E if cap is not None else 0.0,
         D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, HAS_SCALE=opt.rows is not None,
         HAS_WINDOW=opt.window is not None, HAS_CHUNK=opt.chunk is not None, HAS_SINKS=sinks is not None,
-        HAS_SOFTCAP=cap is not None, STORE_LSE=return_lse, USE_TMA=tma_ok(k_hat, v),
+        HAS_SOFTCAP=cap is not None, HAS_KMASK=km is not None, STORE_LSE=return_lse, USE_TMA=tma_ok(k_hat, v),
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
     )
     if block_sizes is None and compiled(q):
@@ -338,116 +353,3 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm
         launch(_attn_fwd_kernel, (B * HQ, triton.cdiv(SQ, BM)), role="attention", **args, BM=BM, BN=BN,
                num_warps=4, num_stages=2)
     return out, lse
-
-
-class _AttentionFunction(torch.autograd.Function):
-    """Saves q, k, v, o, the LSE and the (small) weights/tables; the backward recomputes the rest."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, q_norm_weight, k_norm_weight, sinks, opt: Options):
-        out, lse = _attention_forward(q, k, v, q_norm_weight, k_norm_weight, sinks, opt)
-        ctx.save_for_backward(q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks)
-        ctx.opt = opt
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do, dlse):
-        q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(out)
-        grads = attention_backward(do, q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks, ctx.opt, dlse=dlse,
-                                   needs_grad=tuple(ctx.needs_input_grad[:6]))
-        return (*grads, None)
-
-
-# opaque to torch.compile (a graph break): dynamo does not trace the launches or the Function
-@torch.compiler.disable
-def _attention_autograd(q, k, v, q_norm_weight, k_norm_weight, sinks, opt: Options):
-    return _AttentionFunction.apply(q, k, v, q_norm_weight, k_norm_weight, sinks, opt)
-
-
-@torch.compiler.disable
-def _attention_inference(q, k, v, q_norm_weight, k_norm_weight, sinks, opt: Options, return_lse: bool):
-    """The no-grad path, opaque to torch.compile as well (dynamo cannot trace the launch)."""
-    return _attention_forward(q, k, v, q_norm_weight, k_norm_weight, sinks, opt, return_lse=return_lse)
-
-
-def _autocast_inputs(q, k, v):
-    """Under ``torch.autocast`` the attention runs in the autocast dtype, like a matmul."""
-    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k, v)):
-        return q, k, v
-    dev = q.device.type
-    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
-        return q, k, v
-    dtype = torch.get_autocast_dtype(dev)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, softmax_scale=None,
-              rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, q_norm_weight: Optional[torch.Tensor] = None,
-              k_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6,
-              cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False, window: Optional[int] = None,
-              chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
-    """Fused attention with QK-norm, RoPE, per-row/per-head softmax scale, GQA, windows, chunks, sinks.
-
-    Semantics are exactly :func:`drope.reference.attention`'s (docs/design.md, "Contract:
-    drope.kernels.attention"): per head, ``q, k <- rms_norm`` (if a weight is given), then RoPE
-    (if ``rope``), logits ``(q_i . k_j) * scale_i`` (soft-capped if ``softcap``), the causal /
-    window / chunk mask, softmax (with the sink logit in the denominator), ``@ v``.
-
-    Args:
-        q: (B, Hq, Sq, D) queries; any strides (e.g. a (B, S, H, D) tensor transposed).
-        k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0; query head h reads KV head h // (Hq // Hkv).
-            fp16, bf16 or fp32 (one dtype for q, k, v); D any multiple of 8 up to 256.
-        causal: key j is visible to query row i iff ``j <= Sk - Sq + i`` (needs Sq <= Sk).
-        softmax_scale: None (``D**-0.5``), a float >= 0, or a tensor of multipliers >= 0 of shape
-            (Sq,), (B, Sq) (per row, e.g. DroPE's temperature times ``D**-0.5``), (Hq,) or
-            (B, Hq, Sq) (per head and row; 3-D shapes with 1s broadcast). A 1-D tensor whose
-            length is both Sq and Hq is read as (Sq,).
-        rope: optional ``(cos, sin)`` angle tables of shape (>= Sk, D/2) for positions 0..Sk-1;
-            query row i sits at position Sk - Sq + i; rotate-half (HF Llama) convention.
-        q_norm_weight, k_norm_weight: optional per-head RMSNorm weights, (D,) or (H, D).
-        norm_eps: RMSNorm epsilon.
-        cu_seqlens: optional int32 (N+1,) boundaries of documents packed along S (B == 1,
-            Sq == Sk); each document attends within itself, positions restart at 0.
-        return_lse: also return the natural-log log-sum-exp of the scaled logits.
-        window: sliding window (causal only): key j visible to position p iff p - window < j <= p.
-        chunk: chunked attention (causal only): visible iff j <= p and j // chunk == p // chunk.
-        sinks: (Hq,) logits, one per query head, added to the softmax denominator only (GPT-OSS).
-        softcap: logits become ``softcap * tanh(s / softcap)`` after the scale (Gemma 2).
-
-    Returns:
-        out (B, Hq, Sq, D) in q's dtype (rows with no visible key are zeros), or ``(out, lse)``
-        with lse float32 (B, Hq, Sq), -inf on rows with no visible key (the sink when given).
-
-    Autograd: differentiable in q, k, v, both norm weights and the sinks (and through the
-    returned lse); not in ``softmax_scale`` or the rope tables. The backward
-    (``drope.kernels.attention_bwd``) is deterministic and recomputes the probabilities from the
-    saved LSE (O(S) extra memory). Gradients come back in the dtype of their input. Under
-    ``torch.autocast`` q, k, v are cast to the autocast dtype (norm weights are not), and under
-    ``torch.compile`` the call is a graph break (with or without grad).
-
-    Raises:
-        ValueError: any input outside the contract (the message names the argument).
-        drope.validation.DeviceError: CPU tensors without ``TRITON_INTERPRET=1``.
-    """
-    q, k, v = _autocast_inputs(q, k, v)
-    shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
-                            q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
-                            cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
-                            kernel=True)
-    check_device(q, "attention")
-    const, rows = split_scale(softmax_scale, shape, q.device)
-    if rope is not None:
-        rope = (rope[0].detach(), rope[1].detach())
-    opt = Options(causal=causal, scale=const, rows=None if rows is None else rows.detach(), rope=rope,
-                  norm_eps=float(norm_eps), cu_seqlens=cu_seqlens, window=window, chunk=chunk,
-                  softcap=None if softcap is None else float(softcap))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k, v, q_norm_weight, k_norm_weight, sinks)):
-        out, lse = _attention_autograd(q, k, v, q_norm_weight, k_norm_weight, sinks, opt)
-    else:
-        out, lse = _attention_inference(q, k, v, q_norm_weight, k_norm_weight, sinks, opt, return_lse)
-    return (out, lse) if return_lse else out

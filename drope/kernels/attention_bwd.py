@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .qk_transform import packed_tables, qk_epilogue, qk_hat, row_block
 from ..validation import interpreter_enabled
-from .toolkit import LOG2E_C, dot_precision, launch, mm, named_strides, operand, padded_dim, phases, tanh, \
-    tma_ok, upcast
+from .toolkit import LOG2E_C, dot_precision, key_bounds, launch, mm, named_strides, operand, padded_dim, phases, \
+    tanh, tma_ok, upcast
 
 __all__ = ["attention_backward"]
 
@@ -55,9 +55,12 @@ def _delta_kernel(
 
 
 @triton.jit
-def _visible(o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, TRANS: tl.constexpr):
-    """Mask of (query row, key row) pairs that exist and may attend: [BM, BN], or [BN, BM] under TRANS."""
+def _visible(o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr,
+             HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_KMASK: tl.constexpr, TRANS: tl.constexpr):
+    """Mask of (query row, key row) pairs that exist and may attend: [BM, BN], or [BN, BM] under TRANS.
+
+    ``b_kv`` [BN]: whether each key may be attended (its key-mask entry), read under HAS_KMASK only.
+    """
     if PACKED:
         b_dm = tl.load(DOC + o_m, mask=o_m < SQ, other=-1)
         b_dn = tl.load(DOC + o_n, mask=o_n < SK, other=-2)
@@ -82,6 +85,11 @@ def _visible(o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, IS_CAUSAL: tl.constex
         m = m & (pn > pm - WINDOW)
     if HAS_CHUNK:
         m = m & (pn // CHUNK == pm // CHUNK)
+    if HAS_KMASK:
+        if TRANS:
+            m = m & b_kv[:, None]
+        else:
+            m = m & b_kv[None, :]
     return m
 
 
@@ -158,9 +166,9 @@ def _full_keys(m0, SQ, SK, DOC, DSTART, WINDOW, CHUNK, BM: tl.constexpr, IS_CAUS
 
 
 @triton.jit
-def _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED: tl.constexpr,
+def _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED: tl.constexpr,
            IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
-           HAS_SOFTCAP: tl.constexpr, TRANS: tl.constexpr):
+           HAS_KMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TRANS: tl.constexpr):
     """Probabilities of a block of raw products ``b_s`` (q.k) from the saved LSE, and d(logit)/d(q.k).
 
     [BM, BN], or [BN, BM] under TRANS (row statistics then broadcast along axis 0). Only MASKED
@@ -179,8 +187,8 @@ def _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CH
         # per-row scales multiply dS here; a constant one multiplies dK / dQ once, at the end
         b_dsdx = b_sc
     if MASKED:
-        b_p = tl.where(_visible(o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, IS_CAUSAL, PACKED, HAS_WINDOW,
-                                HAS_CHUNK, TRANS), b_p, 0.0)
+        b_p = tl.where(_visible(o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, IS_CAUSAL, PACKED, HAS_WINDOW,
+                                HAS_CHUNK, HAS_KMASK, TRANS), b_p, 0.0)
     return b_p, b_dsdx
 
 
@@ -215,15 +223,19 @@ def _tile(P, desc, row0, o_r, N, stride_r, stride_d, o_d, m_d, USE_TMA: tl.const
 
 
 @triton.jit
-def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0, o_n, i_b, i_h, o_d,
-                m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb, stride_lh, stride_ls, stride_rb,
+def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0, o_n, p_km, stride_ms,
+                i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb, stride_lh, stride_ls, stride_rb,
                 stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK, scale, softcap, BM: tl.constexpr, BD: tl.constexpr,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
                 UPCAST: tl.constexpr):
-    """dK and dV of one key block from the query block at m0 of head i_h (S^T = K Q^T orientation)."""
+    """dK and dV of one key block from the query block at m0 of head i_h (S^T = K Q^T orientation); masked
+    blocks read the block's key-mask entries at ``p_km`` (L1-resident; kept live across the loop they spilled)."""
     o_m = m0 + tl.arange(0, BM)
+    b_kv = o_n < SK
+    if MASKED and HAS_KMASK:
+        b_kv = tl.load(p_km + o_n.to(tl.int64) * stride_ms, mask=o_n < SK, other=0) != 0
     m_m = o_m < SQ
     o_m64 = o_m.to(tl.int64)
     b_q = _tile(p_q, d_q, m0, o_m, SQ, stride_qs, stride_qd, o_d, m_d, USE_TMA, True, i_h, BM, BD)  # [BM, BD]
@@ -231,8 +243,8 @@ def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, D
     b_lse2, b_delta, b_sc = _row_stats(LSE, DELTA, SCALE, i_b, i_h, o_m64, m_m, stride_lb, stride_lh, stride_ls,
                                        stride_rb, stride_rh, stride_rs, HQ, SQ, scale, BM, HAS_SCALE)
     b_st = mm(b_k, tl.trans(b_q), None, DOT_PREC, UPCAST)  # [BN, BM]
-    b_pt, b_dsdx = _probs(b_st, b_lse2, b_sc, softcap, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED,
-                          IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, True)
+    b_pt, b_dsdx = _probs(b_st, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED,
+                          IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, True)
     if COMPUTE_DV:
         b_dv = mm(operand(b_pt, b_do.dtype, UPCAST), b_do, b_dv, DOT_PREC, UPCAST)
     if COMPUTE_DK:
@@ -245,18 +257,21 @@ def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, D
 
 
 @triton.jit
-def _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
-              stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN: tl.constexpr,
+def _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d, p_km,
+              stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN: tl.constexpr,
               BD: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr,
-              HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """dQ of one query block from the key block at n0."""
+              HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_KMASK: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ of one query block from the key block at n0 (masked blocks read the key mask row ``p_km``)."""
     o_n = n0 + tl.arange(0, BN)
+    b_kv = o_n < SK
+    if MASKED and HAS_KMASK:
+        b_kv = tl.load(p_km + o_n.to(tl.int64) * stride_ms, mask=o_n < SK, other=0) != 0
     b_k = _tile(p_k, d_k, n0, o_n, SK, stride_ks, stride_kd, o_d, m_d, USE_TMA, False, 0, BN, BD)  # [BN, BD]
     b_v = _tile(p_v, d_v, n0, o_n, SK, stride_vs, stride_vd, o_d, m_d, USE_TMA, False, 0, BN, BD)
     b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
-    b_p, b_dsdx = _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED,
-                         IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, False)
+    b_p, b_dsdx = _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED,
+                         IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, False)
     b_dp = mm(b_do, tl.trans(b_v), None, DOT_PREC, UPCAST)  # [BM, BN]
     b_ds = b_p * (b_dp - b_delta[:, None])
     if HAS_SCALE or HAS_SOFTCAP:
@@ -266,20 +281,20 @@ def _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, D
 
 @triton.jit(do_not_specialize=["SQ", "SK", "WINDOW", "CHUNK"])
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, SCALE, DK, DV, DOC, DSTART, DEND,
+    Q, K, V, DO, LSE, DELTA, SCALE, DK, DV, DOC, DSTART, DEND, KMASK,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_lb, stride_lh, stride_ls,
-    stride_rb, stride_rh, stride_rs,
+    stride_rb, stride_rh, stride_rs, stride_mb, stride_ms,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     HKV, SQ, SK, WINDOW, CHUNK, scale, softcap,
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr, COMPUTE_DK: tl.constexpr,
+    COMPUTE_DV: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # transposed orientation (S^T = K Q^T): P^T and dS^T are the A operands of dV and dK as they are
     i_bh, i_n = tl.program_id(0), tl.program_id(1)
@@ -333,6 +348,13 @@ def _dkdv_kernel(
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
     f_lo, f_hi = _full_rows(n0, SQ, SK, DOC, DSTART, DEND, WINDOW, CHUNK, BN, IS_CAUSAL, PACKED, HAS_WINDOW,
                             HAS_CHUNK)
+    p_km = KMASK
+    if HAS_KMASK:
+        # this block's keys under the key mask: none attendable, nothing to do; some not, every block masked
+        p_km = KMASK + i_b * stride_mb
+        n_kv = tl.sum((tl.load(p_km + o_n64 * stride_ms, mask=o_n < SK, other=0) != 0).to(tl.int32), 0)
+        hi = tl.where(n_kv == 0, lo, hi)
+        f_hi = tl.where(n_kv == tl.minimum(SK - n0, BN), f_hi, f_lo)
     ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BM)
     for g in range(G):
         i_h = i_hk * G + g
@@ -340,22 +362,25 @@ def _dkdv_kernel(
         p_do = p_dob + i_h * stride_doh
         for m0 in range(lo, ph_a, BM):
             b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
-                                     o_n, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
+                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
                                      stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
                                      scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
-                                     HAS_CHUNK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC, UPCAST)
+                                     HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
+                                     UPCAST)
         for m0 in range(ph_a, ph_b, BM):
             b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
-                                     o_n, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
+                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
                                      stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
                                      scale, softcap, BM, BD, False, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
-                                     HAS_CHUNK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC, UPCAST)
+                                     HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
+                                     UPCAST)
         for m0 in range(ph_b, ph_end, BM):
             b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
-                                     o_n, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
+                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
                                      stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
                                      scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
-                                     HAS_CHUNK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC, UPCAST)
+                                     HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
+                                     UPCAST)
     if COMPUTE_DK:
         if not (HAS_SCALE or HAS_SOFTCAP):
             b_dk = b_dk * scale
@@ -368,19 +393,19 @@ def _dkdv_kernel(
 
 @triton.jit(do_not_specialize=["SQ", "SK", "WINDOW", "CHUNK"])
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, SCALE, DQ, DOC, DSTART, DEND,
+    Q, K, V, DO, LSE, DELTA, SCALE, DQ, DOC, DSTART, DEND, KMASK,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_lb, stride_lh, stride_ls,
-    stride_rb, stride_rh, stride_rs,
+    stride_rb, stride_rh, stride_rs, stride_mb, stride_ms,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     HQ, SQ, SK, WINDOW, CHUNK, scale, softcap,
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # the last query blocks see the most keys (causal): launch them first
     i_bh, i_m = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
@@ -429,23 +454,35 @@ def _dq_kernel(
             lo = tl.maximum(lo, m0 + (SK - SQ) - WINDOW + 1)
         if HAS_CHUNK:
             lo = tl.maximum(lo, ((m0 + (SK - SQ)) // CHUNK) * CHUNK)
-    lo = (lo // BN) * BN
     f_lo, f_hi = _full_keys(m0, SQ, SK, DOC, DSTART, WINDOW, CHUNK, BM, IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK,
                             DEND)
+    p_km = KMASK
+    if HAS_KMASK:
+        # attendable keys span [k_lo, k_hi) of this batch row; with holes every block is masked
+        p_km = KMASK + i_b * stride_mb
+        k_lo, k_hi, k_dense = key_bounds(p_km, stride_ms, SK, 1024)
+        lo = tl.maximum(lo, k_lo)
+        hi = tl.minimum(hi, k_hi)
+        f_lo = tl.where(k_dense, tl.maximum(f_lo, k_lo), SK)
+        f_hi = tl.minimum(f_hi, k_hi)
+    lo = (lo // BN) * BN
     ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     for n0 in range(lo, ph_a, BN):
         b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
-                         stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN, BD, True,
-                         IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+                         p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap,
+                         BN, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP,
+                         USE_TMA, DOT_PREC, UPCAST)
     for n0 in range(ph_a, ph_b, BN):
         b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
-                         stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN, BD, False,
-                         IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+                         p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap,
+                         BN, BD, False, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP,
+                         USE_TMA, DOT_PREC, UPCAST)
     for n0 in range(ph_b, ph_end, BN):
         b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
-                         stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN, BD, True,
-                         IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+                         p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap,
+                         BN, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP,
+                         USE_TMA, DOT_PREC, UPCAST)
     if not (HAS_SCALE or HAS_SOFTCAP):
         b_dq = b_dq * scale
     p_dq = DQ + i_b * stride_dqb + i_h * stride_dqh + o_m64[:, None] * stride_dqs + o_d[None, :] * stride_dqd
@@ -500,7 +537,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             (B, Hq, Sq), -inf on rows with no visible key and no sink.
         q_norm_weight, k_norm_weight: None or (D,) / (H, D) RMSNorm weights.
         sinks: None or the (Hq,) sink logits.
-        opt: the forward's ``attention.Options`` (mask, scale, rope, eps, packing, window, chunk, softcap).
+        opt: the forward's ``attention.Options`` (mask, scale, rope, eps, packing, window, chunk, softcap, key mask).
         dlse: None or the gradient of ``lse`` (B, Hq, Sq) when the caller differentiates the LSE
             too (d lse_i / d s_ij = p_ij, so it only shifts ``delta``).
         needs_grad: which of (q, k, v, q_norm_weight, k_norm_weight, sinks) need a gradient; the
@@ -550,16 +587,21 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     q_hat = qk_hat(q, q_norm_weight, rope, pos, q_pos0, eps)
     k_hat = qk_hat(k, k_norm_weight, rope, pos, 0, eps)
 
+    km = opt.key_mask
+    if km is not None and km.dtype == torch.bool:
+        km = km.view(torch.uint8)
     (BM1, BN1, warps1, stages1), (BM2, BN2, warps2, stages2) = _blocks(BD, SQ, SK, block_m, block_n,
-                                                                 opt.rows is not None or opt.softcap is not None)
+                                                                 opt.rows is not None or opt.softcap is not None
+                                                                 or km is not None)
     common = dict(
         Q=q_hat, K=k_hat, V=v, DO=do, LSE=lse, DELTA=delta, SCALE=opt.rows, DOC=doc, DSTART=dstart, DEND=dend,
         **named_strides("q", q_hat, "bhsd"), **named_strides("k", k_hat, "bhsd"), **named_strides("v", v, "bhsd"),
         **named_strides("do", do, "bhsd"), **named_strides("l", lse, "bhs"), **named_strides("r", opt.rows, "bhs"),
         SQ=SQ, SK=SK, WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, scale=float(opt.scale),
-        softcap=float(opt.softcap or 0.0), G=HQ // HKV, D=D, BD=BD,
+        softcap=float(opt.softcap or 0.0), G=HQ // HKV, D=D, BD=BD, KMASK=km, **named_strides("m", km, "bs"),
         IS_CAUSAL=opt.causal, PACKED=cu is not None, HAS_SCALE=opt.rows is not None,
         HAS_WINDOW=opt.window is not None, HAS_CHUNK=opt.chunk is not None, HAS_SOFTCAP=opt.softcap is not None,
+        HAS_KMASK=km is not None,
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype), USE_TMA=tma_ok(q_hat, k_hat, v, do),
     )
 

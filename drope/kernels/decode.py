@@ -6,14 +6,14 @@ heads of a GQA group and the Sq new rows are packed into the M dimension (row ``
 group. Each program writes an fp32 partial output, already normalised, and its log2-sum-exp.
 Stage 2 merges the splits by log-sum-exp. With one split, stage 1 writes the final output directly.
 
-How the KV range is split: every batch row divides *its own* live length ``cache_seqlens[b]`` into
-``num_splits`` runs of whole tiles, read on the device, so a ragged batch keeps all splits busy and
-no program reads past its row's live length. The *number* of splits is chosen on the host by
-:func:`choose_num_splits` from the longest live length, which the host knows without a device sync
-when ``cache_seqlens`` is None (every row is Smax long), lives on the CPU, or when the caller passes
-``max_seqlen``. With CUDA ``cache_seqlens`` and no ``max_seqlen``, the capacity Smax is the only
-bound known on the host and is used instead: correct, but possibly more (then empty) splits than the
-live lengths need. Results never depend on the split count beyond float rounding.
+How the KV range is split: every batch row divides *its own* live length ``cache_seqlens[b]`` (narrowed
+to the attendable keys of its key mask, and to what its window / chunk lets the new rows see) into
+``num_splits`` runs of whole tiles, read on the device, so a ragged batch keeps all splits busy and no
+program reads past its row's live length. The *number* of splits and the grid come from capacities
+(batch, heads, cache size Smax, or a host ``max_seqlen`` hint) and the device only, never from the
+values in ``cache_seqlens`` (:func:`num_splits_for`): nothing is read back to the host, and one
+captured CUDA graph replays for any lengths. Results never depend on the split count beyond float
+rounding.
 
 Chunked prefill (a prompt fed in chunks against its growing cache) gives the same rows with this
 kernel (Sq up to ~64) and with :func:`drope.kernels.attention` (bottom-right causal, Sq < Sk).
@@ -34,20 +34,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validation import check_decode, split_scale
-from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, check_device, dot_precision, launch, mm, named_strides, \
-    operand, padded_dim, phases, tanh, tma_ok, upcast, with_sink
+from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, dot_precision, exp2_rel, key_bounds, launch, mm, \
+    named_strides, operand, padded_dim, phases, tanh, tma_ok, upcast, with_sink
 
-__all__ = ["decode_attention", "choose_num_splits"]
+__all__ = ["choose_num_splits", "decode_launch", "num_splits_for"]
 
 MAX_GRID_Y = 65535
 
 
 @triton.jit
 def _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, start,
-                  end, hi, pos, lo_r, o_d, m_d, BN: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax of the packed rows over key tiles [start, end); MASKED tiles check pos / lo_r / hi."""
+                  end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN: tl.constexpr,
+                  MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr,
+                  KMASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax of the packed rows over key tiles [start, end); MASKED tiles check pos / lo_r / hi and
+    the key mask (one per batch row, or under KMASK_ROWS one per query row)."""
     for n0 in range(start, end, BN):
         o_n = n0 + tl.arange(0, BN)
         if USE_TMA:
@@ -67,6 +68,13 @@ def _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, str
             vis = (o_n[None, :] <= pos[:, None]) & (o_n < hi)[None, :]
             if HAS_LO:
                 vis = vis & (o_n[None, :] >= lo_r[:, None])
+            if HAS_KMASK:
+                o_n64 = o_n.to(tl.int64)
+                if KMASK_ROWS:
+                    p_m = p_km + o_i.to(tl.int64)[:, None] * stride_mq + o_n64[None, :] * stride_ms
+                    vis = vis & (tl.load(p_m, mask=m_row[:, None] & (o_n < hi)[None, :], other=0) != 0)
+                else:
+                    vis = vis & (tl.load(p_km + o_n64 * stride_ms, mask=o_n < hi, other=0) != 0)[None, :]
             b_s = tl.where(vis, b_s, float("-inf"))
             b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
             # rows that have seen no key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
@@ -85,19 +93,19 @@ def _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, str
 # lengths, split counts and window sizes change from call to call: one compile for all of them
 @triton.jit(do_not_specialize=["SQ", "SMAX", "NUM_SPLITS", "WINDOW", "CHUNK"])
 def _decode_split_kernel(
-    Q, K, V, O, LSE, SEQLENS, SCALE, SINKS,
+    Q, K, V, O, LSE, SEQLENS, SCALE, SINKS, KMASK,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_os, stride_ob, stride_oh, stride_om, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lm,
-    stride_sl, stride_rb, stride_rh, stride_rs,
+    stride_sl, stride_rb, stride_rh, stride_rs, stride_mb, stride_mq, stride_ms,
     qk_scale, softcap2, lse_scale,
     HKV, SQ, SMAX, NUM_SPLITS, WINDOW, CHUNK,
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, ADD_SINKS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ADD_SINKS: tl.constexpr, HAS_KMASK: tl.constexpr, KMASK_ROWS: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -130,11 +138,25 @@ def _decode_split_kernel(
         lo_r = tl.maximum(lo_r, (tl.maximum(pos, 0) // CHUNK) * CHUNK)
         k_lo = tl.maximum(k_lo, (tl.maximum(L - SQ, 0) // CHUNK) * CHUNK)
 
-    n_tiles = (L - k_lo + BN - 1) // BN
+    # the key mask narrows the range to its attendable keys [s_lo, s_hi); with holes (or one mask per
+    # query row) every tile is masked
+    k_end = L
+    dense = L >= 0
+    p_km = KMASK
+    if HAS_KMASK:
+        p_km = KMASK + i_b64 * stride_mb
+        if KMASK_ROWS:
+            dense = L < 0
+        else:
+            s_lo, s_hi, dense = key_bounds(p_km, stride_ms, L, 1024)
+            k_lo = tl.maximum(k_lo, s_lo)
+            k_end = tl.minimum(k_end, s_hi)
+
+    n_tiles = (tl.maximum(k_end - k_lo, 0) + BN - 1) // BN
     tiles_per_split = (n_tiles + NUM_SPLITS - 1) // NUM_SPLITS
     lo = k_lo + i_split * tiles_per_split * BN
     last_i = (tl.minimum(i_m * BM + BM, G * SQ) - 1) // G
-    hi = tl.minimum(lo + tiles_per_split * BN, L - SQ + last_i + 1)
+    hi = tl.minimum(tl.minimum(lo + tiles_per_split * BN, L - SQ + last_i + 1), k_end)
 
     p_q = (Q + i_b64 * stride_qb + o_h[:, None].to(tl.int64) * stride_qh
            + o_i[:, None].to(tl.int64) * stride_qs + o_d[None, :] * stride_qd)
@@ -155,18 +177,18 @@ def _decode_split_kernel(
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     # tiles seen whole by every packed row skip the mask; only the split's edges pay for it
-    f_lo = tl.max(tl.where(m_row, lo_r, 0), 0)
+    f_lo = tl.where(dense, tl.max(tl.where(m_row, lo_r, 0), 0), SMAX)
     f_hi = tl.min(tl.where(m_row, pos + 1, SMAX), 0)
     ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, BN, True, HAS_WINDOW or HAS_CHUNK,
-                                    HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+                                    stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, True, HAS_WINDOW or HAS_CHUNK,
+                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, ph_a, ph_b, hi, pos, lo_r, o_d, m_d, BN, False, HAS_WINDOW or HAS_CHUNK,
-                                    HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+                                    stride_vd, ph_a, ph_b, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, False, HAS_WINDOW or HAS_CHUNK,
+                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, ph_b, ph_end, hi, pos, lo_r, o_d, m_d, BN, True, HAS_WINDOW or HAS_CHUNK,
-                                    HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
+                                    stride_vd, ph_b, ph_end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, True, HAS_WINDOW or HAS_CHUNK,
+                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
 
     if ADD_SINKS:
         # one split: the head's sink logit joins the denominator here (else in the merge)
@@ -205,9 +227,8 @@ def _decode_merge_kernel(O_PART, LSE_PART, OUT, LSE, SINKS, stride_os, stride_ls
     for _ in range(0, NUM_SPLITS):
         b_lse_s = tl.load(p_lse, mask=m_r, other=float("-inf"))
         b_m_new = tl.maximum(b_m, b_lse_s)
-        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.exp2(b_m - b_ref)
-        b_w = tl.exp2(b_lse_s - b_ref)
+        b_alpha = exp2_rel(b_m, b_m_new)
+        b_w = tl.where(b_lse_s == float("-inf"), 0.0, exp2_rel(b_lse_s, b_m_new))
         b_l = b_l * b_alpha + b_w
         b_acc = b_acc * b_alpha[:, None] + b_w[:, None] * tl.load(p_o, mask=m_rd, other=0.0)
         b_m = b_m_new
@@ -290,28 +311,34 @@ def _blocks(G: int, SQ: int, BD: int):
     return BM, BN, 4, 3
 
 
-def _live_bound(cache_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int], SMAX: int) -> int:
-    """Longest live length known on the host without a device sync (capacity as the last resort)."""
-    if max_seqlen is not None:
-        return max_seqlen
-    if cache_seqlens is None:
-        return SMAX
-    if cache_seqlens.device.type == "cpu":
-        return int(cache_seqlens.max()) if cache_seqlens.numel() else 0
-    return SMAX
+def num_splits_for(shape, device: torch.device, *, max_seqlen: Optional[int] = None, window: Optional[int] = None,
+                   chunk: Optional[int] = None) -> int:
+    """The split count of a call, from capacities and the device only (never from ``cache_seqlens``' values):
+    one captured CUDA graph then replays for any lengths. ``max_seqlen`` (a host int) may lower the bound."""
+    G, SQ, SMAX = shape.G, shape.SQ, shape.SK
+    BM, BN, _, _ = _blocks(G, SQ, padded_dim(shape.D))
+    live = SMAX if max_seqlen is None else max_seqlen
+    if window is not None:
+        live = min(live, window + SQ - 1)
+    if chunk is not None:
+        live = min(live, chunk + SQ - 1)
+    splits = choose_num_splits(live, shape.B * shape.HKV * triton.cdiv(G * SQ, BM), _num_sms(device), block_n=BN)
+    return splits
 
 
-def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, max_seqlen, window, chunk, sinks,
-                softcap):
-    shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
-                         num_splits=num_splits, kernel=True, max_seqlen=max_seqlen, window=window, chunk=chunk,
-                         sinks=sinks, softcap=softcap)
-    B, HQ, HKV, SQ, SMAX, D, G = shape.B, shape.HQ, shape.HKV, shape.SQ, shape.SK, shape.D, shape.G
-    check_device(q, "decode_attention")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, sinks)):
-        raise ValueError("decode_attention is inference-only (no backward): q/k_cache/v_cache/sinks require grad; "
-                         "call it under torch.no_grad() or use drope.kernels.attention for a differentiable pass")
+def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: Optional[torch.Tensor],
+                  const: float, rows: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+                  key_mask: Optional[torch.Tensor], num_splits: int, window: Optional[int], chunk: Optional[int],
+                  softcap: Optional[float]):
+    """Launch stage 1 (and the merge when split) on validated inputs; returns (out, lse).
 
+    ``const`` is the constant logit multiplier and ``rows`` None or a (B, Hq, Sq) fp32 view of per-row /
+    per-head multipliers (``validation.split_scale``); ``num_splits`` is capped at one split per key tile
+    of the capacity (more would be empty) and at the grid's limit.
+    """
+    B, HQ, SQ, D = q.shape
+    HKV, SMAX = k_cache.shape[1], k_cache.shape[2]
+    G = HQ // HKV
     out = torch.empty((B, HQ, SQ, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -320,20 +347,7 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, m
     BD = padded_dim(D)
     BM, BN, num_warps, num_stages = _blocks(G, SQ, BD)
     m_blocks = triton.cdiv(G * SQ, BM)
-    live = _live_bound(cache_seqlens, max_seqlen, SMAX)
-    if window is not None:
-        live = min(live, window + SQ - 1)
-    if chunk is not None:
-        live = min(live, chunk + SQ - 1)
-    n_key_tiles = max(1, triton.cdiv(SMAX, BN))
-    if num_splits is None:
-        splits = choose_num_splits(live, B * HKV * m_blocks, _num_sms(q.device), block_n=BN)
-    else:
-        splits = num_splits
-    # beyond one split per key tile of the capacity every extra split would be empty
-    splits = min(splits, n_key_tiles, MAX_GRID_Y)
-
-    const, rows = split_scale(softmax_scale, shape, q.device, torch.float32)
+    splits = min(num_splits, max(1, triton.cdiv(SMAX, BN)), MAX_GRID_Y)
     if splits == 1:
         o_buf, lse_buf, lse_scale = out, lse, LN2
         o_strides = (0, *out.stride())
@@ -343,20 +357,25 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, m
         lse_buf = torch.empty((splits, B, HQ, SQ), dtype=torch.float32, device=q.device)
         lse_scale = 1.0
         o_strides, l_strides = o_buf.stride(), lse_buf.stride()
+    km = key_mask.view(torch.uint8) if key_mask is not None and key_mask.dtype == torch.bool else key_mask
+    km_strides = (0, 0, 0) if km is None else (km.stride(0), km.stride(1), km.stride(2)) if km.dim() == 3 else (
+        km.stride(0), 0, km.stride(1))
 
     launch(_decode_split_kernel, (B * HKV, splits, m_blocks), role="attention",
-           Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens, SCALE=rows, SINKS=sinks,
+           Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens, SCALE=rows, SINKS=sinks, KMASK=km,
            **named_strides("q", q, "bhsd"), **named_strides("k", k_cache, "bhsd"),
            **named_strides("v", v_cache, "bhsd"),
            **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"), o_strides)),
            **dict(zip(("stride_ls", "stride_lb", "stride_lh", "stride_lm"), l_strides)),
            stride_sl=cache_seqlens.stride(0) if cache_seqlens is not None else 0, **named_strides("r", rows, "bhs"),
+           **dict(zip(("stride_mb", "stride_mq", "stride_ms"), km_strides)),
            qk_scale=const / softcap if softcap is not None else const * LOG2E,
            softcap2=softcap * LOG2E if softcap is not None else 0.0, lse_scale=lse_scale,
            HKV=HKV, SQ=SQ, SMAX=SMAX, NUM_SPLITS=splits, WINDOW=window or 0, CHUNK=chunk or 0,
            G=G, D=D, BD=BD, BM=BM, BN=BN, HAS_SEQLENS=cache_seqlens is not None, HAS_SCALE=rows is not None,
            HAS_WINDOW=window is not None, HAS_CHUNK=chunk is not None, HAS_SOFTCAP=softcap is not None,
-           ADD_SINKS=sinks is not None and splits == 1, USE_TMA=tma_ok(k_cache, v_cache),
+           ADD_SINKS=sinks is not None and splits == 1, HAS_KMASK=km is not None,
+           KMASK_ROWS=km is not None and km.dim() == 3, USE_TMA=tma_ok(k_cache, v_cache),
            DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
            num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
@@ -367,51 +386,3 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, m
                stride_ls=lse_buf.stride(0), ROWS=rows_total, NUM_SPLITS=splits, HQ=HQ, SQ=SQ, D=D, BD=BD, BR=BR,
                HAS_SINKS=sinks is not None, num_warps=4)
     return out, lse
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
-                     cache_seqlens: Optional[torch.Tensor] = None, softmax_scale=None,
-                     num_splits: Optional[int] = None, return_lse: bool = False,
-                     max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
-                     sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
-    """NoPE attention of a few new query rows against a long KV cache, split over the keys (flash-decoding).
-
-    Query row ``i`` of batch ``b`` sits at position ``cache_seqlens[b] - Sq + i`` and sees keys
-    ``0 .. that position`` (causal among the new rows). Query head ``h`` reads KV head
-    ``h // (Hq // Hkv)``. Inference only: no backward.
-
-    Args:
-        q: (B, Hq, Sq, D), the Sq newest tokens (1 for decode; up to ~64 for chunked prefill or
-            speculative steps). fp16, bf16 or fp32; D any multiple of 8 up to 256. Any strides.
-        k_cache, v_cache: (B, Hkv, Smax, D), same dtype as q, Hq % Hkv == 0. Any strides (e.g. a view
-            of a (B, Smax, Hkv, D) buffer); positions at or past a row's live length are never read.
-        cache_seqlens: (B,) int32 (int64 accepted) live lengths *including* the Sq new tokens, on q's
-            device; None means every row holds Smax. Each must lie in [Sq, Smax]; checked on the host
-            only when the tensor lives on the CPU (no device sync). On the device a length is clamped
-            to [0, Smax]; rows whose position is then negative output zeros (LSE -inf).
-        softmax_scale: None (D**-0.5), a float >= 0, or a tensor of multipliers >= 0 of shape
-            (Sq,), (B, Sq), (Hq,) or (B, Hq, Sq) (DroPE temperature on top of D**-0.5 goes in here).
-        num_splits: None picks it with :func:`choose_num_splits` from the longest live length and the
-            device's SM count; an int forces it (capped at one split per key tile of the capacity,
-            beyond which extra splits would be empty). Results agree for every split count.
-        return_lse: also return the natural-log log-sum-exp of the scaled logits, (B, Hq, Sq) fp32.
-        max_seqlen: optional host-side int, the longest entry of ``cache_seqlens``, used only to pick
-            the split count when ``cache_seqlens`` lives on the GPU (reading it there would sync).
-            Results never depend on it; a wrong hint only costs speed.
-        window: sliding window: key j visible to the row at position p iff p - window < j <= p;
-            splits then cover only the keys some row can see.
-        chunk: chunked attention: visible iff j <= p and j // chunk == p // chunk.
-        sinks: (Hq,) logits, one per query head, added to the softmax denominator only.
-        softcap: logits become ``softcap * tanh(s / softcap)`` after the scale.
-
-    Returns:
-        out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
-
-    Raises:
-        ValueError: on input outside the contract (shapes, dtypes, lengths, scale, num_splits,
-            max_seqlen), naming the argument; also when an input requires grad with grad enabled.
-        DeviceError: CPU tensors without ``TRITON_INTERPRET=1`` (a ``ValueError`` subclass).
-    """
-    out, lse = _decode_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits, max_seqlen, window, chunk,
-                           sinks, softcap)
-    return (out, lse) if return_lse else out

@@ -157,6 +157,7 @@ class Shape:
     chunk: Optional[int] = None
     sinks: bool = False
     softcap: Optional[float] = None
+    key_mask: bool = False
     q_len: int = 1            # decode: new query rows
     num_sms: int = 132        # decode: SMs the split count is chosen for (an H100 / H200)
     num_splits: Optional[int] = None
@@ -189,7 +190,8 @@ def record_op(s: Shape) -> Tuple[Dict[str, Any], List[toolkit.Launch]]:
     sinks = _meta(HQ, dtype=torch.float32, grad=s.op == "prefill_bwd") if s.sinks else None
     args: Dict[str, Any] = dict(op=s.op, dtype=s.dtype, batch=B, heads=HQ, kv_heads=HKV, seq=S, head_dim=D,
                                 causal=True, rope=s.rope, q_norm=s.q_norm, k_norm=s.k_norm, row_scale=s.row_scale,
-                                window=s.window, chunk=s.chunk, sinks=s.sinks, softcap=s.softcap)
+                                window=s.window, chunk=s.chunk, sinks=s.sinks, softcap=s.softcap, key_mask=s.key_mask)
+    km = _meta(B, S, dtype=torch.bool) if s.key_mask else None
     from . import attention, decode_attention
     if s.op == "decode":
         if s.rope or s.q_norm or s.k_norm:
@@ -202,7 +204,7 @@ def record_op(s: Shape) -> Tuple[Dict[str, Any], List[toolkit.Launch]]:
         args.update(q_len=s.q_len, num_splits=splits, num_sms=s.num_sms, cache_seqlens=True)
         with toolkit.recording() as launches, torch.no_grad():
             decode_attention(q, kc, vc, cache_seqlens=lens, softmax_scale=scale, num_splits=splits, window=s.window,
-                             chunk=s.chunk, sinks=sinks, softcap=s.softcap)
+                             chunk=s.chunk, sinks=sinks, softcap=s.softcap, key_mask=km)
         return args, launches
 
     grad = s.op == "prefill_bwd"
@@ -213,7 +215,7 @@ def record_op(s: Shape) -> Tuple[Dict[str, Any], List[toolkit.Launch]]:
     wk = _meta(D, dtype=dt, grad=grad) if s.k_norm else None
     scale = _meta(B, S, dtype=torch.float32) if s.row_scale else None
     kw = dict(causal=True, softmax_scale=scale, rope=rope, q_norm_weight=wq, k_norm_weight=wk, window=s.window,
-              chunk=s.chunk, sinks=sinks, softcap=s.softcap)
+              chunk=s.chunk, sinks=sinks, softcap=s.softcap, key_mask=km)
     if not grad:
         with toolkit.recording() as launches, torch.no_grad():
             attention(q, k, v, **kw)
@@ -558,7 +560,7 @@ def summary_table(manifest: Dict[str, Any]) -> str:
             f"{e['ctas_per_sm']} ({e['ctas_limit']}) | {lp.get('instructions', '-')} | {lp.get('mma', '-')} | "
             f"{lp.get('loads', '-')} | {lp.get('int64', '-')} | {lp.get('int_alu', '-')} | {warn or '-'} |")
     a = manifest["args"]
-    flags = [f for f in ("rope", "q_norm", "k_norm", "row_scale", "sinks") if a.get(f)]
+    flags = [f for f in ("rope", "q_norm", "k_norm", "row_scale", "sinks", "key_mask") if a.get(f)]
     flags += [f"{f}={a[f]}" for f in ("window", "chunk", "softcap") if a.get(f) is not None]
     title = (f"{manifest['op']} {a['dtype']} B{a['batch']} H{a['heads']} KV{a['kv_heads']} S{a['seq']} "
              f"D{a['head_dim']} {' '.join(flags)} -- {manifest['arch']}, triton {manifest['triton']}")
@@ -583,6 +585,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int)
     p.add_argument("--sinks", action="store_true")
     p.add_argument("--softcap", type=float)
+    p.add_argument("--key-mask", action="store_true", help="a (B, S) key mask (padding / unwritten cache slots)")
     p.add_argument("--q-len", type=int, default=1, help="decode: new query rows")
     p.add_argument("--num-sms", type=int, default=132, help="decode: SMs the split count is chosen for")
     p.add_argument("--num-splits", type=int, help="decode: force the split count")
@@ -602,7 +605,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = _parser().parse_args(argv)
     s = Shape(op=a.op, dtype=a.dtype, batch=a.batch, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
               head_dim=a.head_dim, rope=a.rope, q_norm=a.q_norm, k_norm=a.k_norm, row_scale=a.row_scale,
-              window=a.window, chunk=a.chunk, sinks=a.sinks, softcap=a.softcap, q_len=a.q_len, num_sms=a.num_sms,
+              window=a.window, chunk=a.chunk, sinks=a.sinks, softcap=a.softcap, key_mask=a.key_mask, q_len=a.q_len, num_sms=a.num_sms,
               num_splits=a.num_splits)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .toolkit import launch, named_strides, upcast
+from .toolkit import launch, named_strides, norm_pow2, upcast
 
 __all__ = ["qk_prologue", "qk_hat", "qk_epilogue", "packed_tables", "row_block"]
 
@@ -29,6 +29,17 @@ def _load_halves(p, stride_d, m_s, m_h, HALF: tl.constexpr):
     b_1 = tl.load(p, mask=m, other=0.0).to(tl.float32)
     b_2 = tl.load(p + HALF * stride_d, mask=m, other=0.0).to(tl.float32)
     return b_1, b_2
+
+
+@triton.jit
+def _norm_scale(b_x1, b_x2, eps, HALF: tl.constexpr):
+    """Per row, c (a power of two, :func:`toolkit.norm_pow2`) and rho = rsqrt(mean((x/c)^2) + eps/c^2), so that
+    rsqrt(mean(x^2) + eps) = rho / c without ever squaring x (inputs up to the dtype's maximum)."""
+    b_c = norm_pow2(tl.maximum(tl.max(tl.abs(b_x1), 1), tl.max(tl.abs(b_x2), 1)))  # [BS]
+    b_y1 = b_x1 / b_c[:, None]
+    b_y2 = b_x2 / b_c[:, None]
+    b_ms = (tl.sum(b_y1 * b_y1, 1) + tl.sum(b_y2 * b_y2, 1)) / (2 * HALF)
+    return b_c, tl.rsqrt(b_ms + eps / (b_c * b_c))
 
 
 @triton.jit
@@ -69,7 +80,8 @@ def _qk_prologue_kernel(
     p_x = X + i_b * stride_xb + i_h * stride_xh + o_s64[:, None] * stride_xs + o_h[None, :] * stride_xd
     b_x1, b_x2 = _load_halves(p_x, stride_xd, m_s, m_h, HALF)  # [BS, BH] each
     if HAS_NORM:
-        b_r = tl.rsqrt((tl.sum(b_x1 * b_x1, 1) + tl.sum(b_x2 * b_x2, 1)) / (2 * HALF) + eps)  # [BS]
+        b_pow, b_rho = _norm_scale(b_x1, b_x2, eps, HALF)  # [BS] each
+        b_r = b_rho / b_pow
         p_w = W + i_h * stride_wh + o_h * stride_wd
         b_w1 = tl.load(p_w, mask=m_h, other=0.0).to(tl.float32)
         b_w2 = tl.load(p_w + HALF * stride_wd, mask=m_h, other=0.0).to(tl.float32)
@@ -113,20 +125,21 @@ def _qk_epilogue_kernel(
     if HAS_NORM:
         p_x = X + i_b * stride_xb + i_h * stride_xh + o_s64[:, None] * stride_xs + o_h[None, :] * stride_xd
         b_x1, b_x2 = _load_halves(p_x, stride_xd, m_s, m_h, HALF)
-        b_r = tl.rsqrt((tl.sum(b_x1 * b_x1, 1) + tl.sum(b_x2 * b_x2, 1)) / (2 * HALF) + eps)  # [BS]
+        b_pow, b_rho = _norm_scale(b_x1, b_x2, eps, HALF)  # [BS] each
+        b_y1 = b_x1 / b_pow[:, None]
+        b_y2 = b_x2 / b_pow[:, None]
         if STORE_DW:
             p_dw = DW + (i_bh * tl.num_programs(1) + i_s).to(tl.int64) * (2 * HALF) + o_h
-            tl.store(p_dw, tl.sum(b_g1 * b_x1 * b_r[:, None], 0), mask=m_h)
-            tl.store(p_dw + HALF, tl.sum(b_g2 * b_x2 * b_r[:, None], 0), mask=m_h)
+            tl.store(p_dw, tl.sum(b_g1 * b_y1 * b_rho[:, None], 0), mask=m_h)
+            tl.store(p_dw + HALF, tl.sum(b_g2 * b_y2 * b_rho[:, None], 0), mask=m_h)
         if STORE_DX:
             p_w = W + i_h * stride_wh + o_h * stride_wd
             b_g1 = b_g1 * tl.load(p_w, mask=m_h, other=0.0).to(tl.float32)[None, :]
             b_g2 = b_g2 * tl.load(p_w + HALF * stride_wd, mask=m_h, other=0.0).to(tl.float32)[None, :]
-            # d/dx of x*r: r*g - x*r^3*mean(g*x)
-            b_m = (tl.sum(b_g1 * b_x1, 1) + tl.sum(b_g2 * b_x2, 1)) / (2 * HALF)
-            b_k = b_r * b_r * b_r * b_m
-            b_g1 = b_r[:, None] * b_g1 - b_x1 * b_k[:, None]
-            b_g2 = b_r[:, None] * b_g2 - b_x2 * b_k[:, None]
+            # d/dx of x*r with r = rho/c, y = x/c: (rho/c) * (g - y * rho^2 * mean(g*y)), no x^2 or r^3 formed
+            b_k = b_rho * b_rho * (tl.sum(b_g1 * b_y1, 1) + tl.sum(b_g2 * b_y2, 1)) / (2 * HALF)
+            b_g1 = (b_rho / b_pow)[:, None] * (b_g1 - b_y1 * b_k[:, None])
+            b_g2 = (b_rho / b_pow)[:, None] * (b_g2 - b_y2 * b_k[:, None])
     if STORE_DX:
         p_dx = DX + i_b * stride_dxb + i_h * stride_dxh + o_s64[:, None] * stride_dxs + o_h[None, :] * stride_dxd
         m = m_s[:, None] & m_h[None, :]

@@ -118,13 +118,45 @@ def phases(lo, hi, f_lo, f_hi, B: tl.constexpr):
 
 
 @triton.jit
+def exp2_rel(x, m):
+    """``exp2(x - m)`` for a running max ``m >= x`` that may be infinite: exactly 1 where x == m (+-inf too)."""
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    return tl.where(x == m, 1.0, tl.math.exp2(x - m_sub))
+
+
+@triton.jit
 def with_sink(acc, b_l, b_m, b_sink):
-    """The online softmax's state after one more logit ``b_sink`` (base 2) that joins the denominator only."""
+    """The online softmax's state after one more logit ``b_sink`` (base 2) that joins the denominator only
+    (a +inf sink takes all the weight: zeros out, as the reference)."""
     b_m_new = tl.maximum(b_m, b_sink)
-    b_m_sub = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-    b_alpha = tl.math.exp2(b_m - b_m_sub)
-    b_l = b_l * b_alpha + tl.math.exp2(b_sink - b_m_sub)
+    b_alpha = exp2_rel(b_m, b_m_new)
+    b_l = b_l * b_alpha + tl.where(b_sink == float("-inf"), 0.0, exp2_rel(b_sink, b_m_new))
     return acc * b_alpha[:, None], b_l, b_m_new
+
+
+@triton.jit
+def key_bounds(KM, stride_ms, SK, BS: tl.constexpr):
+    """First and one-past-last nonzero slot of a (Sk,) key mask, and whether every slot between them is nonzero.
+
+    One pass over the mask row (Sk bytes, next to Sk * D * 4 bytes of K and V per program).
+    """
+    lo = SK + 0
+    hi = SK * 0
+    n = SK * 0
+    for s0 in range(0, SK, BS):
+        o = s0 + tl.arange(0, BS)
+        m = tl.load(KM + o.to(tl.int64) * stride_ms, mask=o < SK, other=0) != 0
+        lo = tl.minimum(lo, tl.min(tl.where(m, o, SK), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(m, o + 1, 0), 0))
+        n += tl.sum(m.to(tl.int32), 0)
+    return lo, hi, n == hi - lo
+
+
+@triton.jit
+def norm_pow2(b_amax):
+    """A power of two c >= max|x| / 2 where max|x| > 1, else 1: ``x / c`` squares without overflow
+    (``drope.reference.norm_pow2``; the approximate log2 may round c down by one power, still safe)."""
+    return tl.math.exp2(tl.math.ceil(tl.math.log2(tl.maximum(b_amax, 1.0))))
 
 
 @triton.jit

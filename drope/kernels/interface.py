@@ -1,0 +1,198 @@
+"""The public kernel functions: validate, shape the arguments, call the operators (:mod:`drope.kernels.ops`).
+
+Validation reads shapes, dtypes and devices on the host; tensor *values* (a softmax scale's sign, the
+boundaries of ``cu_seqlens``, ``cache_seqlens``' range) are checked only where that costs no device sync
+(CPU tensors) and never while torch.compile traces the call. Under ``torch.compile(fullgraph=True)`` and
+``torch.export`` each call is one operator node; nothing here breaks the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..validation import check_attention, check_decode, check_norm_weight, check_qkv, check_rope, split_scale
+from . import ops
+from .decode import num_splits_for
+
+__all__ = ["attention", "decode_attention", "qk_norm_rope"]
+
+
+def _autocast_inputs(q, k, v):
+    """Under ``torch.autocast`` the attention runs in the autocast dtype, like a matmul."""
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k, v)):
+        return q, k, v
+    dev = q.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(dev)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _tables(rope):
+    return (None, None) if rope is None else (rope[0].detach(), rope[1].detach())
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, softmax_scale=None,
+              rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, q_norm_weight: Optional[torch.Tensor] = None,
+              k_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6,
+              cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False, window: Optional[int] = None,
+              chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+              key_mask: Optional[torch.Tensor] = None):
+    """Fused attention with QK-norm, RoPE, per-row/per-head softmax scale, GQA, windows, chunks, sinks.
+
+    Semantics are exactly :func:`drope.reference.attention`'s (docs/design.md, "Contract:
+    drope.kernels.attention"): per head, ``q, k <- rms_norm`` (if a weight is given), then RoPE
+    (if ``rope``), logits ``(q_i . k_j) * scale_i`` (soft-capped if ``softcap``), the causal /
+    window / chunk / key mask, softmax (with the sink logit in the denominator), ``@ v``.
+
+    Args:
+        q: (B, Hq, Sq, D) queries; any strides (e.g. a (B, S, H, D) tensor transposed).
+        k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0; query head h reads KV head h // (Hq // Hkv).
+            fp16, bf16 or fp32 (one dtype for q, k, v); D any multiple of 8 up to 256.
+        causal: key j is visible to query row i iff ``j <= Sk - Sq + i`` (needs Sq <= Sk).
+        softmax_scale: None (``D**-0.5``), a float in [0, 1e6], or a tensor of such multipliers of
+            shape (Sq,), (B, Sq) (per row, e.g. DroPE's temperature times ``D**-0.5``), (Hq,) or
+            (B, Hq, Sq) (per head and row; 3-D shapes with 1s broadcast). A 1-D tensor whose
+            length is both Sq and Hq is read as (Sq,).
+        rope: optional ``(cos, sin)`` angle tables of shape (>= Sk, D/2) for positions 0..Sk-1;
+            query row i sits at position Sk - Sq + i; rotate-half (HF Llama) convention.
+        q_norm_weight, k_norm_weight: optional per-head RMSNorm weights, (D,) or (H, D).
+        norm_eps: RMSNorm epsilon.
+        cu_seqlens: optional int32 (N+1,) non-decreasing boundaries of documents packed along S
+            (B == 1, Sq == Sk); each document attends within itself, positions restart at 0; empty
+            documents (repeated boundaries) are allowed, so the tensor may be padded to a fixed size.
+        return_lse: also return the natural-log log-sum-exp of the scaled logits.
+        window: sliding window (causal only): key j visible to position p iff p - window < j <= p.
+        chunk: chunked attention (causal only): visible iff j <= p and j // chunk == p // chunk.
+        sinks: (Hq,) logits, one per query head, added to the softmax denominator only (GPT-OSS).
+        softcap: logits become ``softcap * tanh(s / softcap)`` after the scale (Gemma 2).
+        key_mask: optional (B, Sk) bool / uint8 / int8, nonzero where key slot j may be attended
+            (padding in any pattern); positions are unchanged. Blocks between a row's first and last
+            attendable key run unmasked when the row has no holes.
+
+    Returns:
+        out (B, Hq, Sq, D) in q's dtype (rows with no visible key are zeros), or ``(out, lse)``
+        with lse float32 (B, Hq, Sq), -inf on rows with no visible key (the sink when given).
+
+    Autograd: differentiable in q, k, v, both norm weights and the sinks (and through the
+    returned lse); not in ``softmax_scale``, the rope tables or the key mask. The backward
+    (``drope.kernels.attention_bwd``) is deterministic and recomputes the probabilities from the
+    saved LSE (O(S) extra memory). Gradients come back in the dtype of their input. Under
+    ``torch.autocast`` q, k, v are cast to the autocast dtype (norm weights are not). Under
+    ``torch.compile`` / ``torch.export`` the call is the operator ``drope::attention_fwd``.
+
+    Raises:
+        ValueError: any input outside the contract (the message names the argument).
+        drope.validation.DeviceError: CPU tensors without ``TRITON_INTERPRET=1``.
+    """
+    q, k, v = _autocast_inputs(q, k, v)
+    shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
+                            q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
+                            cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
+                            key_mask=key_mask, kernel=True)
+    const, rows = split_scale(softmax_scale, shape, q.device)
+    needs_grad = _needs_grad(q, k, v, q_norm_weight, k_norm_weight, sinks)
+    out, lse = ops.attention_fwd(
+        q, k, v, q_norm_weight, k_norm_weight, sinks, None if rows is None else rows.detach(), *_tables(rope),
+        cu_seqlens, key_mask, causal, float(const), float(norm_eps), window, chunk,
+        None if softcap is None else float(softcap), return_lse or needs_grad, needs_grad=needs_grad)
+    return (out, lse) if return_lse else out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                     cache_seqlens: Optional[torch.Tensor] = None, softmax_scale=None,
+                     num_splits: Optional[int] = None, return_lse: bool = False,
+                     max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
+                     sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                     key_mask: Optional[torch.Tensor] = None):
+    """NoPE attention of a few new query rows against a long KV cache, split over the keys (flash-decoding).
+
+    Query row ``i`` of batch ``b`` sits at position ``cache_seqlens[b] - Sq + i`` and sees keys
+    ``0 .. that position`` (causal among the new rows). Query head ``h`` reads KV head
+    ``h // (Hq // Hkv)``. Inference only: no backward.
+
+    Args:
+        q: (B, Hq, Sq, D), the Sq newest tokens (1 for decode; any Sq works, tens for chunked prefill
+            or speculative steps). fp16, bf16 or fp32; D any multiple of 8 up to 256. Any strides.
+        k_cache, v_cache: (B, Hkv, Smax, D), same dtype as q, Hq % Hkv == 0. Any strides (e.g. a view
+            of a (B, Smax, Hkv, D) buffer); positions at or past a row's live length are never read.
+        cache_seqlens: (B,) int32 (int64 accepted) live lengths *including* the Sq new tokens, on q's
+            device; None means every row holds Smax. Each must lie in [Sq, Smax]; checked on the host
+            only when the tensor lives on the CPU (no device sync). On the device a length is clamped
+            to [0, Smax]; rows whose position is then negative output zeros (LSE -inf).
+        softmax_scale: None (D**-0.5), a float in [0, 1e6], or a tensor of such multipliers of shape
+            (Sq,), (B, Sq), (Hq,) or (B, Hq, Sq) (DroPE temperature on top of D**-0.5 goes in here).
+        num_splits: None picks it with :func:`choose_num_splits` from the capacity Smax (or
+            ``max_seqlen``) and the device's SM count, never from ``cache_seqlens``' values, so a
+            captured CUDA graph replays for any lengths; an int forces it (capped at one split per
+            key tile of the capacity, beyond which extra splits would be empty). Results agree for
+            every split count.
+        return_lse: also return the natural-log log-sum-exp of the scaled logits, (B, Hq, Sq) fp32.
+        max_seqlen: optional host-side int, an upper bound of ``cache_seqlens``, used only to pick the
+            split count. Results never depend on it; a wrong hint only costs speed.
+        window: sliding window: key j visible to the row at position p iff p - window < j <= p;
+            splits then cover only the keys some row can see.
+        chunk: chunked attention: visible iff j <= p and j // chunk == p // chunk.
+        sinks: (Hq,) logits, one per query head, added to the softmax denominator only.
+        softcap: logits become ``softcap * tanh(s / softcap)`` after the scale.
+        key_mask: optional (B, Smax), or one row per query (B, Sq, Smax), bool / uint8 / int8: nonzero
+            where a cache slot may be attended (left padding, holes, another document or chunk).
+
+    Returns:
+        out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
+
+    Raises:
+        ValueError: on input outside the contract (shapes, dtypes, lengths, scale, num_splits,
+            max_seqlen, key_mask), naming the argument; also when an input requires grad with grad
+            enabled.
+        DeviceError: CPU tensors without ``TRITON_INTERPRET=1`` (a ``ValueError`` subclass).
+    """
+    shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
+                         num_splits=num_splits, kernel=True, max_seqlen=max_seqlen, window=window, chunk=chunk,
+                         sinks=sinks, softcap=softcap, key_mask=key_mask)
+    if _needs_grad(q, k_cache, v_cache, sinks):
+        raise ValueError("decode_attention is inference-only (no backward): q/k_cache/v_cache/sinks require grad; "
+                         "call it under torch.no_grad() or use drope.kernels.attention for a differentiable pass")
+    if num_splits is None:
+        num_splits = num_splits_for(shape, q.device, max_seqlen=max_seqlen, window=window, chunk=chunk)
+    const, rows = split_scale(softmax_scale, shape, q.device, torch.float32)
+    out, lse = ops.decode(q, k_cache, v_cache, cache_seqlens, rows, sinks, key_mask, float(const), num_splits, window,
+                          chunk, None if softcap is None else float(softcap))
+    return (out, lse) if return_lse else out
+
+
+def qk_norm_rope(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                 rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, *, pos0: int = 0,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """The attention kernels' QK prologue alone: ``rope(rms_norm(x) * weight)`` per head, one O(S*D) pass.
+
+    Args:
+        x: (B, H, S, D) queries or keys, fp16 / bf16 / fp32, any strides.
+        weight: optional RMSNorm weight, (D,) or (H, D); None skips the norm.
+        rope: optional ``(cos, sin)`` tables of shape (>= pos0 + S, D/2); row s sits at position pos0 + s.
+        pos0: position of row 0.
+        eps: RMSNorm epsilon.
+
+    Returns:
+        A new contiguous (B, H, S, D) tensor in x's dtype, differentiable in x and the weight
+        (the operator ``drope::qk_norm_rope`` under torch.compile).
+
+    Raises:
+        ValueError: bad shapes, dtypes or devices, a table shorter than pos0 + S, a negative pos0.
+    """
+    shape = check_qkv(x, x, x, kernel=True)
+    if isinstance(pos0, bool) or not isinstance(pos0, int) or pos0 < 0:
+        raise ValueError(f"pos0 must be an int >= 0, got {pos0!r}")
+    check_rope(rope, pos0 + shape.SQ, shape.D, x)
+    check_norm_weight("weight", weight, shape.HQ, shape.D, x)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if rope is not None and shape.D % 2:
+        raise ValueError(f"rope needs an even head dim, got D={shape.D}")
+    return ops.qk_norm_rope(x, weight, *_tables(rope), pos0, float(eps), needs_grad=_needs_grad(x, weight))
