@@ -30,20 +30,25 @@ def with_cache(model, cache) -> dict:
 
 @contextlib.contextmanager
 def poisoned_empty():
-    """Every ``torch.empty`` inside the block is NaN-filled (floats) or -1 (ints): unwritten output fails."""
-    real = torch.empty
+    """Every ``torch.empty`` / ``torch.empty_like`` inside the block is NaN-filled (floats) or -1 (ints):
+    unwritten output fails."""
+    reals = {name: getattr(torch, name) for name in ("empty", "empty_like")}
 
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        if t.device.type != "meta":
-            t.fill_(float("nan") if t.is_floating_point() else -1)
-        return t
+    def poisoned(real):
+        def make(*args, **kwargs):
+            t = real(*args, **kwargs)
+            if t.device.type != "meta":
+                t.fill_(float("nan") if t.is_floating_point() else -1)
+            return t
+        return make
 
-    torch.empty = empty
+    for name, real in reals.items():
+        setattr(torch, name, poisoned(real))
     try:
         yield
     finally:
-        torch.empty = real
+        for name, real in reals.items():
+            setattr(torch, name, real)
 
 
 def lowp_attention(q, k, v, *, causal=True, softmax_scale=None, rope=None, q_norm_weight=None, k_norm_weight=None,
@@ -110,3 +115,26 @@ def assert_rows_close(out, ref64, ref_low, floor: float, what: str = "output"):
         raise AssertionError(f"{what}: {int(bad.sum())} rows beyond 2x the low-precision error + the floor; "
                              f"first at {idx}: {err[tuple(idx)].item():.3e} > 2 * {base[tuple(idx)].item():.3e} "
                              f"+ {floor[tuple(idx)].item():.3e}")
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read tensor values on the host (each a device sync on a GPU): ``item``, ``tolist``,
+    ``bool()`` / ``int()`` / ``float()`` of a tensor, ``nonzero``, ``unique``, ``equal``, a copy to the CPU...
+
+    On the CPU nothing syncs, so this is how a CPU test sees the syncs a GPU would pay.
+    """
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero, torch.argwhere,
+             torch.Tensor.argwhere, torch.unique, torch.Tensor.unique, torch.unique_consecutive, torch.masked_select,
+             torch.Tensor.masked_select, torch.equal, torch.Tensor.equal, torch.allclose, torch.Tensor.numpy,
+             torch.Tensor.cpu}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))

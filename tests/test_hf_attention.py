@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, DataCollatorWithFlattening
 from transformers.masking_utils import (AttentionMaskInterface, and_masks, causal_mask_function,
-                                       chunked_causal_mask_function, or_masks, sliding_window_causal_mask_function,
-                                       padding_mask_function, sliding_window_overlay)
+                                       chunked_causal_mask_function, or_masks, packed_sequence_mask_function,
+                                       sliding_window_causal_mask_function, padding_mask_function,
+                                       sliding_window_overlay)
 
 import drope
 from drope.hf import attention as hfa
@@ -76,17 +77,20 @@ FEATURES = {"plain": {}, "qnorm-rowscale": {}, "window-sinks": {"window": 6, "si
             "window-softcap": {"window": 9, "softcap": 0.7}}
 
 
-# name, B, Sq, cached tokens, key slots (Sk; > live = StaticCache), left padding per row, expected kernel call
+# name, B, Sq, cached tokens, key slots (Sk; > live = StaticCache), padding per row (an int: that many slots on
+# the left; a tuple: those slots), expected kernel call
 CASES = [
     ("prefill", 2, 37, 0, 37, (0, 0), ("attention", False)),
     ("decode", 2, 1, 28, 29, (0, 0), ("decode_attention", False)),
     ("static-decode", 2, 1, 20, 32, (0, 0), ("decode_attention", False)),
     ("static-chunk", 2, 5, 16, 32, (0, 0), ("decode_attention", False)),
-    ("static-prefill", 2, 21, 0, 32, (0, 0), ("attention", False)),
-    ("padded-prefill", 3, 19, 0, 19, (0, 7, 18), ("attention", True)),
+    ("static-prefill", 2, 21, 0, 32, (0, 0), ("decode_attention", False)),
+    ("padded-prefill", 3, 19, 0, 19, (0, 7, 18), ("attention", False)),
     ("padded-decode", 2, 1, 23, 24, (0, 9), ("decode_attention", False)),
     ("padded-static-decode", 2, 2, 21, 30, (5, 0), ("decode_attention", False)),
-    ("padded-chunk", 2, 20, 10, 30, (3, 12), ("attention", False)),
+    ("padded-chunk", 2, 20, 10, 30, (3, 12), ("decode_attention", False)),
+    ("holes-prefill", 2, 23, 0, 23, ((2, 3, 9), (0, 17, 18)), ("attention", False)),
+    ("holes-decode", 2, 1, 27, 28, ((4, 5, 20), ()), ("decode_attention", False)),
 ]
 
 
@@ -110,17 +114,24 @@ def test_dispatch_paths_match_masked_oracle(monkeypatch, case, feature, path):
     L = past + SQ
     mask2d = torch.ones(B, L, dtype=torch.long)
     for b, p in enumerate(pads):
-        mask2d[b, :p] = 0
+        if isinstance(p, int):
+            mask2d[b, :p] = 0
+        else:
+            mask2d[b, list(p)] = 0
+    padded = not bool(mask2d.all())
     mask_fn = None if window is None else sliding_window_causal_mask_function(window)
     mask = hfa.drope_mask(B, q_length=SQ, kv_length=SK, q_offset=past, attention_mask=mask2d.to(device),
                           mask_function=mask_fn)
-    assert mask.live == L and mask.window == window
-    assert (mask.valid is None) == (not any(pads))
+    # key-slot codes: 0 real, -1 padding, -2 past the live length
+    want = torch.full((B, SK), -2, dtype=torch.int8)
+    want[:, :L] = torch.where(mask2d.bool(), 0, -1)
+    assert mask.shape == (B, 1, 1, SK) and mask.dtype == torch.int8 and torch.equal(mask[:, 0, 0].cpu(), want)
+    assert hfa.drope_mask(B, q_length=SQ, kv_length=SK, q_offset=past, mask_function=mask_fn) is None or SK > L
     dev = [None if t is None else t.to(device) for t in (q, k, v, w, rows, sinks)]
     calls = _spy(monkeypatch, module)
     out, weights = hfa.drope_attention_forward(MODULE, *dev[:3], mask, scaling=0.3, drope_q_norm_weight=dev[3],
                                                drope_norm_eps=1e-6, drope_row_scale=dev[4], s_aux=dev[5],
-                                               softcap=softcap)
+                                               softcap=softcap, sliding_window=window)
     out = out.cpu()
     assert weights is None and out.shape == (B, SQ, HQ, D) and out.is_contiguous()
     assert calls and calls[0] == expected and all(c == expected for c in calls)
@@ -128,7 +139,9 @@ def test_dispatch_paths_match_masked_oracle(monkeypatch, case, feature, path):
     ref = _oracle(q, k, v, mask2d.bool(), scale, w, 1e-6, window=window, sinks=sinks, softcap=softcap)
     real_rows = mask2d.bool()[:, L - SQ:]
     assert rel_err(out[real_rows], ref[real_rows]) < TOL
-    assert torch.all(out[~real_rows] == 0)
+    # a padding query row sees the real keys before it (as eager): zeros only where there are none
+    blind = ~(mask2d.bool().cumsum(1) > 0)[:, L - SQ:]
+    assert torch.all(out[blind] == 0) and (padded or not blind.any())
 
 
 def test_registered_on_import():
@@ -248,16 +261,12 @@ def test_bad_input():
         hfa.drope_mask(2, q_length=6, kv_length=6, attention_mask=torch.ones(1, 6))
     with pytest.raises(ValueError, match="covers 9 tokens"):
         hfa.drope_mask(1, q_length=6, kv_length=6, attention_mask=torch.ones(1, 9))
-    mask = hfa.drope_mask(1, q_length=6, kv_length=6)
-    with pytest.raises(ValueError, match="batch 1, the layer has batch 2"):
+    mask = hfa.drope_mask(1, q_length=6, kv_length=6, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="made for batch 1 and 6 key slots; the layer has batch 2"):
         hfa.drope_attention_forward(MODULE, q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
                                     v.expand(2, -1, -1, -1), mask)
-    # a window over a row with padding between its tokens has no kernel form
-    holes = torch.tensor([[1, 1, 0, 1, 1, 1]])
-    mask = hfa.drope_mask(1, q_length=6, kv_length=6, attention_mask=holes,
-                          mask_function=sliding_window_causal_mask_function(3))
-    with pytest.raises(ValueError, match="sliding_window=3 over rows whose real tokens are not contiguous"):
-        hfa.drope_attention_forward(MODULE, q, k, v, mask)
+    with pytest.raises(ValueError, match="custom 4-D masks"):
+        hfa.drope_attention_forward(MODULE, q, k, v, mask.bool())
     # mask patterns the kernels cannot express are named
     with pytest.raises(ValueError, match="or_mask"):
         hfa.drope_mask(1, q_length=6, kv_length=6, mask_function=or_masks(causal_mask_function, lambda *a: True))
@@ -351,34 +360,54 @@ def test_mask_function_accepts_both_transformers_signatures():
     pad[0, :4] = 0
     new = hfa.drope_mask(2, q_length=1, kv_length=32, q_offset=20, attention_mask=pad)
     old = hfa.drope_mask(2, cache_position=torch.tensor([20]), kv_length=32, attention_mask=pad)
-    assert new.valid.shape == (2, 21) and new.valid.dtype == torch.bool and torch.equal(new.valid, old.valid)
-    assert torch.equal(new.valid, pad.bool()) and new.live == old.live == 21
-    # StaticCache without padding: the live slots only, every one real
-    static = hfa.drope_mask(2, q_length=3, kv_length=32, q_offset=5, attention_mask=None, device="cpu")
-    assert static.live == 8 and static.valid is None
-    assert hfa.drope_mask(2, q_length=3, kv_length=8, q_offset=5, attention_mask=torch.ones(2, 8)).valid is None
+    assert new.shape == (2, 1, 1, 32) and new.dtype == torch.int8 and torch.equal(new, old)
+    assert new[0, 0, 0, :4].tolist() == [-1] * 4 and (new[:, 0, 0, 4:21] == 0).all() and (new[..., 21:] == -2).all()
+    # a StaticCache's offset is a device tensor: never read on the host, same codes
+    static = hfa.drope_mask(2, q_length=1, kv_length=32, q_offset=torch.tensor(20), attention_mask=pad)
+    assert torch.equal(static, new)
+    # every slot live and real: no mask at all
+    assert hfa.drope_mask(2, q_length=3, kv_length=8, q_offset=5) is None
     with pytest.raises(ValueError, match="q_length"):
         hfa.drope_mask(2, kv_length=8)
 
 
+def _groups(codes: torch.Tensor) -> list:
+    """Which slots share a segment, per row, as lists of slot indices (padding slots left out)."""
+    out = []
+    for row in codes[:, 0, 0].tolist():
+        seg = {}
+        for j, c in enumerate(row):
+            if c >= 0:
+                seg.setdefault(c, []).append(j)
+        out.append(sorted(seg.values()))
+    return out
+
+
 def test_mask_function_reads_transformers_patterns():
-    """Windows, chunks (with transformers' left-padding origin) and sliding caches' offsets."""
-    m = hfa.drope_mask(2, q_length=5, kv_length=5, mask_function=sliding_window_causal_mask_function(4))
-    assert m.window == 4 and m.segments is None and m.pattern == "sliding_window=4"
+    """Chunks (with transformers' left-padding origin), packed sequences, sliding caches' offsets."""
+    assert hfa.drope_mask(2, q_length=5, kv_length=5, mask_function=sliding_window_causal_mask_function(4)) is None
     pad = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
     lp = torch.tensor([2, 0])
     m = hfa.drope_mask(2, q_length=8, kv_length=8, attention_mask=pad, mask_function=chunked_causal_mask_function(3, lp))
-    assert m.chunk == 3 and m.window is None
     # chunk ids (slot - left padding) // 3: row 0 -1 -1 0 0 0 1 1 1, row 1 0 0 0 1 1 1 2 2
-    assert m.segments.tolist() == [[0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 0, 1, 1, 1, 2, 2]]
+    assert m.dtype == torch.int32 and m[0, 0, 0, :2].tolist() == [-1, -1]
+    assert _groups(m) == [[[2, 3, 4], [5, 6, 7]], [[0, 1, 2], [3, 4, 5], [6, 7]]]
+    # a chunked layer without padding, its slots aligned with the chunks: the kernels' own chunk, no mask
+    assert hfa.drope_mask(1, q_length=8, kv_length=8, mask_function=chunked_causal_mask_function(3, lp[1:])) is None
+    # packed sequences (what transformers builds from restarting position_ids without a cache)
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    packed = and_masks(causal_mask_function, packed_sequence_mask_function(ids))
+    assert _groups(hfa.drope_mask(1, q_length=8, kv_length=8, mask_function=packed)) == [[[0, 1, 2], [3, 4], [5, 6, 7]]]
     # older transformers put the 2-D mask into the tree too: the call's own is accepted, another refused
     pad2 = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     tree = and_masks(causal_mask_function, padding_mask_function(pad2))
-    assert torch.equal(hfa.drope_mask(2, q_length=4, kv_length=4, attention_mask=pad2, mask_function=tree).valid,
-                       pad2.bool())
+    m = hfa.drope_mask(2, q_length=4, kv_length=4, attention_mask=pad2, mask_function=tree)
+    assert m[:, 0, 0].tolist() == [[-1, 0, 0, 0], [0, 0, 0, 0]]
     with pytest.raises(ValueError, match="padding mask other than"):
         hfa.drope_mask(2, q_length=4, kv_length=4, attention_mask=torch.ones(2, 4), mask_function=tree)
-    # a sliding cache past its window: keys start at absolute position kv_offset
+    # a sliding cache past its window: keys start at absolute position kv_offset, the 2-D mask is read there
+    pad3 = torch.ones(1, 11)
+    pad3[0, 8] = 0
     m = hfa.drope_mask(1, q_length=1, kv_length=4, q_offset=10, kv_offset=7,
-                       mask_function=sliding_window_causal_mask_function(4), attention_mask=torch.ones(1, 11))
-    assert m.live == 4 and m.valid is None
+                       mask_function=sliding_window_causal_mask_function(4), attention_mask=pad3)
+    assert m[0, 0, 0].tolist() == [0, -1, 0, 0]

@@ -45,7 +45,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3For
 
 from .. import reference
 from .attention import ATTN_IMPLEMENTATION
-from .temperature import check_head_coefs, temperature_rows, validate_temperature
+from .temperature import check_head_coefs, forward_temperature, layer_temperature, temperature_rows, validate_temperature
 
 __all__ = [
     "ATTENTION_TYPES", "QK_NORM_TYPES", "FAMILIES", "Family", "DropeAttention", "DropeRMSNorm",
@@ -167,13 +167,19 @@ class DropeAttention(nn.Module):
                     q = self.q_norm(q)
 
         B, SQ = q.shape[0], q.shape[2]
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-            position_ids = torch.arange(past, past + SQ, device=q.device)[None]
-        # (B, Sq), or (B, Hq, Sq) with a per-head temperature; drope_head_coef is set while fitting one
-        rows = temperature_rows(getattr(self.config, "drope_temperature", None), position_ids,
-                                layer_idx=self.layer_idx, head_coef=getattr(self, "drope_head_coef", None))
+        # (B, Sq), or (B, Hq, Sq) with a per-head temperature: the backbone computed the shared part once for
+        # the forward; a direct call (or a fit, whose drope_head_coef is set) computes it here
+        per_forward = kwargs.pop("drope_temperature", _UNSET)
+        head_coef = getattr(self, "drope_head_coef", None)
+        if per_forward is _UNSET or head_coef is not None:
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+                position_ids = torch.arange(SQ, device=q.device)[None] + past
+            rows = temperature_rows(getattr(self.config, "drope_temperature", None), position_ids,
+                                    layer_idx=self.layer_idx, head_coef=head_coef)
+        else:
+            rows = layer_temperature(per_forward, self.layer_idx)
         extra = {}
         if rows is not None:
             rows = rows.to(q.device)
@@ -184,8 +190,7 @@ class DropeAttention(nn.Module):
             q = q * (rows[:, None, :, None] if rows.dim() == 2 else rows[..., None]).to(q.dtype)
 
         if cache is not None:
-            cache_kwargs = {"cache_position": kwargs["cache_position"]} if "cache_position" in kwargs else {}
-            k, v = cache.update(k, v, self.layer_idx, cache_kwargs)
+            k, v = _cache_update(cache, k, v, self.layer_idx, kwargs)
 
         if impl == "eager" or impl is None:
             interface = eager_attention_forward
@@ -196,6 +201,28 @@ class DropeAttention(nn.Module):
                                  scaling=self.scaling, **extra, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), weights
+
+
+_UNSET = object()
+# transformers >= 5.2x hands the attention kwargs to Cache.update (the paged cache of continuous batching
+# reads and fills them: cu_seq_lens_k, block_table, ...); older releases took a dict of cache kwargs
+def _update_takes_kwargs() -> bool:
+    try:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    except ImportError:
+        return False
+    return "kwargs" in inspect.signature(PagedAttentionCache.update).parameters
+
+
+_UPDATE_TAKES_KWARGS = _update_takes_kwargs()
+
+
+def _cache_update(cache, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs: dict):
+    """``cache.update`` called as the family's own attention calls it in the installed transformers."""
+    if _UPDATE_TAKES_KWARGS:
+        return cache.update(k, v, layer_idx, kwargs=kwargs)
+    return cache.update(k, v, layer_idx, {"cache_position": kwargs["cache_position"]} if "cache_position" in kwargs
+                        else {})
 
 
 class _NoRotary(nn.Module):
@@ -242,6 +269,28 @@ FAMILIES = (
     Family("gemma", "Gemma", GemmaConfig, GemmaModel, GemmaForCausalLM, GemmaDecoderLayer,
            _attention_bias, _attention_bias),
 )
+
+
+class _TemperatureOnce:
+    """The DroPE backbones compute the temperature's shared part once per forward (position ids, the log
+    ratio, per-head coefficients on the device) and hand it to every layer as ``drope_temperature``."""
+
+    def forward(self, *args, **kwargs):
+        temperature = getattr(self.config, "drope_temperature", None)
+        if temperature is None or "drope_temperature" in kwargs:
+            return super().forward(*args, **kwargs)
+        position_ids = args[2] if len(args) > 2 else kwargs.get("position_ids")
+        if position_ids is None:
+            x = args[0] if args else kwargs.get("input_ids")
+            x = kwargs.get("inputs_embeds") if x is None else x
+            cache = args[3] if len(args) > 3 else kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None else 0
+            # as the family's backbone computes them (it gets the same tensor, so both agree)
+            position_ids = (torch.arange(x.shape[1], device=x.device) + past)[None]
+            if len(args) <= 2:
+                kwargs["position_ids"] = position_ids
+        kwargs["drope_temperature"] = forward_temperature(temperature, position_ids)
+        return super().forward(*args, **kwargs)
 
 
 class _DynamicAttention:
@@ -298,7 +347,7 @@ def _model_classes(family: Family, config_cls: type) -> tuple:
         self.rotary_emb = _NoRotary()
         self.post_init()
 
-    model_cls = _new_class(f"{family.title}DropeModel", (_DynamicAttention, family.model),
+    model_cls = _new_class(f"{family.title}DropeModel", (_TemperatureOnce, _DynamicAttention, family.model),
                            f"{family.title} backbone without RoPE (see :mod:`drope.hf.modeling`).",
                            __init__=model_init, config_class=config_cls, _can_record_outputs=records)
 

@@ -71,19 +71,33 @@ def _sdpa(q, k, v, mask, sinks, is_causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0, enable_gqa=gqa)
 
 
-def _core(q, k, v, *, p0: int, causal: bool, window, chunk, sinks):
-    """Attention of prepared queries (row i at position p0 + i) to keys 0..Sk-1, blocked over queries."""
+def _core(q, k, v, *, p0: int, causal: bool, window, chunk, sinks, keys=None, docs=None):
+    """Attention of prepared queries (row i at position p0 + i) to keys 0..Sk-1, blocked over queries.
+
+    ``keys``: None or (B, Sk) bool, the attendable key slots. ``docs``: None or (Sk,) int64 document id of each
+    slot of a packed row (Sq == Sk); positions then restart at each document (read as ``pos``).
+    """
     SQ, SK = q.shape[2], k.shape[2]
+    pos = None
+    if docs is not None:
+        starts = torch.ones_like(docs, dtype=torch.bool)
+        starts[1:] = docs[1:] != docs[:-1]
+        idx = torch.arange(SK, device=q.device)
+        pos = idx - torch.cummax(torch.where(starts, idx, 0), 0).values
     if not causal:
         if window is not None or chunk is not None:
             raise ValueError("window and chunk need causal attention")
-        return _sdpa(q, k, v, None, sinks)
+        mask = None if keys is None else keys[:, None, None, :]
+        if docs is not None:
+            same = docs[:, None] == docs[None, :]
+            mask = same[None, None] if mask is None else mask & same[None, None]
+        return _sdpa(q, k, v, mask, sinks)
     last = p0 + SQ - 1
     if window is not None and window > last:
         window = None  # every visible key is inside the window
     if chunk is not None and p0 // chunk == last // chunk and p0 < chunk:
         chunk = None  # one chunk, starting at 0
-    if window is None and chunk is None and sinks is None and p0 == 0 and SQ == SK:
+    if window is None and chunk is None and sinks is None and p0 == 0 and SQ == SK and keys is None and docs is None:
         return _sdpa(q, k, v, None, sinks, is_causal=True)
     outs = []
     a = 0
@@ -91,24 +105,32 @@ def _core(q, k, v, *, p0: int, causal: bool, window, chunk, sinks):
         p = p0 + a
         e = min(SQ, a + BLOCK)
         lo = 0
-        if chunk is not None:
+        if chunk is not None and docs is None:
             start = (p // chunk) * chunk
             e = min(e, start + chunk - p0)
             lo = start
-        if window is not None:
+        if window is not None and docs is None:
             lo = max(lo, p - window + 1)
         hi = p0 + e
-        # the block lies inside one chunk (its keys start at the chunk's start): causal and window remain
-        vis = reference._visible(torch.arange(p, p0 + e, device=q.device), torch.arange(lo, hi, device=q.device),
-                                 window, None)
-        outs.append(_sdpa(q[:, :, a:e], k[:, :, lo:hi], v[:, :, lo:hi], vis[None, None], sinks))
+        qpos, kpos = torch.arange(p, p0 + e, device=q.device), torch.arange(lo, hi, device=q.device)
+        if docs is None:
+            # the block lies inside one chunk (its keys start at the chunk's start): causal and window remain
+            vis = reference._visible(qpos, kpos, window, None)[None, None]
+        else:
+            vis = (kpos[None, :] <= qpos[:, None]) & (docs[lo:hi][None, :] == docs[p:p0 + e][:, None])
+            vis = vis & reference._visible(pos[p:p0 + e], pos[lo:hi], window, chunk)
+            vis = vis[None, None]
+        if keys is not None:
+            vis = vis & keys[:, None, None, lo:hi]
+        outs.append(_sdpa(q[:, :, a:e], k[:, :, lo:hi], v[:, :, lo:hi], vis, sinks))
         a = e
     return torch.cat(outs, dim=2)
 
 
 def attention(q, k, v, *, causal: bool = True, softmax_scale=None, q_norm_weight=None, k_norm_weight=None,
               norm_eps: float = 1e-6, cu_seqlens=None, window: Optional[int] = None, chunk: Optional[int] = None,
-              sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
+              sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+              key_mask: Optional[torch.Tensor] = None):
     """:func:`drope.kernels.attention` (without RoPE) on SDPA; same arguments and semantics.
 
     Args:
@@ -117,8 +139,9 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale=None, q_norm_weight
         softmax_scale: None, a float, or a (Sq,), (Hq,), (B, Sq), (B, Hq, Sq) tensor.
         q_norm_weight, k_norm_weight: per-head RMSNorm weights (D,) or (H, D).
         norm_eps: their epsilon.
-        cu_seqlens: (N+1,) boundaries of packed documents (B = 1, Sq = Sk), positions restarting at 0.
-        window, chunk, sinks, softcap: as the kernel (see ``docs``/DESIGN "Contract additions").
+        cu_seqlens: (N+1,) boundaries of packed documents (B = 1, Sq = Sk), positions restarting at 0;
+            read on the device (no host copy), so a traced call stays one graph.
+        window, chunk, sinks, softcap, key_mask: as the kernel (see docs/design.md).
 
     Returns:
         (B, Hq, Sq, D) in q's dtype.
@@ -129,30 +152,29 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale=None, q_norm_weight
     if softcap is not None:
         return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, q_norm_weight=q_norm_weight,
                                    k_norm_weight=k_norm_weight, norm_eps=norm_eps, cu_seqlens=cu_seqlens,
-                                   window=window, chunk=chunk, sinks=sinks, softcap=softcap)
+                                   window=window, chunk=chunk, sinks=sinks, softcap=softcap, key_mask=key_mask)
     if k_norm_weight is not None:
         k = _rms(k, k_norm_weight, norm_eps).to(k.dtype)
     q = _prepare_q(q, softmax_scale, q_norm_weight, norm_eps)
     SQ, SK = q.shape[2], k.shape[2]
-    features = dict(causal=causal, window=window, chunk=chunk, sinks=sinks)
-    if cu_seqlens is None:
-        return _core(q, k, v, p0=SK - SQ, **features)
-    bounds = [int(x) for x in cu_seqlens.tolist()]
-    outs = [_core(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], p0=0, **features)
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    return torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape)
+    keys = None if key_mask is None else key_mask != 0
+    docs = None
+    if cu_seqlens is not None:
+        docs = torch.searchsorted(cu_seqlens.to(torch.int64), torch.arange(SK, device=q.device), right=True) - 1
+    return _core(q, k, v, p0=SK - SQ, causal=causal, window=window, chunk=chunk, sinks=sinks, keys=keys, docs=docs)
 
 
 def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, softmax_scale=None, num_splits=None,
                      max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
-                     sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
+                     sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                     key_mask: Optional[torch.Tensor] = None):
     """:func:`drope.kernels.decode_attention` on SDPA: a few queries against a cache; same semantics
     (query row i of batch b at position ``cache_seqlens[b] - Sq + i``). ``num_splits`` is accepted and
     has no effect; ``max_seqlen`` bounds the keys read."""
     if softcap is not None:
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
                                           max_seqlen=max_seqlen, window=window, chunk=chunk, sinks=sinks,
-                                          softcap=softcap)
+                                          softcap=softcap, key_mask=key_mask)
     B, HQ, SQ, D = q.shape
     SMAX = k_cache.shape[2]
     q = _prepare_q(q, softmax_scale, None, 0.0)
@@ -162,9 +184,13 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, softmax_scale=N
         lens = cache_seqlens.to(device=q.device, dtype=torch.int64)
     n = SMAX if max_seqlen is None else min(int(max_seqlen), SMAX)
     k_cache, v_cache = k_cache[:, :, :n], v_cache[:, :, :n]
-    if cache_seqlens is None and n == SMAX and window is None and chunk is None and sinks is None and SQ == 1:
+    if (cache_seqlens is None and n == SMAX and window is None and chunk is None and sinks is None and SQ == 1
+            and key_mask is None):
         # one query that sees every key: no mask, so SDPA keeps its fused CPU kernel
         return _sdpa(q, k_cache, v_cache, None, None)
     pos = lens[:, None] - SQ + torch.arange(SQ, device=q.device)[None, :]  # (B, Sq)
     vis = reference._visible(pos, torch.arange(n, device=q.device), window, chunk)  # (B, Sq, n)
+    if key_mask is not None:
+        km = key_mask[..., :n] != 0
+        vis = vis & (km if km.dim() == 3 else km[:, None, :])
     return _sdpa(q, k_cache, v_cache, vis[:, None], sinks)

@@ -29,7 +29,7 @@ from typing import Optional, Union
 import torch
 
 __all__ = ["MODES", "validate_temperature", "check_head_coefs", "temperature_scale", "temperature_rows",
-           "set_temperature", "get_temperature"]
+           "forward_temperature", "layer_temperature", "set_temperature", "get_temperature"]
 
 MODES = ("none", "length", "position")
 _FIELDS = ("mode", "coef", "train_length", "head_coefs")
@@ -181,6 +181,49 @@ def _segment_lengths(position_ids: torch.Tensor) -> torch.Tensor:
     return last.gather(1, seg) + 1
 
 
+def forward_temperature(temperature, position_ids: Optional[torch.Tensor]) -> Optional[tuple]:
+    """The part of a temperature shared by every layer of one forward, computed once per forward.
+
+    Returns:
+        None without a temperature (mode ``"none"``, or ``coef == 0`` without per-head coefficients);
+        ``(rows, None)`` with rows the (B, S) float32 multipliers of a single coefficient; or
+        ``(log_ratio, coefs)`` with the (B, S) float64 ``ln(x / L)`` term (0 up to L) and the (layers, Hq)
+        float64 per-head coefficients, which :func:`layer_temperature` combines per layer.
+
+    Raises:
+        ValueError: a bad setting, or ``position_ids`` missing for a mode that needs them.
+    """
+    t = validate_temperature(temperature)
+    per_head = t.get("head_coefs") is not None
+    if t["mode"] == "none" or (t["coef"] == 0.0 and not per_head):
+        return None
+    if position_ids is None:
+        raise ValueError(f"temperature mode {t['mode']!r} needs position_ids")
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    lengths = position_ids + 1 if t["mode"] == "position" else _segment_lengths(position_ids)
+    if not per_head:
+        return _formula(t["coef"], t["train_length"], lengths), None
+    coefs = torch.tensor(t["head_coefs"], dtype=torch.float64, device=lengths.device)
+    return _log_ratio(t["train_length"], lengths), coefs
+
+
+def layer_temperature(per_forward: Optional[tuple], layer_idx: int,
+                      head_coef: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """One layer's multipliers from :func:`forward_temperature`'s result: (B, S), or (B, Hq, S) per head.
+
+    ``head_coef`` (Hq,) overrides the layer's per-head coefficients (what ``fit_temperature(per_head=True)``
+    trains); it needs a per-forward result of the per-head form.
+    """
+    if per_forward is None:
+        return None
+    first, coefs = per_forward
+    if coefs is None and head_coef is None:
+        return first
+    c = coefs[layer_idx] if head_coef is None else head_coef.to(first.device, torch.float64)
+    return (1.0 + c[None, :, None] * first[:, None, :]).float()
+
+
 def temperature_rows(temperature, position_ids: Optional[torch.Tensor], *, layer_idx: Optional[int] = None,
                      head_coef: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Logit multipliers for a forward whose queries sit at ``position_ids``: (B, S), or (B, Hq, S) per head.
@@ -188,7 +231,8 @@ def temperature_rows(temperature, position_ids: Optional[torch.Tensor], *, layer
     ``"length"`` takes ``L_total`` per sequence from the positions (last position of each run of
     consecutive positions + 1: the total length including the cache; each document's own length
     in a packed row). Mode ``"none"`` and ``coef == 0`` without per-head coefficients give None (no
-    per-row scale at all).
+    per-row scale at all). The DroPE models compute :func:`forward_temperature` once per forward and
+    :func:`layer_temperature` per layer; this is both at once.
 
     Args:
         temperature: the config dict or None.
@@ -205,22 +249,15 @@ def temperature_rows(temperature, position_ids: Optional[torch.Tensor], *, layer
             coefficients without ``layer_idx``.
     """
     t = validate_temperature(temperature)
-    per_head = head_coef is not None or t.get("head_coefs") is not None
-    if t["mode"] == "none" or (t["coef"] == 0.0 and not per_head):
-        return None
-    if position_ids is None:
-        raise ValueError(f"temperature mode {t['mode']!r} needs position_ids")
-    if position_ids.dim() == 1:
-        position_ids = position_ids[None]
-    lengths = position_ids + 1 if t["mode"] == "position" else _segment_lengths(position_ids)
-    if not per_head:
-        return _formula(t["coef"], t["train_length"], lengths)
-    if head_coef is None:
-        if layer_idx is None:
-            raise ValueError("a per-head temperature (head_coefs) needs the layer index")
-        head_coef = torch.tensor(t["head_coefs"][layer_idx], dtype=torch.float64, device=lengths.device)
-    term = _log_ratio(t["train_length"], lengths)  # (B, S)
-    return (1.0 + head_coef.to(term.device, torch.float64)[None, :, None] * term[:, None, :]).float()
+    if head_coef is not None and t["mode"] != "none":
+        if position_ids is None:
+            raise ValueError(f"temperature mode {t['mode']!r} needs position_ids")
+        pos = position_ids[None] if position_ids.dim() == 1 else position_ids
+        lengths = pos + 1 if t["mode"] == "position" else _segment_lengths(pos)
+        return layer_temperature((_log_ratio(t["train_length"], lengths), None), 0, head_coef)
+    if t.get("head_coefs") is not None and layer_idx is None and t["mode"] != "none":
+        raise ValueError("a per-head temperature (head_coefs) needs the layer index")
+    return layer_temperature(forward_temperature(temperature, position_ids), layer_idx, head_coef)
 
 
 def get_temperature(model) -> dict:

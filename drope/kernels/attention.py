@@ -308,13 +308,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
             autotuning on CUDA / the interpreter default.
 
     Returns:
-        ``(o, lse)``: o (B, Hq, Sq, D) in q's dtype; lse float32 (B, Hq, Sq) contiguous, natural
+        ``(o, lse)``: o (B, Hq, Sq, D) in q's dtype and memory layout; lse float32 (B, Hq, Sq) contiguous, natural
         log of the scaled logits' sum of exponentials (the sink included), -inf on rows with no
         visible key and no sink; lse is None when ``return_lse`` is False.
     """
     B, HQ, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
-    out = torch.empty((B, HQ, SQ, D), dtype=q.dtype, device=q.device)
+    # q's memory layout: a (B, S, H, D) buffer seen as (B, H, S, D) (how HF hands q) gets its output back
+    # the same way, so the caller's transpose to (B, S, H, D) costs no copy
+    out = torch.empty_like(q)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device) if return_lse else None
     if B * HQ * SQ == 0:
         return out, lse

@@ -69,7 +69,7 @@ def _attention_fwd_fake(q, k, v, q_norm_weight, k_norm_weight, sinks, scale_rows
                         key_mask, causal, scale, norm_eps, window, chunk, softcap, return_lse):
     B, HQ, SQ, D = q.shape
     lse = q.new_empty((B, HQ, SQ) if return_lse else (0,), dtype=torch.float32)
-    return q.new_empty((B, HQ, SQ, D)), lse
+    return torch.empty_like(q), lse
 
 
 def _attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
