@@ -126,7 +126,8 @@ def check_rope(rope, SK: int, D: int, q: torch.Tensor) -> None:
         _check_same_device(q, **{name: t})
 
 
-def check_scale(softmax_scale, B: int, HQ: int, SQ: int, q: torch.Tensor, *, rows_name: str = "Sq") -> None:
+def check_scale(softmax_scale, B: int, HQ: int, SQ: int, q: torch.Tensor, *, rows_name: str = "Sq",
+                values: bool = True) -> None:
     """None, a float, or a tensor of shape (Sq,), (B, Sq), (Hq,) or (B, Hq, Sq) (1s broadcast in 3-D).
 
     A 1-D tensor whose length is both Sq and Hq is read as (Sq,): pass (1, Hq, 1) for per-head.
@@ -146,7 +147,7 @@ def check_scale(softmax_scale, B: int, HQ: int, SQ: int, q: torch.Tensor, *, row
         if not softmax_scale.dtype.is_floating_point:
             raise ValueError(f"softmax_scale tensor must be floating point, got {softmax_scale.dtype}")
         _check_same_device(q, softmax_scale=softmax_scale)
-        if host_values(softmax_scale) and softmax_scale.numel():
+        if values and host_values(softmax_scale) and softmax_scale.numel():
             t = softmax_scale.detach()
             if not bool(((t >= 0) & (t <= MAX_MULTIPLIER)).all()):
                 bad = t[~((t >= 0) & (t <= MAX_MULTIPLIER))].flatten()[0].item()
@@ -159,7 +160,8 @@ def check_scale(softmax_scale, B: int, HQ: int, SQ: int, q: torch.Tensor, *, row
         raise ValueError(f"softmax_scale must be a finite multiplier {bound}; got {softmax_scale!r}")
 
 
-def check_features(*, causal: bool, window, chunk, sinks, softcap, HQ: int, q: torch.Tensor) -> None:
+def check_features(*, causal: bool, window, chunk, sinks, softcap, HQ: int, q: torch.Tensor,
+                   values: bool = True) -> None:
     """Sliding window, chunked attention, attention sinks and logit soft-capping (None = off)."""
     for name, value in (("window", window), ("chunk", chunk)):
         if value is None:
@@ -180,7 +182,7 @@ def check_features(*, causal: bool, window, chunk, sinks, softcap, HQ: int, q: t
         if not sinks.dtype.is_floating_point:
             raise ValueError(f"sinks must be floating point, got {sinks.dtype}")
         _check_same_device(q, sinks=sinks)
-        if host_values(sinks) and bool(torch.isnan(sinks.detach()).any()):
+        if values and host_values(sinks) and bool(torch.isnan(sinks.detach()).any()):
             raise ValueError("sinks must not hold NaN (a sink of -inf is no sink, +inf takes all the weight)")
 
 
@@ -230,7 +232,8 @@ def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor, *, valu
 def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_norm_weight, norm_eps, cu_seqlens=None,
                     window=None, chunk=None, sinks=None, softcap=None, key_mask=None, kernel: bool,
                     values: bool = True) -> AttentionShape:
-    """Every check of the ``attention`` contract; returns the problem's sizes (``values``: see check_cu_seqlens)."""
+    """Every check of the ``attention`` contract; returns the problem's sizes. ``values=False`` skips the checks of
+    tensor values (a trusted caller: the HF layer builds its scales and boundaries itself)."""
     shape = check_qkv(q, k, v, kernel=kernel)
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
@@ -249,8 +252,9 @@ def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_no
     check_norm_weight("k_norm_weight", k_norm_weight, shape.HKV, shape.D, q)
     if isinstance(norm_eps, bool) or not isinstance(norm_eps, Real) or not 0 <= norm_eps < float("inf"):
         raise ValueError(f"norm_eps must be a finite float >= 0, got {norm_eps!r}")
-    check_scale(softmax_scale, shape.B, shape.HQ, shape.SQ, q)
-    check_features(causal=causal, window=window, chunk=chunk, sinks=sinks, softcap=softcap, HQ=shape.HQ, q=q)
+    check_scale(softmax_scale, shape.B, shape.HQ, shape.SQ, q, values=values)
+    check_features(causal=causal, window=window, chunk=chunk, sinks=sinks, softcap=softcap, HQ=shape.HQ, q=q,
+                   values=values)
     check_key_mask(key_mask, shape, q)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, shape, q, values=values)
@@ -297,7 +301,8 @@ def check_kernel_device(q: torch.Tensor, op: str) -> None:
 
 
 def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_splits, kernel: bool,
-                 max_seqlen=None, window=None, chunk=None, sinks=None, softcap=None, key_mask=None) -> AttentionShape:
+                 max_seqlen=None, window=None, chunk=None, sinks=None, softcap=None, key_mask=None,
+                 values: bool = True) -> AttentionShape:
     """Every check of the ``decode_attention`` contract; returns sizes with SK = Smax (cache capacity).
 
     Lengths in ``cache_seqlens`` are range-checked only when they live on the CPU (no device sync) and
@@ -317,7 +322,7 @@ def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_split
         if cache_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
         _check_same_device(q, cache_seqlens=cache_seqlens)
-        if host_values(cache_seqlens) and shape.B:
+        if values and host_values(cache_seqlens) and shape.B:
             lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
             if lo < shape.SQ:
                 raise ValueError(f"cache_seqlens holds a length {lo} < Sq={shape.SQ}; each length includes the Sq new tokens")
@@ -325,8 +330,9 @@ def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_split
                 raise ValueError(f"cache_seqlens holds a length {hi} > Smax={shape.SK}, the cache capacity")
     elif shape.SQ > shape.SK:
         raise ValueError(f"q has Sq={shape.SQ} rows but the cache holds only Smax={shape.SK} positions")
-    check_scale(softmax_scale, shape.B, shape.HQ, shape.SQ, q)
-    check_features(causal=True, window=window, chunk=chunk, sinks=sinks, softcap=softcap, HQ=shape.HQ, q=q)
+    check_scale(softmax_scale, shape.B, shape.HQ, shape.SQ, q, values=values)
+    check_features(causal=True, window=window, chunk=chunk, sinks=sinks, softcap=softcap, HQ=shape.HQ, q=q,
+                   values=values)
     check_key_mask(key_mask, shape, q, per_row=True)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")

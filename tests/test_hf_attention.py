@@ -411,3 +411,32 @@ def test_mask_function_reads_transformers_patterns():
     m = hfa.drope_mask(1, q_length=1, kv_length=4, q_offset=10, kv_offset=7,
                        mask_function=sliding_window_causal_mask_function(4), attention_mask=pad3)
     assert m[0, 0, 0].tolist() == [0, -1, 0, 0]
+
+
+@pytest.mark.parametrize("kind", ["rope", "drope"])
+def test_config_attribute_switches_every_layer(monkeypatch, kind):
+    """The usage line ``model.config.attn_implementation = "drope_triton"`` switches the model on its next forward
+    (transformers 5.x alone ignores it: a plain attribute nothing reads); another name switches back; an unknown
+    name raises, naming the ways that work."""
+    model = rope_model("llama", seed=5) if kind == "rope" else drope_model("llama", qk_norm="head",
+                                                                          temperature=POSITION_TEMP)
+    calls = []
+    real = AttentionInterface._global_mapping[hfa.ATTN_IMPLEMENTATION]
+    monkeypatch.setitem(AttentionInterface._global_mapping, hfa.ATTN_IMPLEMENTATION,
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1)).to(model.device)
+    model.config.attn_implementation = "eager"
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    model.config.attn_implementation = "drope_triton"
+    assert model.config._attn_implementation == model.config.attn_implementation == "drope_triton"
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert len(calls) == model.config.num_hidden_layers and rel_err(out, ref) < TOL
+    model.config.attn_implementation = "sdpa"
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == model.config.num_hidden_layers
+    with pytest.raises(ValueError, match="not a registered attention implementation.*set_attn_implementation"):
+        model.config.attn_implementation = "drope_tritonn"
+    assert model.config._attn_implementation == "sdpa"

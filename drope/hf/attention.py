@@ -337,7 +337,8 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     codes = _codes(attention_mask, B, SK)
     segments = codes is not None and codes.dtype == torch.int32
     window, chunk = _layer_pattern(module, sliding_window)
-    kw = {"q_norm_weight": drope_q_norm_weight, "norm_eps": float(drope_norm_eps)}
+    # the layer builds its scales, lengths and boundaries itself: no value checks (on a CPU they would read them)
+    kw = {"q_norm_weight": drope_q_norm_weight, "norm_eps": float(drope_norm_eps), "check_values": False}
     if window is not None:
         kw["window"] = window
     if chunk is not None and not segments:
@@ -415,10 +416,65 @@ def _norm_rows(q: torch.Tensor, norm: dict) -> torch.Tensor:
     return q if w is None else reference.rms_norm(q.float(), w, norm["norm_eps"]).to(q.dtype)
 
 
+def _known_implementations() -> list:
+    from transformers import AttentionInterface
+
+    return ["eager", *AttentionInterface._global_mapping]
+
+
+def _check_implementation(value) -> None:
+    if isinstance(value, dict):
+        for sub in value.values():
+            _check_implementation(sub)
+        return
+    known = _known_implementations()
+    if value is not None and value not in known:
+        hub = " (a hub kernel is loaded by model.set_attn_implementation(...) or from_pretrained(...))" if (
+            isinstance(value, str) and "/" in value) else ""
+        raise ValueError(f"attn_implementation {value!r} is not a registered attention implementation{hub}; "
+                         f"registered: {', '.join(known)}. Ways to switch: model.config.attn_implementation = name, "
+                         "model.set_attn_implementation(name), from_pretrained(..., attn_implementation=name)")
+
+
+def _get_attn_implementation(config):
+    return config._attn_implementation
+
+
+def _set_attn_implementation(config, value) -> None:
+    _check_implementation(value)
+    config._attn_implementation = value
+
+
+def install_config_attribute() -> bool:
+    """Make ``config.attn_implementation = name`` switch a model's attention, as it reads.
+
+    transformers 5.x stores the implementation in ``config._attn_implementation`` (read by every attention
+    layer and mask function on each forward) and takes ``attn_implementation=`` only in constructors and
+    ``from_pretrained``; assigning ``config.attn_implementation`` created a plain attribute that nothing read.
+    This adds a property on transformers' ``PreTrainedConfig`` that reads and writes ``_attn_implementation``
+    (sub-configs follow, as they do for ``_attn_implementation``) and refuses unregistered names. Installed only
+    when transformers defines no such attribute itself; returns whether it is installed.
+    """
+    from transformers import PretrainedConfig
+
+    current = getattr(PretrainedConfig, "attn_implementation", None)
+    if isinstance(current, property) and current.fget is _get_attn_implementation:
+        return True
+    if current is not None:
+        return False
+    PretrainedConfig.attn_implementation = property(
+        _get_attn_implementation, _set_attn_implementation,
+        doc="The attention implementation every layer dispatches to (``_attn_implementation``); assigning a "
+            "registered name switches the model on its next forward (installed by drope).")
+    return True
+
+
 def register() -> None:
-    """Register ``"drope_triton"`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``."""
+    """Register ``"drope_triton"`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``, and
+    make ``config.attn_implementation = name`` work (:func:`install_config_attribute`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, drope_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, drope_mask)
+    install_config_attribute()

@@ -27,11 +27,11 @@ __all__ = ["BLOCK", "attention", "decode_attention"]
 BLOCK = 512
 
 
-def _scale_tensor(softmax_scale, q: torch.Tensor, dtype) -> torch.Tensor:
+def _scale_tensor(softmax_scale, q: torch.Tensor, dtype, values: bool = True) -> torch.Tensor:
     """The softmax scale as a tensor (``dtype``) broadcastable to (B, Hq, Sq, 1); the kernels' own
     check and split (:func:`drope.validation.check_scale`, :func:`~drope.validation.split_scale`)."""
     B, HQ, SQ, D = q.shape
-    check_scale(softmax_scale, B, HQ, SQ, q)
+    check_scale(softmax_scale, B, HQ, SQ, q, values=values)
     const, rows = split_scale(softmax_scale, AttentionShape(B, HQ, HQ, SQ, SQ, D), q.device, dtype)
     return torch.tensor(const, dtype=dtype, device=q.device) if rows is None else rows[..., None]
 
@@ -41,11 +41,11 @@ def _rms(x, weight, eps):
     return reference.rms_norm(x.to(reference._compute_dtype(x.dtype)), weight, eps)
 
 
-def _prepare_q(q, softmax_scale, q_norm_weight, norm_eps):
+def _prepare_q(q, softmax_scale, q_norm_weight, norm_eps, values: bool = True):
     """RMSNorm and the scale folded into q (fp32 arithmetic, fp64 for fp64), back in q's dtype."""
     ct = reference._compute_dtype(q.dtype)
     qf = q.to(ct) if q_norm_weight is None else _rms(q, q_norm_weight, norm_eps)
-    return (qf * _scale_tensor(softmax_scale, q, ct)).to(q.dtype)
+    return (qf * _scale_tensor(softmax_scale, q, ct, values)).to(q.dtype)
 
 
 def _sdpa(q, k, v, mask, sinks, is_causal=False):
@@ -130,7 +130,7 @@ def _core(q, k, v, *, p0: int, causal: bool, window, chunk, sinks, keys=None, do
 def attention(q, k, v, *, causal: bool = True, softmax_scale=None, q_norm_weight=None, k_norm_weight=None,
               norm_eps: float = 1e-6, cu_seqlens=None, window: Optional[int] = None, chunk: Optional[int] = None,
               sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-              key_mask: Optional[torch.Tensor] = None):
+              key_mask: Optional[torch.Tensor] = None, check_values: bool = True):
     """:func:`drope.kernels.attention` (without RoPE) on SDPA; same arguments and semantics.
 
     Args:
@@ -141,7 +141,7 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale=None, q_norm_weight
         norm_eps: their epsilon.
         cu_seqlens: (N+1,) boundaries of packed documents (B = 1, Sq = Sk), positions restarting at 0;
             read on the device (no host copy), so a traced call stays one graph.
-        window, chunk, sinks, softcap, key_mask: as the kernel (see docs/design.md).
+        window, chunk, sinks, softcap, key_mask, check_values: as the kernel (see docs/design.md).
 
     Returns:
         (B, Hq, Sq, D) in q's dtype.
@@ -155,7 +155,7 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale=None, q_norm_weight
                                    window=window, chunk=chunk, sinks=sinks, softcap=softcap, key_mask=key_mask)
     if k_norm_weight is not None:
         k = _rms(k, k_norm_weight, norm_eps).to(k.dtype)
-    q = _prepare_q(q, softmax_scale, q_norm_weight, norm_eps)
+    q = _prepare_q(q, softmax_scale, q_norm_weight, norm_eps, check_values)
     SQ, SK = q.shape[2], k.shape[2]
     keys = None if key_mask is None else key_mask != 0
     docs = None
@@ -167,7 +167,7 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale=None, q_norm_weight
 def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, softmax_scale=None, num_splits=None,
                      max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
                      sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                     key_mask: Optional[torch.Tensor] = None):
+                     key_mask: Optional[torch.Tensor] = None, check_values: bool = True):
     """:func:`drope.kernels.decode_attention` on SDPA: a few queries against a cache; same semantics
     (query row i of batch b at position ``cache_seqlens[b] - Sq + i``). ``num_splits`` is accepted and
     has no effect; ``max_seqlen`` bounds the keys read."""
@@ -177,7 +177,7 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, softmax_scale=N
                                           softcap=softcap, key_mask=key_mask)
     B, HQ, SQ, D = q.shape
     SMAX = k_cache.shape[2]
-    q = _prepare_q(q, softmax_scale, None, 0.0)
+    q = _prepare_q(q, softmax_scale, None, 0.0, check_values)
     if cache_seqlens is None:
         lens = torch.full((B,), SMAX, dtype=torch.int64, device=q.device)
     else:

@@ -43,7 +43,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               k_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6,
               cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False, window: Optional[int] = None,
               chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-              key_mask: Optional[torch.Tensor] = None):
+              key_mask: Optional[torch.Tensor] = None, check_values: bool = True):
     """Fused attention with QK-norm, RoPE, per-row/per-head softmax scale, GQA, windows, chunks, sinks.
 
     Semantics are exactly :func:`drope.reference.attention`'s (docs/design.md, "Contract:
@@ -75,6 +75,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         key_mask: optional (B, Sk) bool / uint8 / int8, nonzero where key slot j may be attended
             (padding in any pattern); positions are unchanged. Blocks between a row's first and last
             attendable key run unmasked when the row has no holes.
+        check_values: check tensor values (scale range, sinks, ``cu_seqlens`` order) where that costs no device
+            sync (CPU tensors; ``cu_seqlens`` on any device, outside torch.compile); False skips them for a
+            caller that builds those tensors itself (the HF layer). Shapes, dtypes and devices are always checked.
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype (rows with no visible key are zeros), or ``(out, lse)``
@@ -95,13 +98,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
-                            key_mask=key_mask, kernel=True)
+                            key_mask=key_mask, kernel=True, values=check_values)
     const, rows = split_scale(softmax_scale, shape, q.device)
     needs_grad = _needs_grad(q, k, v, q_norm_weight, k_norm_weight, sinks)
+    # a traced graph (export) may be run later with inputs that require grad: keep the LSE the backward needs
+    lse_too = return_lse or needs_grad or torch.compiler.is_compiling()
     out, lse = ops.attention_fwd(
         q, k, v, q_norm_weight, k_norm_weight, sinks, None if rows is None else rows.detach(), *_tables(rope),
         cu_seqlens, key_mask, causal, float(const), float(norm_eps), window, chunk,
-        None if softcap is None else float(softcap), return_lse or needs_grad, needs_grad=needs_grad)
+        None if softcap is None else float(softcap), lse_too, needs_grad=needs_grad)
     return (out, lse) if return_lse else out
 
 
@@ -110,7 +115,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_splits: Optional[int] = None, return_lse: bool = False,
                      max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
                      sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                     key_mask: Optional[torch.Tensor] = None):
+                     key_mask: Optional[torch.Tensor] = None, check_values: bool = True):
     """NoPE attention of a few new query rows against a long KV cache, split over the keys (flash-decoding).
 
     Query row ``i`` of batch ``b`` sits at position ``cache_seqlens[b] - Sq + i`` and sees keys
@@ -143,6 +148,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softcap: logits become ``softcap * tanh(s / softcap)`` after the scale.
         key_mask: optional (B, Smax), or one row per query (B, Sq, Smax), bool / uint8 / int8: nonzero
             where a cache slot may be attended (left padding, holes, another document or chunk).
+        check_values: as in :func:`attention` (``cache_seqlens``' range, the scale, the sinks).
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
@@ -155,7 +161,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
                          num_splits=num_splits, kernel=True, max_seqlen=max_seqlen, window=window, chunk=chunk,
-                         sinks=sinks, softcap=softcap, key_mask=key_mask)
+                         sinks=sinks, softcap=softcap, key_mask=key_mask, values=check_values)
     if _needs_grad(q, k_cache, v_cache, sinks):
         raise ValueError("decode_attention is inference-only (no backward): q/k_cache/v_cache/sinks require grad; "
                          "call it under torch.no_grad() or use drope.kernels.attention for a differentiable pass")
