@@ -50,8 +50,8 @@ def _oracle(q, k, v, valid, scale, w, eps, window=None, sinks=None, softcap=None
 
 
 def _spy(monkeypatch, module=None):
-    """Record (function, packed?) of every call into ``module`` (the kernels, or the SDPA path)."""
-    module = drope.kernels if module is None else module
+    """Record (function, packed?) of every call into ``module`` (the kernels' adapter, or the SDPA path)."""
+    module = hfa.kernel_path if module is None else module
     calls = []
     for name in ("attention", "decode_attention"):
         fn = getattr(module, name)
@@ -69,7 +69,7 @@ def _path(monkeypatch, path):
     if path == "sdpa":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         return "cpu", hfa.sdpa_path
-    return DEVICE, drope.kernels
+    return DEVICE, hfa.kernel_path
 
 
 PATHS = [pytest.param("kernels", marks=pytest.mark.interpreter), "sdpa"]

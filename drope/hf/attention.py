@@ -28,7 +28,8 @@ config's ``layer_types``), not from the mask, and routes on shapes only:
   fused kernel bottom-right aligned; under autograd (decode has no backward) the fused kernel too.
 
 GPT-OSS sinks (``s_aux``) and Gemma 2's ``softcap`` go to the kernels' ``sinks`` / ``softcap``. CUDA tensors
-(and CPU tensors under ``TRITON_INTERPRET=1``) run :mod:`drope.kernels`; other CPU tensors run
+(and CPU tensors under ``TRITON_INTERPRET=1``) run :mod:`drope.kernels` (through :mod:`drope.hf.kernel_path`, which
+skips the per-call argument checks of what this layer builds itself); other CPU tensors run
 :mod:`drope.hf.sdpa_path`, an exact path on ``torch.nn.functional.scaled_dot_product_attention``. Ordinary
 RoPE models work too (transformers applies their RoPE before the call).
 """
@@ -36,6 +37,7 @@ RoPE models work too (transformers applies their RoPE before the call).
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -43,7 +45,7 @@ from transformers.masking_utils import causal_mask_function, or_masks
 
 from .. import reference
 from ..validation import compiling, host_values, interpreter_enabled
-from . import sdpa_path
+from . import kernel_path, sdpa_path
 
 __all__ = ["ATTN_IMPLEMENTATION", "DECODE_MAX_QUERIES", "drope_attention_forward", "drope_mask", "register"]
 
@@ -60,11 +62,9 @@ _OR_MASKS_CODE = or_masks(causal_mask_function).__code__
 
 
 def _ops(device: torch.device):
-    """The kernels module for CUDA (or CPU under the interpreter), else the exact SDPA path."""
+    """The kernels (:mod:`drope.hf.kernel_path`) for CUDA, or CPU under the interpreter; else the exact SDPA path."""
     if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
-        from .. import kernels
-
-        return kernels
+        return kernel_path
     if device.type == "cpu":
         return sdpa_path
     raise ValueError(f"drope_triton runs on CUDA or CPU tensors, got {device}; use {_OTHERS}")
@@ -221,8 +221,30 @@ def drope_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optio
     return code.view(batch_size, 1, 1, kv_length)
 
 
-def _codes(attention_mask, B: int, SK: int) -> Optional[torch.Tensor]:
-    """The (B, Sk) key-slot codes of :func:`drope_mask`'s mask, or None; anything else raises."""
+class _PerForward:
+    """One-entry memo of what a layer derives from a tensor every layer of a forward shares (the mask's codes,
+    the temperature rows): computed by the first layer, reused by the others. Keyed on the tensor's identity
+    and version (a weak reference: nothing kept alive); bypassed while torch.compile traces (the graph then
+    holds the ops once, and CSE merges the layers' copies)."""
+
+    def __init__(self):
+        self.ref, self.version, self.extra, self.value = None, None, None, None
+
+    def get(self, t: torch.Tensor, extra, make):
+        if compiling():
+            return make()
+        if self.ref is not None and self.ref() is t and self.version == t._version and self.extra == extra:
+            return self.value
+        value = make()
+        self.ref, self.version, self.extra, self.value = weakref.ref(t), t._version, extra, value
+        return value
+
+
+_CODES, _ROWS = _PerForward(), _PerForward()
+
+
+def _checked_mask(attention_mask, B: int, SK: int) -> Optional[torch.Tensor]:
+    """:func:`drope_mask`'s (B, 1, 1, Sk) codes as given, or None; anything else raises."""
     if attention_mask is None:
         return None
     if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dtype in (torch.int8, torch.int32)
@@ -233,7 +255,13 @@ def _codes(attention_mask, B: int, SK: int) -> Optional[torch.Tensor]:
     if attention_mask.shape[0] != B or attention_mask.shape[3] != SK:
         raise ValueError(f"drope_triton mask was made for batch {attention_mask.shape[0]} and "
                          f"{attention_mask.shape[3]} key slots; the layer has batch {B} and {SK}")
-    return attention_mask[:, 0, 0]
+    return attention_mask
+
+
+def _scale_rows(row_scale: torch.Tensor, base: float, device, B: int, SQ: int) -> torch.Tensor:
+    """The temperature multipliers times the base scale, as a (B, 1 or Hq, Sq) float32 view."""
+    rows = row_scale.to(device=device, dtype=torch.float32) * base
+    return (rows[:, None, :] if rows.dim() == 2 else rows).expand(B, -1, SQ)
 
 
 def _layer_pattern(module, sliding_window) -> tuple:
@@ -334,8 +362,8 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     query, key, value = _autocast(query, key, value)
     B, HQ, SQ, D = query.shape
     SK = key.shape[2]
-    codes = _codes(attention_mask, B, SK)
-    segments = codes is not None and codes.dtype == torch.int32
+    mask = _checked_mask(attention_mask, B, SK)
+    segments = mask is not None and mask.dtype == torch.int32
     window, chunk = _layer_pattern(module, sliding_window)
     # the layer builds its scales, lengths and boundaries itself: no value checks (on a CPU they would read them)
     kw = {"q_norm_weight": drope_q_norm_weight, "norm_eps": float(drope_norm_eps), "check_values": False}
@@ -350,9 +378,8 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     base = float(D ** -0.5 if scaling is None else scaling)
     rows = None
     if drope_row_scale is not None:
-        # (B, 1, Sq), or (B, Hq, Sq) with per-head temperatures
-        rows = drope_row_scale.to(device=query.device, dtype=torch.float32) * base
-        rows = (rows[:, None, :] if rows.dim() == 2 else rows).expand(B, -1, SQ)
+        rows = _ROWS.get(drope_row_scale, (base, query.device, B, SQ), lambda: _scale_rows(drope_row_scale, base,
+                                                                                            query.device, B, SQ))
     scale = base if rows is None else rows
     ops = _ops(query.device)
 
@@ -360,9 +387,9 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if cu is not None:
         # DataCollatorWithFlattening(return_flash_attn_kwargs=True): the documents of cu_seq_lens are the
         # segments transformers found in position_ids (int32 codes); padding or a cache have no such form
-        if B != 1 or SQ != SK or (codes is not None and not segments):
+        if B != 1 or SQ != SK or (mask is not None and not segments):
             raise ValueError(f"packed sequences (cu_seq_lens_q) need one flattened row without padding or cache; "
-                             f"got batch {B}, Sq={SQ}, Sk={SK}, a {'padding ' if codes is not None else ''}mask")
+                             f"got batch {B}, Sq={SQ}, Sk={SK}, a {'padding ' if mask is not None else ''}mask")
         if chunk is not None:
             kw["chunk"] = chunk  # positions restart in every document, chunks with them
         cu = cu.to(device=query.device, dtype=torch.int32)
@@ -374,26 +401,26 @@ def drope_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         raise ValueError(f"drope_triton got {SQ} queries but only {SK} key slots")
     elif SQ == SK:
         if segments:
-            out = _documents(ops, query, key, value, rows, codes, kw)
+            out = _documents(ops, query, key, value, rows, mask[:, 0, 0], kw)
         else:
-            km = None if codes is None else codes >= 0
+            km = None if mask is None else _CODES.get(mask, None, lambda: mask[:, 0, 0] >= 0)
             out = ops.attention(query, key, value, causal=True, softmax_scale=scale, key_mask=km, **kw)
     else:
-        out = _against_cache(ops, query, key, value, scale, codes, segments, kw)
+        out = _against_cache(ops, query, key, value, scale, mask, segments, kw)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _against_cache(ops, q, k, v, scale, codes, segments, kw):
+def _against_cache(ops, q, k, v, scale, mask, segments, kw):
     """Sq < Sk new queries (the last Sq live slots) against a cache."""
     B, HQ, SQ, D = q.shape
     SK = k.shape[2]
     norm = {n: kw.pop(n) for n in ("q_norm_weight", "norm_eps")}
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, kw.get("sinks")))
-    if codes is None:
+    if mask is None:
         if grad or SQ > DECODE_MAX_QUERIES:
             return ops.attention(q, k, v, causal=True, softmax_scale=scale, **norm, **kw)
         return ops.decode_attention(_norm_rows(q, norm), k, v, softmax_scale=scale, **kw)
-    lengths = (codes >= PAD).sum(1, dtype=torch.int32)
+    codes, lengths, km = _CODES.get(mask, SQ, lambda: _lengths_and_keys(mask[:, 0, 0], SQ, segments))
     if grad:
         # decode has no backward: the fused kernel on the live slots, whose count the host must know
         if compiling():
@@ -403,11 +430,18 @@ def _against_cache(ops, q, k, v, scale, codes, segments, kw):
         L = int(lengths.max())
         return ops.attention(q, k[:, :, :L], v[:, :, :L], causal=True, softmax_scale=scale,
                              key_mask=codes[:, :L] >= 0, **norm, **kw)
+    return ops.decode_attention(_norm_rows(q, norm), k, v, cache_seqlens=lengths, softmax_scale=scale,
+                                key_mask=km, **kw)
+
+
+def _lengths_and_keys(codes: torch.Tensor, SQ: int, segments: bool) -> tuple:
+    """From the (B, Sk) codes: themselves, each row's live length, and the key mask (one per query row with
+    segments)."""
+    lengths = (codes >= PAD).sum(1, dtype=torch.int32)
     km = codes >= 0
     if segments:
         km = km[:, None, :] & (codes[:, None, :] == _query_codes(codes, lengths, SQ)[:, :, None])
-    return ops.decode_attention(_norm_rows(q, norm), k, v, cache_seqlens=lengths, softmax_scale=scale,
-                                key_mask=km, **kw)
+    return codes, lengths, km
 
 
 def _norm_rows(q: torch.Tensor, norm: dict) -> torch.Tensor:

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .qk_transform import packed_tables, qk_hat
-from .toolkit import LN2_C, LOG2E, LOG2E_C, autotuned, compiled, dot_precision, key_bounds, launch, mm, \
-    named_strides, operand, padded_dim, tanh, tma_ok, upcast, with_sink
+from .toolkit import LN2_C, LOG2E, LOG2E_C, autotuned, cdiv, compiled, dot_precision, key_bounds, launch, mm, \
+    named_strides, next_pow2, operand, padded_dim, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["Options", "attention_forward"]
 
@@ -289,7 +289,7 @@ _INTERPRETER_BLOCKS = (64, 64)
 
 def _sk_bucket(SK: int) -> int:
     """Autotune bucket of the key length: powers of two from 1k to 32k (tiles differ by length)."""
-    return min(max(triton.next_power_of_2(max(SK, 1)), 1024), 32768)
+    return min(max(next_pow2(max(SK, 1)), 1024), 32768)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: Optional[torch.Tensor],
@@ -348,10 +348,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
     )
     if block_sizes is None and compiled(q):
-        grid = lambda meta: (B * HQ, triton.cdiv(SQ, meta["BM"]))  # noqa: E731
+        grid = lambda meta: (B * HQ, cdiv(SQ, meta["BM"]))  # noqa: E731
         launch(_attn_fwd_tuned, grid, role="attention", configs=[c for c in _CONFIGS if _keep(c, args)], **args)
     else:
         BM, BN = block_sizes if block_sizes is not None else _INTERPRETER_BLOCKS
-        launch(_attn_fwd_kernel, (B * HQ, triton.cdiv(SQ, BM)), role="attention", **args, BM=BM, BN=BN,
+        launch(_attn_fwd_kernel, (B * HQ, cdiv(SQ, BM)), role="attention", **args, BM=BM, BN=BN,
                num_warps=4, num_stages=2)
     return out, lse

@@ -26,9 +26,8 @@ import triton
 import triton.language as tl
 
 from .qk_transform import packed_tables, qk_epilogue, qk_hat, row_block
-from ..validation import interpreter_enabled
-from .toolkit import LOG2E_C, dot_precision, key_bounds, launch, mm, named_strides, operand, padded_dim, phases, \
-    tanh, tma_ok, upcast
+from .toolkit import LOG2E_C, cdiv, defined_interpreted, dot_precision, key_bounds, launch, mm, named_strides, next_pow2, operand, \
+    padded_dim, phases, tanh, tma_ok, upcast
 
 __all__ = ["attention_backward"]
 
@@ -503,10 +502,10 @@ def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional
     there. At D=256 the dK/dV accumulators alone fill a warpgroup's registers: small mma.sync tiles.
     Forced ``block_m`` / ``block_n`` (tests) apply to both kernels.
     """
-    if block_m or block_n or interpreter_enabled():
-        bm = block_m or min(64, max(16, triton.next_power_of_2(max(SQ, 1))))
-        bn = block_n or min(64, max(16, triton.next_power_of_2(max(SK, 1))))
-        tile = (bm, bn, 4, 1) if interpreter_enabled() else (bm, bn, 4, 2)
+    if block_m or block_n or defined_interpreted():
+        bm = block_m or min(64, max(16, next_pow2(max(SQ, 1))))
+        bn = block_n or min(64, max(16, next_pow2(max(SK, 1))))
+        tile = (bm, bn, 4, 1) if defined_interpreted() else (bm, bn, 4, 2)
         return tile, tile
     if BD <= 64:
         return (32, 128, 8, 3), (128, 32, 8, 3)
@@ -561,7 +560,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     BD = padded_dim(D)
     delta = torch.zeros((B, HQ, SQ), device=dev, dtype=torch.float32)
     if SQ:
-        launch(_delta_kernel, (B * HQ, triton.cdiv(SQ, BS)), role="other", O=o, DO=do, DELTA=delta,
+        launch(_delta_kernel, (B * HQ, cdiv(SQ, BS)), role="other", O=o, DO=do, DELTA=delta,
                **named_strides("o", o, "bhsd"), **named_strides("do", do, "bhsd"), H=HQ, S=SQ, D=D, BD=BD, BS=BS)
     if dlse is not None:
         delta -= dlse.to(torch.float32)
@@ -611,7 +610,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         if need_k or need_wk:
             dk_buf = torch.empty((B, HKV, SK, D), device=dev, dtype=k.dtype if not k_tf else torch.float32)
         dv = torch.empty((B, HKV, SK, D), device=dev, dtype=v.dtype) if need_v else None
-        launch(_dkdv_kernel, (B * HKV, triton.cdiv(SK, BN1)), role="attention", DK=dk_buf, DV=dv,
+        launch(_dkdv_kernel, (B * HKV, cdiv(SK, BN1)), role="attention", DK=dk_buf, DV=dv,
                BM=BM1, BN=BN1, num_warps=warps1, num_stages=stages1,
                **named_strides("dk", dk_buf, "bhsd"), **named_strides("dv", dv, "bhsd"),
                HKV=HKV, COMPUTE_DK=dk_buf is not None, COMPUTE_DV=need_v, **common)
@@ -624,7 +623,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dq = dwq = None
     if need_q or need_wq:
         dq_buf = torch.empty((B, HQ, SQ, D), device=dev, dtype=q.dtype if not q_tf else torch.float32)
-        launch(_dq_kernel, (B * HQ, triton.cdiv(SQ, BM2)), role="attention", DQ=dq_buf,
+        launch(_dq_kernel, (B * HQ, cdiv(SQ, BM2)), role="attention", DQ=dq_buf,
                BM=BM2, BN=BN2, num_warps=warps2, num_stages=stages2,
                **named_strides("dq", dq_buf, "bhsd"), HQ=HQ, **common)
         if q_tf:

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, dot_precision, exp2_rel, key_bounds, launch, mm, \
-    named_strides, operand, padded_dim, phases, tanh, tma_ok, upcast, with_sink
+from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, cdiv, dot_precision, exp2_rel, key_bounds, launch, mm, \
+    named_strides, next_pow2, operand, padded_dim, phases, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["choose_num_splits", "decode_launch", "num_splits_for"]
 
@@ -240,6 +240,7 @@ def _decode_merge_kernel(O_PART, LSE_PART, OUT, LSE, SINKS, stride_os, stride_ls
     tl.store(LSE + o_r, tl.where(has, (b_m + tl.log2(b_l_safe)) * LN2_C, float("-inf")), mask=m_r)
 
 
+@lru_cache(maxsize=4096)
 def choose_num_splits(max_seqlen: int, programs: int, num_sms: int, *, block_n: int = 64,
                       min_tiles_per_split: int = 4, max_splits: int = 128, programs_per_sm: int = 2) -> int:
     """How many KV splits stage 1 should use, from the longest *live* length (never the capacity).
@@ -271,14 +272,14 @@ def choose_num_splits(max_seqlen: int, programs: int, num_sms: int, *, block_n: 
                                ("max_splits", max_splits, 1), ("programs_per_sm", programs_per_sm, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    n_tiles = triton.cdiv(max_seqlen, block_n)
+    n_tiles = cdiv(max_seqlen, block_n)
     slots = num_sms * programs_per_sm
     if programs == 0 or programs >= 0.8 * slots:
         return 1
     cap = min(max_splits, n_tiles // min_tiles_per_split)
     if cap <= 1:
         return 1
-    candidates = [s for s in range(1, cap + 1) if s == 1 or triton.cdiv(n_tiles, s) != triton.cdiv(n_tiles, s - 1)]
+    candidates = [s for s in range(1, cap + 1) if s == 1 or cdiv(n_tiles, s) != cdiv(n_tiles, s - 1)]
 
     def efficiency(s: int) -> float:
         waves = programs * s / slots
@@ -305,7 +306,7 @@ def _blocks(G: int, SQ: int, BD: int):
     TODO(issue 13): tune on an H100/H200 with the decode benchmark; these are untuned defaults.
     """
     bm_cap = 64 if BD <= 128 else 32
-    BM = min(bm_cap, max(16, triton.next_power_of_2(G * SQ)))
+    BM = min(bm_cap, max(16, next_pow2(G * SQ)))
     BN = 64 if BD <= 128 else 32
     # three stages: two K/V tiles in flight while one is multiplied (decode is bound by HBM)
     return BM, BN, 4, 3
@@ -322,7 +323,7 @@ def num_splits_for(shape, device: torch.device, *, max_seqlen: Optional[int] = N
         live = min(live, window + SQ - 1)
     if chunk is not None:
         live = min(live, chunk + SQ - 1)
-    splits = choose_num_splits(live, shape.B * shape.HKV * triton.cdiv(G * SQ, BM), _num_sms(device), block_n=BN)
+    splits = choose_num_splits(live, shape.B * shape.HKV * cdiv(G * SQ, BM), _num_sms(device), block_n=BN)
     return splits
 
 
@@ -346,8 +347,8 @@ def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
     BD = padded_dim(D)
     BM, BN, num_warps, num_stages = _blocks(G, SQ, BD)
-    m_blocks = triton.cdiv(G * SQ, BM)
-    splits = min(num_splits, max(1, triton.cdiv(SMAX, BN)), MAX_GRID_Y)
+    m_blocks = cdiv(G * SQ, BM)
+    splits = min(num_splits, max(1, cdiv(SMAX, BN)), MAX_GRID_Y)
     if splits == 1:
         o_buf, lse_buf, lse_scale = out, lse, LN2
         o_strides = (0, *out.stride())
@@ -381,7 +382,7 @@ def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if splits > 1:
         rows_total = B * HQ * SQ
         BR = 16
-        launch(_decode_merge_kernel, (triton.cdiv(rows_total, BR),), role="merge",
+        launch(_decode_merge_kernel, (cdiv(rows_total, BR),), role="merge",
                O_PART=o_buf, LSE_PART=lse_buf, OUT=out, LSE=lse, SINKS=sinks, stride_os=o_buf.stride(0),
                stride_ls=lse_buf.stride(0), ROWS=rows_total, NUM_SPLITS=splits, HQ=HQ, SQ=SQ, D=D, BD=BD, BR=BR,
                HAS_SINKS=sinks is not None, num_warps=4)

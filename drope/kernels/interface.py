@@ -16,7 +16,7 @@ from ..validation import check_attention, check_decode, check_norm_weight, check
 from . import ops
 from .decode import num_splits_for
 
-__all__ = ["attention", "decode_attention", "qk_norm_rope"]
+__all__ = ["attention", "decode_attention", "qk_norm_rope", "run_attention", "run_decode"]
 
 
 def _autocast_inputs(q, k, v):
@@ -100,6 +100,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
                             key_mask=key_mask, kernel=True, values=check_values)
     const, rows = split_scale(softmax_scale, shape, q.device)
+    return run_attention(q, k, v, const, rows, causal=causal, rope=rope, q_norm_weight=q_norm_weight,
+                         k_norm_weight=k_norm_weight, norm_eps=norm_eps, cu_seqlens=cu_seqlens, return_lse=return_lse,
+                         window=window, chunk=chunk, sinks=sinks, softcap=softcap, key_mask=key_mask)
+
+
+def run_attention(q, k, v, const: float, rows: Optional[torch.Tensor], *, causal: bool = True, rope=None,
+                  q_norm_weight=None, k_norm_weight=None, norm_eps: float = 1e-6, cu_seqlens=None,
+                  return_lse: bool = False, window=None, chunk=None, sinks=None, softcap=None, key_mask=None):
+    """:func:`attention` on arguments already checked: ``const`` the constant logit multiplier, ``rows`` None or
+    a (B, Hq, Sq) float32 view of per-row / per-head multipliers (:func:`drope.validation.split_scale`)."""
     needs_grad = _needs_grad(q, k, v, q_norm_weight, k_norm_weight, sinks)
     # a traced graph (export) may be run later with inputs that require grad: keep the LSE the backward needs
     lse_too = return_lse or needs_grad or torch.compiler.is_compiling()
@@ -168,6 +178,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         num_splits = num_splits_for(shape, q.device, max_seqlen=max_seqlen, window=window, chunk=chunk)
     const, rows = split_scale(softmax_scale, shape, q.device, torch.float32)
+    return run_decode(q, k_cache, v_cache, const, rows, num_splits, cache_seqlens=cache_seqlens, return_lse=return_lse,
+                      window=window, chunk=chunk, sinks=sinks, softcap=softcap, key_mask=key_mask)
+
+
+def run_decode(q, k_cache, v_cache, const: float, rows: Optional[torch.Tensor], num_splits: int, *,
+               cache_seqlens=None, return_lse: bool = False, window=None, chunk=None, sinks=None, softcap=None,
+               key_mask=None):
+    """:func:`decode_attention` on arguments already checked (``const`` / ``rows`` as in :func:`run_attention`,
+    ``num_splits`` resolved: :func:`drope.kernels.decode.num_splits_for`)."""
     out, lse = ops.decode(q, k_cache, v_cache, cache_seqlens, rows, sinks, key_mask, float(const), num_splits, window,
                           chunk, None if softcap is None else float(softcap))
     return (out, lse) if return_lse else out

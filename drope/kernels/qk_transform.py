@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .toolkit import launch, named_strides, norm_pow2, upcast
+from .toolkit import cdiv, launch, named_strides, next_pow2, norm_pow2, upcast
 
 __all__ = ["qk_prologue", "qk_hat", "qk_epilogue", "packed_tables", "row_block"]
 
@@ -149,11 +149,11 @@ def _qk_epilogue_kernel(
 
 def row_block(S: int) -> int:
     """Rows per program of the O(S*D) passes (this module's, and the backward's delta)."""
-    return min(64, max(16, triton.next_power_of_2(max(S, 1))))
+    return min(64, max(16, next_pow2(max(S, 1))))
 
 
 def _half_block(D: int) -> int:
-    return max(8, triton.next_power_of_2(D // 2))
+    return max(8, next_pow2(D // 2))
 
 
 def _weight(w: Optional[torch.Tensor]) -> dict:
@@ -180,7 +180,7 @@ def qk_prologue(x: torch.Tensor, w: Optional[torch.Tensor], rope, pos: Optional[
     if y.numel() == 0:
         return y
     BS = row_block(S)
-    launch(_qk_prologue_kernel, (B * H, triton.cdiv(S, BS)), role="prologue",
+    launch(_qk_prologue_kernel, (B * H, cdiv(S, BS)), role="prologue",
            X=x, Y=y, W=w, POS=pos, **_tables(rope),
            **named_strides("x", x, "bhsd"), **named_strides("y", y, "bhsd"), **_weight(w),
            H=H, S=S, pos0=pos0, eps=float(eps), HALF=D // 2, BH=_half_block(D), BS=BS,
@@ -211,7 +211,7 @@ def qk_epilogue(gy: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor], ro
     """
     B, H, S, D = x.shape
     BS = row_block(S)
-    nblocks = triton.cdiv(S, BS)
+    nblocks = cdiv(S, BS)
     dx = torch.empty((B, H, S, D), device=x.device, dtype=x.dtype) if need_dx else None
     dw_part = torch.empty((B * H, nblocks, D), device=x.device, dtype=torch.float32) if need_dw else None
     launch(_qk_epilogue_kernel, (B * H, nblocks), role="epilogue",

@@ -13,6 +13,7 @@ tensors, without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -40,31 +41,53 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def upcast(dtype: torch.dtype) -> bool:
     """bf16 in Triton's interpreter multiplies fp32 copies of the (bf16-valued) operands."""
-    return dtype == torch.bfloat16 and interpreter_enabled()
+    return dtype == torch.bfloat16 and defined_interpreted()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceil division on the host (``triton.cdiv`` is a constexpr function: microseconds a call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), on the host."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def padded_dim(D: int) -> int:
     """The power-of-two block that holds a head dim (at least 16, the smallest ``tl.dot`` K)."""
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_pow2(D))
 
 
 def strides(t: Optional[torch.Tensor], n: int) -> tuple:
     """``t.stride()``, or n zeros for an absent optional tensor."""
-    return tuple(t.stride()) if t is not None else (0,) * n
+    return t.stride() if t is not None else (0,) * n
+
+
+_STRIDE_NAMES: Dict[tuple, tuple] = {}
 
 
 def named_strides(prefix: str, t: Optional[torch.Tensor], dims: str) -> Dict[str, int]:
     """``{"stride_<prefix><d>": ...}`` for each letter of ``dims``, zeros when ``t`` is None."""
-    return {f"stride_{prefix}{d}": s for d, s in zip(dims, strides(t, len(dims)))}
+    names = _STRIDE_NAMES.get((prefix, dims))
+    if names is None:
+        names = _STRIDE_NAMES[(prefix, dims)] = tuple(f"stride_{prefix}{d}" for d in dims)
+    return dict(zip(names, strides(t, len(dims))))
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def _tma_target(t: torch.Tensor) -> bool:
     """Whether launches on ``t`` can use TMA descriptors: Hopper or newer, the interpreter, or recording."""
-    if t.device.type == "meta":
+    dev = t.device
+    if dev.type == "meta":
         return is_recording()
-    if interpreter_enabled():
-        return t.device.type == "cpu"
-    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+    if defined_interpreted():
+        return dev.type == "cpu"
+    return dev.type == "cuda" and _hopper(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
@@ -196,7 +219,7 @@ def is_recording() -> bool:
 
 def compiled(t: torch.Tensor) -> bool:
     """Whether a call on ``t`` launches compiled GPU kernels (CUDA, or meta while recording)."""
-    return (t.device.type == "cuda" and not interpreter_enabled()) or (t.device.type == "meta" and is_recording())
+    return (t.device.type == "cuda" and not defined_interpreted()) or (t.device.type == "meta" and is_recording())
 
 
 def check_device(t: torch.Tensor, op: str) -> None:
@@ -216,9 +239,10 @@ def check_device(t: torch.Tensor, op: str) -> None:
             f"drope.reference.{op}")
 
 
+@functools.lru_cache(maxsize=1)
 def defined_interpreted() -> bool:
     """Whether drope's jit functions were defined under Triton's interpreter (``TRITON_INTERPRET`` is read
-    when a ``@triton.jit`` function is defined, i.e. at import)."""
+    when a ``@triton.jit`` function is defined, i.e. at import, so the answer never changes)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(mm, InterpretedFunction)
