@@ -307,3 +307,36 @@ def test_refused_under_compile_with_a_clear_error():
     step = torch.compile(model, fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception, match="live length is a device value"):
         step(input_ids=ids[:, :2], attention_mask=torch.cat([pad, pad[:, :2]], 1), **with_cache(model, cache))
+
+
+@pytest.mark.gpu
+def test_static_decode_step_replays_in_a_cuda_graph():
+    """A StaticCache decode step captured once in a CUDA graph replays for new tokens and lengths, equal to eager
+    steps (the split count and grid come from capacities; nothing reads a device value on the host)."""
+    model = drope_model("llama", qk_norm="head", temperature=TEMP, device="cuda")
+    model.set_attn_implementation("drope_triton")
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(8)).cuda()
+    new = torch.randint(3, VOCAB, (6, 2, 1), generator=torch.Generator().manual_seed(9)).cuda()
+    caches = {name: StaticCache(config=model.config, max_cache_len=32) for name in ("graph", "eager")}
+    with torch.no_grad():
+        for cache in caches.values():
+            model(input_ids=ids, **with_cache(model, cache))
+        token = new[0].clone()
+        position = torch.full((2, 1), 10, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (allocator, descriptors)
+            warm = StaticCache(config=model.config, max_cache_len=32)
+            model(input_ids=ids, **with_cache(model, warm))
+            model(input_ids=token, position_ids=position, **with_cache(model, warm))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model(input_ids=token, position_ids=position, **with_cache(model, caches["graph"])).logits
+        # capture records the step without running it: the first replay is step 0
+        for step in range(new.shape[0]):
+            token.copy_(new[step])
+            position.fill_(10 + step)
+            graph.replay()
+            want = model(input_ids=new[step], position_ids=position.clone(), **with_cache(model, caches["eager"])).logits
+            assert rel_err(logits, want) < 1e-4, step
