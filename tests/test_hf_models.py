@@ -300,6 +300,39 @@ def test_config_rejects_unknown_attention_type(tmp_path):
         AutoConfig.from_pretrained(tmp_path)
 
 
+def test_broken_drope_checkpoints_are_refused_by_name(tmp_path):
+    """Issue 24: a QK-norm weight of the wrong shape or missing, a config without its sizes: clear errors naming
+    the weight / field (transformers raised a generic RuntimeError, started missing norms at one, or built a
+    full-size Llama from its defaults)."""
+    from safetensors.torch import load_file
+
+    model = drope_model("llama", qk_norm="full")
+    model.save_pretrained(tmp_path / "good")
+    weights = load_file(tmp_path / "good" / "model.safetensors")
+    for name, change, match in (
+            ("wrong-shape", lambda w: w.update({"model.layers.1.self_attn.k_norm.weight": torch.ones(5)}),
+             r"model.layers.1.self_attn.k_norm.weight: checkpoint \(5,\), model \(32,\) \(qk_norm_type 'full'"),
+            ("missing", lambda w: w.pop("model.layers.0.self_attn.q_norm.weight"),
+             "has no model.layers.0.self_attn.q_norm.weight, but its config asks for QK-norm")):
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        broken = dict(weights)
+        change(broken)
+        save_file(broken, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=match):
+            AutoModelForCausalLM.from_pretrained(folder)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "wrong-shape", ignore_mismatched_sizes=True,
+                                                        output_loading_info=True)
+    assert info["mismatched_keys"] and isinstance(loaded, LlamaDropeForCausalLM)
+    for fields in ({"model_type": "llama_drope"}, {**tiny_config("llama").to_dict(), "model_type": "llama_drope",
+                                                  "hidden_size": None}):
+        fields = {k: v for k, v in fields.items() if v is not None}
+        (tmp_path / "sizes").mkdir(exist_ok=True)
+        (tmp_path / "sizes" / "config.json").write_text(json.dumps(fields))
+        with pytest.raises(ValueError, match="llama_drope config is missing .*hidden_size"):
+            AutoConfig.from_pretrained(tmp_path / "sizes")
+
+
 SMOLLM_360M = dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
                    num_attention_heads=15, num_key_value_heads=5, head_dim=64, max_position_embeddings=2048,
                    rms_norm_eps=1e-5, tie_word_embeddings=True)

@@ -153,6 +153,12 @@ def test_bad_inputs(model_dir, tmp_path, capsys):
     assert "DroPE" in err("--model", model_dir, "--lengths", "128", "--temperature", "position:0.1:128")
     assert "MODE:COEF:TRAIN_LENGTH" in err("--model", model_dir, "--temperature", "position:0.1")
     assert "--model is required" in err("--lengths", "128")
+    # issue 24: an output folder that cannot be made is said before any model is loaded
+    assert _niah("--model", tmp_path / "nowhere", "--out", "/proc/drope-x", *FAST) == 2
+    assert "--out /proc/drope-x: cannot be created" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert _niah("--model", model_dir, "--out", tmp_path / "a-file", *FAST) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "results.json").exists()
     avail = runner.available_attn_implementations()
     if avail["flash_attention_2"]:

@@ -225,13 +225,13 @@ class _PerForward:
     """One-entry memo of what a layer derives from a tensor every layer of a forward shares (the mask's codes,
     the temperature rows): computed by the first layer, reused by the others. Keyed on the tensor's identity
     and version (a weak reference: nothing kept alive); bypassed while torch.compile traces (the graph then
-    holds the ops once, and CSE merges the layers' copies)."""
+    holds the ops once, and CSE merges the layers' copies) and for inference-mode tensors (no version)."""
 
     def __init__(self):
         self.ref, self.version, self.extra, self.value = None, None, None, None
 
     def get(self, t: torch.Tensor, extra, make):
-        if compiling():
+        if compiling() or t.is_inference():  # an inference tensor has no version counter to see an in-place write
             return make()
         if self.ref is not None and self.ref() is t and self.version == t._version and self.extra == extra:
             return self.value

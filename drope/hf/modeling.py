@@ -301,6 +301,29 @@ class _DynamicAttention:
     def _can_set_attn_implementation(cls) -> bool:
         return True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, with what it only logs or reports generically made an error that
+        names the weights: a weight of the wrong shape (the QK-norm's expected shape said), and QK-norm weights
+        the checkpoint lacks (transformers would start them at one: not the model that was saved)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        ignore = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        mismatched = sorted(info.get("mismatched_keys", ()))
+        if mismatched and not ignore:
+            raise ValueError(f"{source}: checkpoint weights of the wrong shape for {model.config.model_type}: "
+                             + "; ".join(f"{k}: checkpoint {tuple(a)}, model {tuple(b)}{_norm_hint(model.config, k)}"
+                                         for k, a, b in mismatched)
+                             + " (ignore_mismatched_sizes=True loads the rest and starts these anew)")
+        missing = sorted(k for k in info.get("missing_keys", ()) if k.endswith(("q_norm.weight", "k_norm.weight")))
+        if missing:
+            raise ValueError(f"{source}: the checkpoint has no {', '.join(missing)}, but its config asks for QK-norm "
+                             f"(attention_type={model.config.attention_type!r}); loaded, they would start at one and "
+                             "the model would not be the one that was saved. Save the model again, or set "
+                             "attention_type to the norms the checkpoint has")
+        return (model, info) if want_info else model
+
     def _get_stopping_criteria(self, *args, **kwargs):
         # a NoPE model has no position limit: no "exceeded the model's predefined maximum length" reminder
         from transformers.generation.stopping_criteria import MaxLengthCriteria
@@ -310,6 +333,21 @@ class _DynamicAttention:
             if isinstance(c, MaxLengthCriteria):
                 c.max_position_embeddings = None
         return criteria
+
+
+def _norm_hint(config, key: str) -> str:
+    """What shape a QK-norm weight of ``config`` has, for an error about ``key``."""
+    if not key.endswith(("q_norm.weight", "k_norm.weight")):
+        return ""
+    heads = config.num_attention_heads if key.endswith("q_norm.weight") else config.num_key_value_heads
+    D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if getattr(config, "qk_norm_type", "full") == "full":
+        return f" (qk_norm_type 'full': one norm over all heads, ({heads * D},); 'head' would be ({D},))"
+    return f" (qk_norm_type 'head': one norm per head, ({D},); 'full' would be ({heads * D},))"
+
+
+# a DroPE checkpoint's config must state its sizes: without them the family's defaults build a full-size model
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def _config_class(family: Family) -> type:
@@ -331,7 +369,16 @@ def _config_class(family: Family) -> type:
         drope_temperature: None or ``{{"mode", "coef", "train_length"}}``.
         **kwargs: the {family.title} config fields.
     """
-    return _new_class(f"{family.title}DropeConfig", (family.config,), doc, __init__=__init__,
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        missing = [f for f in SIZE_FIELDS if f not in config_dict and f not in kwargs]
+        if missing:
+            raise ValueError(f"{family.name}_drope config is missing {', '.join(missing)}: a DroPE checkpoint's "
+                             f"config.json must state its sizes (without them transformers would build a full-size "
+                             f"{family.title} model from its defaults)")
+        return family.config.from_dict.__func__(cls, config_dict, **kwargs)
+
+    return _new_class(f"{family.title}DropeConfig", (family.config,), doc, __init__=__init__, from_dict=from_dict,
                       model_type=f"{family.name}_drope")
 
 

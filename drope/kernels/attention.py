@@ -20,11 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import MAX_MULTIPLIER
 from .qk_transform import packed_tables, qk_hat
 from .toolkit import LN2_C, LOG2E, LOG2E_C, autotuned, cdiv, compiled, dot_precision, key_bounds, launch, mm, \
     named_strides, next_pow2, operand, padded_dim, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["Options", "attention_forward"]
+
+MAX_MULTIPLIER_C = tl.constexpr(MAX_MULTIPLIER)
 
 
 @dataclass(frozen=True)
@@ -200,9 +203,9 @@ def _attn_fwd_kernel(
     b_q = tl.load(p_q, mask=m_q, other=0.0)  # [BM, BD]
     if HAS_SCALE:
         b_sc = tl.load(SCALE + i_b64 * stride_rb + i_h64 * stride_rh + o_m64 * stride_rs, mask=m_m,
-                       other=0.0).to(tl.float32) * qk_scale
-        # the contract asks for scales >= 0 (checked on the host for CPU tensors): a negative one gives NaN
-        b_sc = tl.where(b_sc < 0, float("nan"), b_sc)
+                       other=0.0).to(tl.float32)
+        # the contract asks for multipliers in [0, MAX] (checked on the host for CPU tensors): others give NaN rows
+        b_sc = tl.where((b_sc >= 0) & (b_sc <= MAX_MULTIPLIER_C), b_sc * qk_scale, float("nan"))
     else:
         b_sc = tl.full([BM], qk_scale, dtype=tl.float32)
 

@@ -34,10 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import MAX_MULTIPLIER
 from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, cdiv, dot_precision, exp2_rel, key_bounds, launch, mm, \
     named_strides, next_pow2, operand, padded_dim, phases, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["choose_num_splits", "decode_launch", "num_splits_for"]
+
+MAX_MULTIPLIER_C = tl.constexpr(MAX_MULTIPLIER)
 
 MAX_GRID_Y = 65535
 
@@ -163,7 +166,9 @@ def _decode_split_kernel(
     b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
     if HAS_SCALE:
         b_sc = tl.load(SCALE + i_b64 * stride_rb + o_h.to(tl.int64) * stride_rh + o_i.to(tl.int64) * stride_rs,
-                       mask=m_row, other=0.0).to(tl.float32) * qk_scale
+                       mask=m_row, other=0.0).to(tl.float32)
+        # multipliers outside [0, MAX] (unchecked on a GPU: that would sync) give NaN rows, never a plausible number
+        b_sc = tl.where((b_sc >= 0) & (b_sc <= MAX_MULTIPLIER_C), b_sc * qk_scale, float("nan"))
     else:
         b_sc = tl.zeros([BM], dtype=tl.float32) + qk_scale
 

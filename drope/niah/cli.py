@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -63,6 +64,19 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"drope niah: warning: {message}", file=sys.stderr)
 
 
+def _unwritable(out: Path) -> str:
+    """Why ``out`` cannot take the run's files (checked before a model is loaded), or ''."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot be created ({e.strerror or e})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return "is not writable"
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the sweep (or only the comparison) and write results.json, CSV, PNGs; print the table.
 
@@ -75,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     from .runner import run as run_sweep
 
     out = Path(args.out)
+    problem = _unwritable(out)
+    if problem:
+        return _fail(f"--out {out}: {problem}; give a folder this process can create and write")
     try:
         compare = [report.load_run(p) for p in args.compare]
     except ValueError as e:
