@@ -1,7 +1,8 @@
 """Host (Python) time of one attention call behind transformers, eager: "drope_triton" against
 ``sdpa_attention_forward``, on the CPU (runs without a GPU).
 
-A Llama-3.2-1B-shaped layer (32 query heads, 8 KV heads, head dim 64), batch 1: a decode step against a
+A Llama-3.2-1B-shaped layer (32 query heads, 8 KV heads, head dim 64), batch 1 (CUDA tensors where there is a GPU:
+``sdpa`` then launches asynchronously and its host time is what is measured): a decode step against a
 DynamicCache of 128 tokens, the same against a StaticCache of 256 slots, a left-padded decode step, and a
 16-token prefill, each with and without a DroPE temperature (per-row scales). ``drope_triton`` runs its whole
 Python path (the layer, the kernel adapter, the operator, the launcher) with the Triton launch recorded, not
@@ -21,6 +22,8 @@ from drope.hf import attention as hfa
 from drope.kernels import toolkit
 
 B, HQ, HKV, D = 1, 32, 8, 64
+# on a GPU machine the layer's CUDA path (launches recorded), else the kernels' path in the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODULE = types.SimpleNamespace(is_causal=True, training=False, num_key_value_groups=HQ // HKV, config=None,
                                layer_idx=0)
 CASES = {
@@ -35,13 +38,13 @@ CASES = {
 def _inputs(name: str, temperature: bool):
     SQ, SK, past, pad = CASES[name]
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, SQ, HQ, D, generator=g).transpose(1, 2)
-    k, v = torch.randn(B, HKV, SK, D, generator=g), torch.randn(B, HKV, SK, D, generator=g)
+    q = torch.randn(B, SQ, HQ, D, generator=g).transpose(1, 2).to(DEVICE)
+    k, v = torch.randn(B, HKV, SK, D, generator=g).to(DEVICE), torch.randn(B, HKV, SK, D, generator=g).to(DEVICE)
     am = torch.ones(B, past + SQ, dtype=torch.long)
     am[:, :pad] = 0
     static = SK > past + SQ
-    codes = hfa.drope_mask(B, q_length=SQ, kv_length=SK, q_offset=torch.tensor(past) if static else past,
-                           attention_mask=am if pad else None)
+    codes = hfa.drope_mask(B, q_length=SQ, kv_length=SK, q_offset=torch.tensor(past, device=DEVICE) if static
+                           else past, attention_mask=am.to(DEVICE) if pad else None, device=DEVICE)
     # what transformers hands sdpa for the same call: no mask where is_causal does (no padding, every slot live),
     # else the (B, 1, Sq, Sk) boolean mask
     sd_mask = None
@@ -49,8 +52,8 @@ def _inputs(name: str, temperature: bool):
         live = torch.zeros(B, SK, dtype=torch.bool)
         live[:, : past + SQ] = am.bool()
         causal = torch.arange(SK)[None, :] <= (past + torch.arange(SQ))[:, None]
-        sd_mask = causal[None, None] & live[:, None, None, :]
-    rows = (1.0 + torch.rand(B, SQ, generator=g)) if temperature else None
+        sd_mask = (causal[None, None] & live[:, None, None, :]).to(DEVICE)
+    rows = (1.0 + torch.rand(B, SQ, generator=g)).to(DEVICE) if temperature else None
     return q, k, v, codes, sd_mask, rows
 
 

@@ -481,3 +481,43 @@ def test_interpreter_switched_on_after_import_is_explained():
     env = {n: v for n, v in __import__("os").environ.items() if n != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
     assert "DeviceError" in out and "set after drope was imported" in out, out
+
+
+def test_tf32_switch_read_through_either_torch_api():
+    """Issue 23: torch >= 2.9 raises on ``matmul.allow_tf32`` once the newer ``fp32_precision`` API was used
+    (transformers does for TrainingArguments(tf32=True)); the fp32 dot precision reads whichever API is set."""
+    from drope.kernels.toolkit import dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 switch")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert dot_precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert dot_precision(torch.float32) == "ieee"
+        assert dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
+@pytest.mark.gpu
+def test_side_stream_and_second_device_launches():
+    """Issue 23: the TMA descriptor scratch comes from the launch's stream and device (a side stream here, and
+    the second GPU when there is one), and the results equal the default stream's."""
+    (q, k, v, kw), _ = make_inputs(Case(1, 8, 2, 1000, 1000, 128, rope=True, norm="head", dtype=torch.bfloat16),
+                                   "cuda")
+    want = attention(q, k, v, **kw)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = attention(q, k, v, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, want)
+    if torch.cuda.device_count() > 1:
+        moved = [t.to("cuda:1") for t in (q, k, v)]
+        kw1 = {n: (x.to("cuda:1") if isinstance(x, torch.Tensor) else tuple(t.to("cuda:1") for t in x)
+                   if isinstance(x, tuple) else x) for n, x in kw.items()}
+        assert torch.cuda.current_device() == 0  # drope makes the inputs' GPU current for its launches
+        assert torch.equal(attention(*moved, **kw1).cpu(), want.cpu())

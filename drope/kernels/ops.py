@@ -29,7 +29,7 @@ from .attention import Options, attention_forward
 from .attention_bwd import attention_backward
 from .decode import decode_launch
 from .qk_transform import qk_epilogue, qk_prologue
-from .toolkit import check_device, upcast
+from .toolkit import check_device, on_device, upcast
 
 __all__ = ["attention_fwd", "decode", "qk_norm_rope"]
 
@@ -61,7 +61,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, q_norm_weight: Optional[Tens
     check_device(q, "attention")
     opt = _options(causal, scale, scale_rows, rope_cos, rope_sin, norm_eps, cu_seqlens, window, chunk, softcap,
                    key_mask)
-    out, lse = attention_forward(q, k, v, q_norm_weight, k_norm_weight, sinks, opt, return_lse=return_lse)
+    with on_device(q):
+        out, lse = attention_forward(q, k, v, q_norm_weight, k_norm_weight, sinks, opt, return_lse=return_lse)
     return out, lse if lse is not None else _empty(q)
 
 
@@ -80,8 +81,9 @@ def _attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
                    needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opt = _options(causal, scale, scale_rows, rope_cos, rope_sin, norm_eps, cu_seqlens, window, chunk, softcap,
                    key_mask)
-    grads = attention_backward(dout, q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks, opt, dlse=dlse,
-                               needs_grad=tuple(needs))
+    with on_device(q):
+        grads = attention_backward(dout, q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks, opt, dlse=dlse,
+                                   needs_grad=tuple(needs))
     return tuple(_empty(q) if g is None else g for g in grads)
 
 
@@ -143,8 +145,9 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Optional
             sinks: Optional[Tensor], key_mask: Optional[Tensor], scale: float, num_splits: int, window: Optional[int],
             chunk: Optional[int], softcap: Optional[float]) -> Tuple[Tensor, Tensor]:
     check_device(q, "decode_attention")
-    return decode_launch(q, k_cache, v_cache, cache_seqlens, scale, scale_rows, sinks, key_mask, num_splits, window,
-                         chunk, softcap)
+    with on_device(q):
+        return decode_launch(q, k_cache, v_cache, cache_seqlens, scale, scale_rows, sinks, key_mask, num_splits,
+                             window, chunk, softcap)
 
 
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale_rows, sinks, key_mask, scale, num_splits, window, chunk,
@@ -168,10 +171,11 @@ def _qk_norm_rope(x: Tensor, weight: Optional[Tensor], rope_cos: Optional[Tensor
                   pos0: int, eps: float) -> Tensor:
     check_device(x, "qk_norm_rope")
     rope = _rope(rope_cos, rope_sin)
-    if upcast(x.dtype):
-        # the interpreter truncates fp32 -> bf16; torch rounds to nearest, as compiled kernels do
-        return qk_prologue(x, weight, rope, None, pos0, eps, torch.float32).to(x.dtype)
-    return qk_prologue(x, weight, rope, None, pos0, eps, x.dtype)
+    with on_device(x):
+        if upcast(x.dtype):
+            # the interpreter truncates fp32 -> bf16; torch rounds to nearest, as compiled kernels do
+            return qk_prologue(x, weight, rope, None, pos0, eps, torch.float32).to(x.dtype)
+        return qk_prologue(x, weight, rope, None, pos0, eps, x.dtype)
 
 
 def _qk_norm_rope_fake(x, weight, rope_cos, rope_sin, pos0, eps):
@@ -181,7 +185,8 @@ def _qk_norm_rope_fake(x, weight, rope_cos, rope_sin, pos0, eps):
 def _qk_norm_rope_bwd(gy: Tensor, x: Tensor, weight: Optional[Tensor], rope_cos: Optional[Tensor],
                       rope_sin: Optional[Tensor], pos0: int, eps: float, need_dx: bool,
                       need_dw: bool) -> Tuple[Tensor, Tensor]:
-    dx, dw = qk_epilogue(gy, x, weight, _rope(rope_cos, rope_sin), None, pos0, eps, need_dx, need_dw)
+    with on_device(x):
+        dx, dw = qk_epilogue(gy, x, weight, _rope(rope_cos, rope_sin), None, pos0, eps, need_dx, need_dw)
     return _empty(x) if dx is None else dx, _empty(x) if dw is None else dw
 
 

@@ -32,9 +32,25 @@ LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
 
 
+def tf32_enabled() -> bool:
+    """torch's TF32 switch for fp32 matmuls, through the newer ``fp32_precision`` API where torch has it.
+
+    Reading the legacy ``allow_tf32`` raises once the new API has been used (torch >= 2.9; transformers uses it
+    for ``TrainingArguments(tf32=True)``), so it is the last resort here.
+    """
+    m = torch.backends.cuda.matmul
+    for flag in (getattr(m, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)):
+        if flag not in (None, "none"):
+            return flag == "tf32"
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: fp32 follows torch's TF32 switch (off by default: exact products)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_enabled():
         return "ieee"
     return "tf32"
 
@@ -107,12 +123,30 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's allocator for device-side TMA descriptors: ``size`` bytes on the current CUDA device (where
+    Triton launches), from torch's caching allocator on the launch's ``stream`` (so the memory is not reused
+    before that stream is done with it, and a CUDA graph capture takes it from its own pool)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    if stream is None or stream == torch.cuda.current_stream(device).cuda_stream:
+        return torch.empty(size, dtype=torch.int8, device=device)
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def on_device(t: torch.Tensor):
+    """A context making ``t``'s GPU the current one (Triton launches there); a no-op when it already is."""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _ensure_allocator() -> None:
     """Device-side TMA descriptors live in a small global scratch: give Triton an allocator if none is set."""
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        triton.set_allocator(tma_scratch)
 
 
 @triton.jit
