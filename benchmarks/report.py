@@ -130,10 +130,10 @@ def render_markdown(record: Dict[str, Any]) -> str:
                                                        if rat[id(r)]["best_sdpa"] else ""),
                      _x(rat[id(r)]["vs_unfused"]), _f(r.get("peak_mem_mb"), "{:.0f}")] for r in rows]
         elif op == "decode":
-            header = ["B", "cache", "H", "Hkv", "D", "provider", "ms", "GB/s", "% copy BW", "tokens/s",
-                      "vs best SDPA", "vs unfused", "peak MB"]
+            header = ["B", "cache", "H", "Hkv", "D", "provider", "ms", "ms (CUDA graph)", "GB/s", "% copy BW",
+                      "tokens/s", "vs best SDPA", "vs unfused", "peak MB"]
             body = [[str(r["B"]), str(r["S"]), str(r["H"]), str(r["Hkv"]), str(r["D"]), r["provider"],
-                     _f(r["ms"]), _f(r.get("gbps"), "{:.0f}"),
+                     _f(r["ms"]), _f(r.get("ms_graph")), _f(r.get("gbps"), "{:.0f}"),
                      _f(100 * r["frac_copy_bw"] if r.get("frac_copy_bw") is not None else None, "{:.0f}"),
                      _f(r.get("tokens_per_s"), "{:.0f}"),
                      _x(rat[id(r)]["vs_best_sdpa"]) + (f" ({rat[id(r)]['best_sdpa'][5:]})"
