@@ -359,3 +359,51 @@ def test_smollm_360m_shaped_prefill_long_context(S):
     assert torch.isfinite(ours).all()
     assert rel_err(ours, ref) <= 2 * rel_err(sdpa, ref) + 1e-3, (rel_err(ours, ref), rel_err(sdpa, ref))
 
+
+
+CB_MODELS = {
+    "full-norm-position": dict(qk_norm="full", temperature={"mode": "position", "coef": 0.3, "train_length": 4}),
+    "head-norm-length": dict(qk_norm="head", temperature={"mode": "length", "coef": 0.3, "train_length": 4}),
+}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "paged|eager"])
+@pytest.mark.parametrize("kind", list(CB_MODELS))
+def test_continuous_batching_equals_greedy(kind, impl):
+    """Issue 22: the DroPE classes under transformers' continuous batching (generate_batch, what `transformers
+    serve` runs) with every implementation it accepts here: each request's tokens equal greedy generate alone
+    (they came back empty: the paged cache's update kwargs were never passed)."""
+    from transformers import GenerationConfig
+
+    model = drope_model("llama", device="cpu", **CB_MODELS[kind])
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 11, 3)]
+    want = []
+    model.set_attn_implementation("eager")
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                 pad_token_id=0)
+        want.append(out[0, len(p):].tolist())
+    model.set_attn_implementation(impl)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=-1)
+    results = model.generate_batch(inputs=prompts, generation_config=config)
+    got = {tuple(r.prompt_ids): r.generated_tokens for r in results.values()}
+    assert [got[tuple(p)] for p in prompts] == want
+
+
+def test_a_failed_continuous_batching_request_raises(monkeypatch):
+    """A request that fails inside continuous batching is an error the caller sees, not an empty token list."""
+    from transformers import GenerationConfig
+    from drope.hf import modeling
+
+    model = drope_model("llama", qk_norm="head", device="cpu")
+    model.set_attn_implementation("sdpa")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in the cache")
+
+    monkeypatch.setattr(modeling, "_cache_update", broken)
+    with pytest.raises(RuntimeError, match="continuous-batching requests failed.*boom in the cache"):
+        model.generate_batch(inputs=[[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False,
+                                                                                    eos_token_id=-1))

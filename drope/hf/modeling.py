@@ -324,6 +324,17 @@ class _DynamicAttention:
                              "attention_type to the norms the checkpoint has")
         return (model, info) if want_info else model
 
+    def generate_batch(self, *args, **kwargs):
+        """transformers' continuous batching, with a failed request raised (transformers only logs it and
+        returns the request with no tokens)."""
+        results = super().generate_batch(*args, **kwargs)
+        failed = {rid: out.error for rid, out in results.items() if getattr(out, "error", None)}
+        if failed:
+            first = next(iter(failed.items()))
+            raise RuntimeError(f"{len(failed)} of {len(results)} continuous-batching requests failed; "
+                               f"{first[0]}: {first[1]}")
+        return results
+
     def _get_stopping_criteria(self, *args, **kwargs):
         # a NoPE model has no position limit: no "exceeded the model's predefined maximum length" reminder
         from transformers.generation.stopping_criteria import MaxLengthCriteria
