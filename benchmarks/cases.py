@@ -23,7 +23,7 @@ TEMP_COEF = 0.103
 TRAIN_LEN = 2048
 NORM_EPS = 1e-6
 
-OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode")
+OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled")
 
 PREFILL_TOKENS = 16 * 1024
 PREFILL_SEQLENS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -68,7 +68,7 @@ class Case:
 
     @property
     def is_decode(self) -> bool:
-        return self.op in ("decode", "model_decode")
+        return self.op in ("decode", "model_decode", "model_decode_compiled")
 
 
 def params(cases: Sequence[Case], providers: Sequence[str]) -> list:

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PREFILL_OPS = ("prefill_fwd", "prefill_fwd_bwd")
+OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled")
 PROVIDER_ORDER = ("drope_triton", "unfused", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex",
                   "flash_attn", "sdpa", "eager")
 
@@ -112,9 +113,7 @@ def render_markdown(record: Dict[str, Any]) -> str:
               "Times are medians of CUDA-event timed repetitions; ratios are speedups "
               "(reference time / provider time, above 1 = faster). `peak MB`: memory the call allocates "
               "on top of its inputs.", ""]
-    ops = sorted({r["op"] for r in results}, key=lambda op: ("prefill_fwd", "prefill_fwd_bwd", "decode",
-                                                              "model_prefill", "model_decode").index(op)
-                 if op in ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode") else 9)
+    ops = sorted({r["op"] for r in results}, key=lambda op: OPS.index(op) if op in OPS else 9)
     for op in ops:
         rows = sorted((r for r in results if r["op"] == op),
                       key=lambda r: (_case_key(r), _provider_rank(r["provider"])))
