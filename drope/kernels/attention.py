@@ -233,8 +233,8 @@ def _attn_fwd_kernel(
                               BD=BD, D=D, MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
                               HAS_KMASK=HAS_KMASK, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, p_km, stride_ms, BN=BN,
-                              BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
+                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, p_km, stride_ms,
+                              BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
                               HAS_KMASK=HAS_KMASK, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
 
     if HAS_SINKS:

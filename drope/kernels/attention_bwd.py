@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from .qk_transform import packed_tables, qk_epilogue, qk_hat, row_block
-from .toolkit import LOG2E_C, cdiv, defined_interpreted, dot_precision, key_bounds, launch, mm, named_strides, next_pow2, operand, \
-    padded_dim, phases, tanh, tma_ok, upcast
+from .toolkit import LOG2E_C, cdiv, defined_interpreted, dot_precision, key_bounds, launch, mm, named_strides, \
+    next_pow2, operand, padded_dim, phases, tanh, tma_ok, upcast
 
 __all__ = ["attention_backward"]
 
@@ -223,8 +223,8 @@ def _tile(P, desc, row0, o_r, N, stride_r, stride_d, o_d, m_d, USE_TMA: tl.const
 
 @triton.jit
 def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0, o_n, p_km, stride_ms,
-                i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb, stride_lh, stride_ls, stride_rb,
-                stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK, scale, softcap, BM: tl.constexpr, BD: tl.constexpr,
+                i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb, stride_lh, stride_ls,
+                stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK, scale, softcap, BM: tl.constexpr, BD: tl.constexpr,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -361,22 +361,22 @@ def _dkdv_kernel(
         p_do = p_dob + i_h * stride_doh
         for m0 in range(lo, ph_a, BM):
             b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
-                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
-                                     stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
+                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
+                                     stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
                                      scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
                                      HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
                                      UPCAST)
         for m0 in range(ph_a, ph_b, BM):
             b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
-                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
-                                     stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
+                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
+                                     stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
                                      scale, softcap, BM, BD, False, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
                                      HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
                                      UPCAST)
         for m0 in range(ph_b, ph_end, BM):
             b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
-                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb,
-                                     stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
+                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
+                                     stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
                                      scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
                                      HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
                                      UPCAST)

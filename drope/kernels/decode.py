@@ -186,14 +186,14 @@ def _decode_split_kernel(
     f_hi = tl.min(tl.where(m_row, pos + 1, SMAX), 0)
     ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, True, HAS_WINDOW or HAS_CHUNK,
-                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
+                                    stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, True,
+                                    HAS_WINDOW or HAS_CHUNK, HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, ph_a, ph_b, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, False, HAS_WINDOW or HAS_CHUNK,
-                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
+                                    stride_vd, ph_a, ph_b, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, False,
+                                    HAS_WINDOW or HAS_CHUNK, HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, ph_b, ph_end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, True, HAS_WINDOW or HAS_CHUNK,
-                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
+                                    stride_vd, ph_b, ph_end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, True,
+                                    HAS_WINDOW or HAS_CHUNK, HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
 
     if ADD_SINKS:
         # one split: the head's sink logit joins the denominator here (else in the merge)

@@ -605,8 +605,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = _parser().parse_args(argv)
     s = Shape(op=a.op, dtype=a.dtype, batch=a.batch, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
               head_dim=a.head_dim, rope=a.rope, q_norm=a.q_norm, k_norm=a.k_norm, row_scale=a.row_scale,
-              window=a.window, chunk=a.chunk, sinks=a.sinks, softcap=a.softcap, key_mask=a.key_mask, q_len=a.q_len, num_sms=a.num_sms,
-              num_splits=a.num_splits)
+              window=a.window, chunk=a.chunk, sinks=a.sinks, softcap=a.softcap, key_mask=a.key_mask, q_len=a.q_len,
+              num_sms=a.num_sms, num_splits=a.num_splits)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
     manifest = inspect_op(s, a.out, a.arch)

@@ -117,19 +117,21 @@ def _attention_backward(ctx, dout, dlse):
     return (*(g if n else None for g, n in zip(grads, needs)), *([None] * (_FWD_INPUTS - 6)))
 
 
-torch.library.custom_op("drope::attention_fwd", _attention_fwd, mutates_args=())
-torch.library.register_fake("drope::attention_fwd", _attention_fwd_fake)
-torch.library.register_autograd("drope::attention_fwd", _attention_backward, setup_context=_attention_setup)
-torch.library.custom_op("drope::attention_bwd", _attention_bwd, mutates_args=())
-torch.library.register_fake("drope::attention_bwd", _attention_bwd_fake)
+def _register(name: str, impl, fake, backward=None, setup_context=None):
+    """``drope::<name>`` from ``impl`` (schema from its annotations), its fake and, given a backward, its
+    autograd; returns the ``torch.autograd.Function`` eager calls use (the same context and backward)."""
+    torch.library.custom_op(f"drope::{name}", impl, mutates_args=())
+    torch.library.register_fake(f"drope::{name}", fake)
+    if backward is None:
+        return None
+    torch.library.register_autograd(f"drope::{name}", backward, setup_context=setup_context)
+    return type(f"_{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(impl), "setup_context": staticmethod(setup_context), "backward": staticmethod(backward)})
 
 
-class _AttentionFunction(torch.autograd.Function):
-    """Eager autograd around the forward implementation, with the operator's own context and backward."""
-
-    forward = staticmethod(_attention_fwd)
-    setup_context = staticmethod(_attention_setup)
-    backward = staticmethod(_attention_backward)
+_AttentionFunction = _register("attention_fwd", _attention_fwd, _attention_fwd_fake, _attention_backward,
+                               _attention_setup)
+_register("attention_bwd", _attention_bwd, _attention_bwd_fake)
 
 
 def attention_fwd(*args, needs_grad: bool) -> Tuple[Tensor, Tensor]:
@@ -156,8 +158,7 @@ def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale_rows, sinks, key_mask
     return q.new_empty((B, HQ, SQ, D)), q.new_empty((B, HQ, SQ), dtype=torch.float32)
 
 
-torch.library.custom_op("drope::decode", _decode, mutates_args=())
-torch.library.register_fake("drope::decode", _decode_fake)
+_register("decode", _decode, _decode_fake)
 
 
 def decode(*args) -> Tuple[Tensor, Tensor]:
@@ -208,17 +209,8 @@ def _qk_backward(ctx, gy):
     return dx if need_dx else None, dw if need_dw else None, None, None, None, None
 
 
-torch.library.custom_op("drope::qk_norm_rope", _qk_norm_rope, mutates_args=())
-torch.library.register_fake("drope::qk_norm_rope", _qk_norm_rope_fake)
-torch.library.register_autograd("drope::qk_norm_rope", _qk_backward, setup_context=_qk_setup)
-torch.library.custom_op("drope::qk_norm_rope_bwd", _qk_norm_rope_bwd, mutates_args=())
-torch.library.register_fake("drope::qk_norm_rope_bwd", _qk_norm_rope_bwd_fake)
-
-
-class _QKFunction(torch.autograd.Function):
-    forward = staticmethod(_qk_norm_rope)
-    setup_context = staticmethod(_qk_setup)
-    backward = staticmethod(_qk_backward)
+_QKFunction = _register("qk_norm_rope", _qk_norm_rope, _qk_norm_rope_fake, _qk_backward, _qk_setup)
+_register("qk_norm_rope_bwd", _qk_norm_rope_bwd, _qk_norm_rope_bwd_fake)
 
 
 def qk_norm_rope(*args, needs_grad: bool) -> Tensor:
