@@ -97,9 +97,12 @@ def _read_pattern(mask_function: Optional[Callable], attention_mask) -> dict:
         elif name.startswith("padding_mask_function.") and "padding_mask" in cells:
             # older transformers fold the 2-D attention_mask into the tree as well
             pad = cells["padding_mask"]
+            # the values are compared only where that reads no device (a CPU mask): transformers builds this
+            # function from the call's own attention_mask
             if attention_mask is None or not (pad is attention_mask or (
                     pad.shape[0] == attention_mask.shape[0] and pad.shape[-1] >= attention_mask.shape[-1]
-                    and torch.equal(pad[:, :attention_mask.shape[-1]].bool(), attention_mask.bool()))):
+                    and (not host_values(pad)
+                         or torch.equal(pad[:, :attention_mask.shape[-1]].bool(), attention_mask.bool())))):
                 raise ValueError("drope_triton: the mask function carries a padding mask other than the call's "
                                  f"attention_mask; use {_OTHERS}")
         elif name.startswith("packed_sequence_mask_function."):
@@ -228,15 +231,16 @@ class _PerForward:
     holds the ops once, and CSE merges the layers' copies) and for inference-mode tensors (no version)."""
 
     def __init__(self):
-        self.ref, self.version, self.extra, self.value = None, None, None, None
+        self.entry = None  # (weak reference, version, extra, value): one tuple, replaced whole (thread-safe reads)
 
     def get(self, t: torch.Tensor, extra, make):
         if compiling() or t.is_inference():  # an inference tensor has no version counter to see an in-place write
             return make()
-        if self.ref is not None and self.ref() is t and self.version == t._version and self.extra == extra:
-            return self.value
+        entry = self.entry
+        if entry is not None and entry[0]() is t and entry[1] == t._version and entry[2] == extra:
+            return entry[3]
         value = make()
-        self.ref, self.version, self.extra, self.value = weakref.ref(t), t._version, extra, value
+        self.entry = (weakref.ref(t), t._version, extra, value)
         return value
 
 
