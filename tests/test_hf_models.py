@@ -392,18 +392,17 @@ def test_continuous_batching_equals_greedy(kind, impl):
     assert [got[tuple(p)] for p in prompts] == want
 
 
-def test_a_failed_continuous_batching_request_raises(monkeypatch):
+def test_a_failed_continuous_batching_request_raises():
     """A request that fails inside continuous batching is an error the caller sees, not an empty token list."""
     from transformers import GenerationConfig
-    from drope.hf import modeling
 
     model = drope_model("llama", qk_norm="head", device="cpu")
     model.set_attn_implementation("sdpa")
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("boom in the cache")
+    def broken(module, args, kwargs):
+        raise RuntimeError("boom in the attention")
 
-    monkeypatch.setattr(modeling, "_cache_update", broken)
-    with pytest.raises(RuntimeError, match="continuous-batching requests failed.*boom in the cache"):
+    model.model.layers[0].self_attn.register_forward_pre_hook(broken, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="continuous-batching requests failed.*boom in the attention"):
         model.generate_batch(inputs=[[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False,
                                                                                     eos_token_id=-1))

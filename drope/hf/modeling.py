@@ -33,6 +33,7 @@ from transformers.models.gemma.configuration_gemma import GemmaConfig
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaForCausalLM, GemmaModel
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaModel,
@@ -137,11 +138,14 @@ class DropeAttention(nn.Module):
         else:
             self.k_norm = None
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, cache=None, **kwargs):
-        # the KV cache arrives as `cache` (transformers >= 5.24), `past_key_values` or `past_key_value` (older)
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        # the KV cache arrives under the installed release's own name (`cache` from transformers 5.24,
+        # `past_key_values` before, `past_key_value` older still). Before 5.24 a `cache` kwarg is continuous
+        # batching's paged cache addressed to the paged attention function, which fills it itself: it stays
+        # in kwargs for that function.
+        cache = kwargs.pop(_CACHE_PARAM, None)
         if cache is None:
-            cache = past_key_values if past_key_values is not None else kwargs.pop("past_key_value", None)
+            cache = kwargs.pop("past_key_value", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         impl = self.config._attn_implementation
@@ -204,6 +208,7 @@ class DropeAttention(nn.Module):
 
 
 _UNSET = object()
+_CACHE_PARAM = "cache" if "cache" in inspect.signature(LlamaAttention.forward).parameters else "past_key_values"
 # transformers >= 5.2x hands the attention kwargs to Cache.update (the paged cache of continuous batching
 # reads and fills them: cu_seq_lens_k, block_table, ...); older releases took a dict of cache kwargs
 def _update_takes_kwargs() -> bool:
