@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .validation import check_attention, check_decode, split_scale
+from .validation import check_attention, check_decode, query_boundaries, split_scale
 
 __all__ = ["attention", "decode_attention", "rms_norm", "apply_rope", "rope_tables"]
 
@@ -127,7 +127,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None,
               norm_eps: float = 1e-6, cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False,
               window: Optional[int] = None, chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
-              softcap: Optional[float] = None, key_mask: Optional[torch.Tensor] = None):
+              softcap: Optional[float] = None, key_mask: Optional[torch.Tensor] = None,
+              cu_seqlens_k: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None):
     """Reference of :func:`drope.kernels.attention` (contract: docs/design.md).
 
     Args:
@@ -150,6 +151,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         softcap: logits become ``softcap * tanh(s / softcap)`` after the scale.
         key_mask: optional (B, Sk) bool / uint8 / int8, nonzero where key slot j may be attended
             (padding, holes, unwritten cache slots); positions and the causal rule are unchanged.
+        cu_seqlens_k: optional (N+1,) boundaries of the keys when they are packed apart from the
+            queries (needs ``cu_seqlens`` for the queries; q (1, Hq, total_q, D), k/v (1, Hkv, total_k,
+            D)): document d's query row i sits at position ``Lk_d - Lq_d + i`` of its Lk_d keys
+            (bottom-right causal per document: chunked prefill, a prefill and decodes in one batch).
+            Each document needs Lq_d <= Lk_d; not with ``rope``.
+        cu_seqlens_q: flash-attention's name for ``cu_seqlens`` (pass one of the two).
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
@@ -157,10 +164,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Raises:
         ValueError: on any input outside the contract, naming the argument.
     """
+    cu_seqlens = query_boundaries(cu_seqlens, cu_seqlens_q)
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
-                            key_mask=key_mask, kernel=False)
+                            key_mask=key_mask, kernel=False, cu_seqlens_k=cu_seqlens_k)
     SQ, SK, G = shape.SQ, shape.SK, shape.G
     ct = _compute_dtype(q.dtype)
     const, rows = split_scale(softmax_scale, shape, q.device, ct)
@@ -180,13 +188,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     else:
         outs, lses = [], []
         bounds = cu_seqlens.tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            qd, kd = _prepare_qk(qf[:, :, a:b], kf[:, :, a:b], rope, q_norm_weight, k_norm_weight, norm_eps, 0)
-            kd, vd = _repeat_kv(kd, G), _repeat_kv(vf[:, :, a:b], G)
-            pos = torch.arange(b - a, device=dev)
-            visible = _visible(pos, pos, window, chunk) if causal else None
+        kbounds = bounds if cu_seqlens_k is None else cu_seqlens_k.tolist()
+        for a, b, ka, kb in zip(bounds[:-1], bounds[1:], kbounds[:-1], kbounds[1:]):
+            qd, kd = _prepare_qk(qf[:, :, a:b], kf[:, :, ka:kb], rope, q_norm_weight, k_norm_weight, norm_eps, 0)
+            kd, vd = _repeat_kv(kd, G), _repeat_kv(vf[:, :, ka:kb], G)
+            pos_k = torch.arange(kb - ka, device=dev)
+            pos_q = torch.arange(b - a, device=dev) + ((kb - ka) - (b - a))
+            visible = _visible(pos_q, pos_k, window, chunk) if causal else None
             sd = scale if rows is None else scale[:, :, a:b]
-            o, l = _attend(qd, kd, vd, sd, _and(visible, None if keys is None else keys[..., a:b]), **extra)
+            o, l = _attend(qd, kd, vd, sd, _and(visible, None if keys is None else keys[..., ka:kb]), **extra)
             outs.append(o)
             lses.append(l)
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)

@@ -201,37 +201,71 @@ def check_key_mask(key_mask, shape: "AttentionShape", q: torch.Tensor, *, per_ro
     _check_same_device(q, key_mask=key_mask)
 
 
-def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor, *, values: bool = True) -> int:
+def _boundaries(name: str, cu, total: int, q: torch.Tensor, values: bool) -> Optional[list]:
+    """One boundary tensor: int32 (N+1,), 0 = c[0] <= ... <= c[N] = total; its values (None when unchecked)."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of N+1 document boundaries (N >= 1)")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 (int64 accepted), got {cu.dtype}")
+    _check_same_device(q, **{name: cu})
+    if not values or compiling():
+        return None
+    c = cu.tolist()
+    if c[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {c[0]}")
+    if any(b < a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {c}")
+    if c[-1] != total:
+        raise ValueError(f"{name} must end at the total packed length {total}, got {c[-1]}")
+    return c
+
+
+def query_boundaries(cu_seqlens, cu_seqlens_q):
+    """The query boundaries, given as ``cu_seqlens`` or under flash-attention's name ``cu_seqlens_q`` (not both)."""
+    if cu_seqlens_q is None:
+        return cu_seqlens
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens and cu_seqlens_q are the same argument (the query boundaries): pass one")
+    return cu_seqlens_q
+
+
+def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor, *, values: bool = True,
+                     cu_seqlens_k=None, rope=None) -> int:
     """Packed-sequence boundaries: int32 (N+1,), 0 = c[0] <= c[1] <= ... <= c[N] = total. Returns N.
 
     Empty documents (repeated boundaries) are allowed, so a caller may pad ``cu_seqlens`` to a fixed
-    size. The values are read on the host (one small copy, a device sync for GPU tensors) unless
-    ``values`` is False or torch.compile is tracing the call.
+    size. With ``cu_seqlens_k`` the queries and keys are packed separately (document d's queries are
+    the last ``Lq_d <= Lk_d`` positions of its keys). The values are read on the host (one small copy,
+    a device sync for GPU tensors) unless ``values`` is False or torch.compile is tracing the call.
     """
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D int32 tensor of N+1 document boundaries (N >= 1)")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be int32 (int64 accepted), got {cu_seqlens.dtype}")
-    _check_same_device(q, cu_seqlens=cu_seqlens)
+    if cu_seqlens is None:
+        raise ValueError("cu_seqlens_k needs cu_seqlens, the boundaries of the packed queries")
     if shape.B != 1:
         raise ValueError(f"with cu_seqlens, q/k/v must be packed as (1, H, total, D); got batch size {shape.B}")
-    if shape.SQ != shape.SK:
-        raise ValueError(f"with cu_seqlens, q and k must hold the same packed tokens; got Sq={shape.SQ}, Sk={shape.SK}")
-    if not values or compiling():
+    if cu_seqlens_k is None and shape.SQ != shape.SK:
+        raise ValueError(f"with cu_seqlens alone, q and k must hold the same packed tokens; got Sq={shape.SQ}, "
+                         f"Sk={shape.SK} (pass cu_seqlens_k for keys packed apart from the queries)")
+    c = _boundaries("cu_seqlens", cu_seqlens, shape.SQ, q, values)
+    if cu_seqlens_k is None:
         return cu_seqlens.numel() - 1
-    c = cu_seqlens.tolist()
-    if c[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {c[0]}")
-    if any(b < a for a, b in zip(c[:-1], c[1:])):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {c}")
-    if c[-1] != shape.SQ:
-        raise ValueError(f"cu_seqlens must end at the total packed length {shape.SQ}, got {c[-1]}")
-    return len(c) - 1
+    if rope is not None:
+        raise ValueError("rope is not supported with cu_seqlens_k: rotate q and k first (drope.kernels.qk_norm_rope "
+                         "with each document's positions), or pack queries and keys together")
+    ck = _boundaries("cu_seqlens_k", cu_seqlens_k, shape.SK, q, values)
+    if cu_seqlens_k.numel() != cu_seqlens.numel():
+        raise ValueError(f"cu_seqlens_k must hold as many boundaries as cu_seqlens ({cu_seqlens.numel()}), got "
+                         f"{cu_seqlens_k.numel()}")
+    if c is not None and ck is not None:
+        for d, (a, b, ka, kb) in enumerate(zip(c[:-1], c[1:], ck[:-1], ck[1:])):
+            if b - a > kb - ka:
+                raise ValueError(f"cu_seqlens_k: document {d} has {b - a} queries but only {kb - ka} keys; each "
+                                 "document's queries are the last of its keys (Lq <= Lk)")
+    return cu_seqlens.numel() - 1
 
 
 def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_norm_weight, norm_eps, cu_seqlens=None,
                     window=None, chunk=None, sinks=None, softcap=None, key_mask=None, kernel: bool,
-                    values: bool = True) -> AttentionShape:
+                    values: bool = True, cu_seqlens_k=None) -> AttentionShape:
     """Every check of the ``attention`` contract; returns the problem's sizes. ``values=False`` skips the checks of
     tensor values (a trusted caller: the HF layer builds its scales and boundaries itself)."""
     shape = check_qkv(q, k, v, kernel=kernel)
@@ -256,8 +290,8 @@ def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_no
     check_features(causal=causal, window=window, chunk=chunk, sinks=sinks, softcap=softcap, HQ=shape.HQ, q=q,
                    values=values)
     check_key_mask(key_mask, shape, q)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, shape, q, values=values)
+    if cu_seqlens is not None or cu_seqlens_k is not None:
+        check_cu_seqlens(cu_seqlens, shape, q, values=values, cu_seqlens_k=cu_seqlens_k, rope=rope)
     return shape
 
 

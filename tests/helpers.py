@@ -52,7 +52,8 @@ def poisoned_empty():
 
 
 def lowp_attention(q, k, v, *, causal=True, softmax_scale=None, rope=None, q_norm_weight=None, k_norm_weight=None,
-                   norm_eps=1e-6, cu_seqlens=None, window=None, chunk=None, sinks=None, softcap=None, key_mask=None):
+                   norm_eps=1e-6, cu_seqlens=None, window=None, chunk=None, sinks=None, softcap=None, key_mask=None,
+                   cu_seqlens_k=None):
     """The attention of ``reference.attention`` computed the way a 16-bit kernel rounds it.
 
     Normed/rotated q and k are rounded to q's dtype, products accumulate in fp32, the softmax is fp32,
@@ -65,16 +66,17 @@ def lowp_attention(q, k, v, *, causal=True, softmax_scale=None, rope=None, q_nor
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
-                            key_mask=key_mask, kernel=False)
+                            key_mask=key_mask, kernel=False, cu_seqlens_k=cu_seqlens_k)
     const, rows = split_scale(softmax_scale, shape, q.device, torch.float32)
     scale = const if rows is None else rows[..., None]
     bounds = cu_seqlens.tolist() if cu_seqlens is not None else [0, SQ]
+    kbounds = cu_seqlens_k.tolist() if cu_seqlens_k is not None else bounds
     outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b, ka, kb in zip(bounds[:-1], bounds[1:], kbounds[:-1], kbounds[1:]):
         if cu_seqlens is None:
             qd, kd, vd, pos0, ka, kb = q, k, v, SK - SQ, 0, SK
         else:
-            qd, kd, vd, pos0, ka, kb = q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 0, a, b
+            qd, kd, vd, pos0 = q[:, :, a:b], k[:, :, ka:kb], v[:, :, ka:kb], (kb - ka) - (b - a)
         qf, kf = reference._prepare_qk(qd.float(), kd.float(), rope, q_norm_weight, k_norm_weight, norm_eps, pos0)
         qf, kf = qf.to(dt).float(), kf.to(dt).float()
         kf = kf.repeat_interleave(HQ // HKV, 1)

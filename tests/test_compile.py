@@ -36,19 +36,22 @@ def _features(name, B, HQ, SQ, SK, D):
         "chunk-softcap": dict(chunk=5, softcap=3.0, softmax_scale=0.3),
         "key-mask": dict(key_mask=torch.rand(B, SK, generator=g) > 0.3),
         "packed": dict(cu_seqlens=torch.tensor([0, 7, 7, 20, SK], dtype=torch.int32)),
+        "varlen": dict(cu_seqlens=torch.tensor([0, 2, 2, 10, SQ], dtype=torch.int32),
+                       cu_seqlens_k=torch.tensor([0, 5, 5, 14, SK], dtype=torch.int32), window=6),
     }[name]
     return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else tuple(t.to(DEVICE) for t in v)
                 if isinstance(v, tuple) else v) for k, v in f.items()}
 
 
-FEATURES = ["rope-norms-rows", "head-scale-window-sinks", "chunk-softcap", "key-mask", "packed"]
+FEATURES = ["rope-norms-rows", "head-scale-window-sinks", "chunk-softcap", "key-mask", "packed", "varlen"]
 
 
 @pytest.mark.parametrize("feature", FEATURES)
 def test_attention_compiles_fullgraph_forward_and_backward(feature):
-    B = 1 if feature == "packed" else 2
-    q, k, v = _inputs(B=B)
-    kw = _features(feature, B, 4, 24, 24, 16)
+    B = 1 if feature in ("packed", "varlen") else 2
+    SQ = 16 if feature == "varlen" else 24
+    q, k, v = _inputs(B=B, SQ=SQ)
+    kw = _features(feature, B, 4, SQ, 24, 16)
     leaves = [q, k, v] + [kw[n] for n in ("q_norm_weight", "k_norm_weight", "sinks") if n in kw]
 
     def loss(*ts):
@@ -136,7 +139,11 @@ def test_qk_norm_rope_operator():
 
 OPCHECK = {
     "attention_fwd": lambda q, k, v: (q, k, v, None, None, torch.randn(4, device=DEVICE), None, None, None, None,
-                                      (torch.rand(2, 24) > 0.2).to(DEVICE), True, 0.25, 1e-6, 9, None, 2.0, True),
+                                      (torch.rand(2, 24) > 0.2).to(DEVICE), None, True, 0.25, 1e-6, 9, None, 2.0, True),
+    "attention_fwd-varlen": lambda q, k, v: (
+        q[:1, :, :10], k[:1], v[:1], None, None, None, None, None, None,
+        torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE), None,
+        torch.tensor([0, 9, 24], dtype=torch.int32, device=DEVICE), True, 0.25, 1e-6, 5, None, None, True),
     "decode": lambda q, k, v: (q[:, :, :2], k, v, torch.tensor([24, 10], dtype=torch.int32, device=DEVICE), None, None,
                                None, 0.25, 2, None, None, None),
     "qk_norm_rope": lambda q, k, v: (q, (0.5 + torch.rand(16)).to(DEVICE), *reference.rope_tables(24, 16, device=DEVICE),
@@ -150,7 +157,7 @@ def test_operators_pass_opcheck(op):
     args = OPCHECK[op](q, k, v)
     if op != "decode":
         args = (args[0].requires_grad_(True), *args[1:])
-    torch.library.opcheck(getattr(torch.ops.drope, op).default, args)
+    torch.library.opcheck(getattr(torch.ops.drope, op.split("-")[0]).default, args)
 
 
 # ---- the "drope_triton" layer in transformers --------------------------------------------------------------------

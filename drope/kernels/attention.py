@@ -44,6 +44,7 @@ class Options:
     chunk: Optional[int]
     softcap: Optional[float]
     key_mask: Optional[torch.Tensor] = None               # None or (B, Sk) bool / uint8 / int8
+    cu_seqlens_k: Optional[torch.Tensor] = None           # None (keys packed with the queries) or (N+1,)
 
 
 @triton.jit
@@ -135,7 +136,7 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
 
 @triton.jit(do_not_specialize=["SQ", "SK", "N_DOCS", "N_ITER", "WINDOW", "CHUNK", "SK_BUCKET"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, SCALE, SINKS, CU, KMASK,
+    Q, K, V, O, LSE, SCALE, SINKS, CU, CU_K, KMASK,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -143,9 +144,9 @@ def _attn_fwd_kernel(
     stride_rb, stride_rh, stride_rs, stride_mb, stride_ms,
     HQ, SQ, SK, G, N_DOCS, N_ITER, WINDOW, CHUNK, SK_BUCKET, qk_scale, softcap2,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr,
-    STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_KMASK: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # heads of one KV group run side by side (K/V reuse in L2); longest causal rows first (tail balance)
     i_bh = tl.program_id(0)
@@ -163,7 +164,17 @@ def _attn_fwd_kernel(
     m_d = o_d < D
 
     # row i sees keys [lo_i, hi_i); k0_i is the key index of the row's position 0
-    if PACKED:
+    if VARLEN_K:
+        # the document's queries are the last of its keys: row -> key index rows + (its key end - its query end)
+        i_doc = _doc_index(CU, rows, N_DOCS, N_ITER)
+        k0_i = tl.load(CU_K + i_doc).to(tl.int32)
+        k_end = tl.load(CU_K + i_doc + 1).to(tl.int32)
+        pos_i = rows + (k_end - tl.load(CU + i_doc + 1).to(tl.int32)) - k0_i
+        if IS_CAUSAL:
+            hi_i = k0_i + pos_i + 1
+        else:
+            hi_i = k_end
+    elif PACKED:
         i_doc = _doc_index(CU, rows, N_DOCS, N_ITER)
         k0_i = tl.load(CU + i_doc).to(tl.int32)
         pos_i = rows - k0_i
@@ -182,6 +193,9 @@ def _attn_fwd_kernel(
     if HAS_WINDOW:
         lo_i = tl.maximum(lo_i, k0_i + pos_i - WINDOW + 1)
     if HAS_CHUNK:
+        if VARLEN_K:
+            # a row at a negative position sees nothing whatever its chunk (hi_i <= k0_i): no negative division
+            pos_i = tl.maximum(pos_i, 0)
         lo_i = tl.maximum(lo_i, k0_i + (pos_i // CHUNK) * CHUNK)
     p_km = KMASK
     if HAS_KMASK:
@@ -282,8 +296,8 @@ def _keep(c: triton.Config, args) -> bool:
     return tile in _tiles(args["Q"].dtype, args["BD"])
 
 
-_AUTOTUNE_KEY = ["D", "IS_CAUSAL", "PACKED", "HAS_SCALE", "HAS_WINDOW", "HAS_CHUNK", "HAS_SINKS", "HAS_SOFTCAP",
-                 "HAS_KMASK", "DOT_PREC", "SK_BUCKET"]
+_AUTOTUNE_KEY = ["D", "IS_CAUSAL", "PACKED", "VARLEN_K", "HAS_SCALE", "HAS_WINDOW", "HAS_CHUNK", "HAS_SINKS",
+                 "HAS_SOFTCAP", "HAS_KMASK", "DOT_PREC", "SK_BUCKET"]
 _attn_fwd_tuned = autotuned(_attn_fwd_kernel, _CONFIGS, _AUTOTUNE_KEY, _keep)
 
 # interpreter default: big enough to keep the number of (slow, sequential) programs down
@@ -323,12 +337,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device) if return_lse else None
     if B * HQ * SQ == 0:
         return out, lse
-    cu = opt.cu_seqlens
+    cu, cu_k = opt.cu_seqlens, opt.cu_seqlens_k
     pos = None
+    if cu_k is not None:
+        cu_k = cu_k.contiguous()
     if cu is not None:
         cu = cu.contiguous()  # N+1 boundaries, read by index in the kernel
         if opt.rope is not None:
-            pos = packed_tables(cu, SQ)[3]
+            pos = packed_tables(cu, SQ)[2]
     q_hat = qk_hat(q, q_norm_weight, opt.rope, pos, SK - SQ, opt.norm_eps)
     k_hat = qk_hat(k, k_norm_weight, opt.rope, pos, 0, opt.norm_eps)
     n_docs = cu.numel() - 1 if cu is not None else 1
@@ -337,7 +353,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
     if km is not None and km.dtype == torch.bool:
         km = km.view(torch.uint8)
     args = dict(
-        Q=q_hat, K=k_hat, V=v, O=out, LSE=lse, SCALE=opt.rows, SINKS=sinks, CU=cu, KMASK=km,
+        Q=q_hat, K=k_hat, V=v, O=out, LSE=lse, SCALE=opt.rows, SINKS=sinks, CU=cu, CU_K=cu_k, KMASK=km,
         **named_strides("q", q_hat, "bhsd"), **named_strides("k", k_hat, "bhsd"),
         **named_strides("v", v, "bhsd"), **named_strides("o", out, "bhsd"), **named_strides("r", opt.rows, "bhs"),
         **named_strides("m", km, "bs"),
@@ -345,7 +361,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
         WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, SK_BUCKET=_sk_bucket(SK),
         qk_scale=opt.scale / cap if cap is not None else opt.scale * LOG2E,
         softcap2=cap * LOG2E if cap is not None else 0.0,
-        D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, HAS_SCALE=opt.rows is not None,
+        D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, VARLEN_K=cu_k is not None, HAS_SCALE=opt.rows is not None,
         HAS_WINDOW=opt.window is not None, HAS_CHUNK=opt.chunk is not None, HAS_SINKS=sinks is not None,
         HAS_SOFTCAP=cap is not None, HAS_KMASK=km is not None, STORE_LSE=return_lse, USE_TMA=tma_ok(k_hat, v),
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .qk_transform import packed_tables, qk_epilogue, qk_hat, row_block
+from .visibility import full_keys, full_rows, visible
 from .toolkit import LOG2E_C, cdiv, defined_interpreted, dot_precision, key_bounds, launch, mm, named_strides, \
     next_pow2, operand, padded_dim, phases, tanh, tma_ok, upcast
 
@@ -54,118 +55,7 @@ def _delta_kernel(
 
 
 @triton.jit
-def _visible(o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_KMASK: tl.constexpr, TRANS: tl.constexpr):
-    """Mask of (query row, key row) pairs that exist and may attend: [BM, BN], or [BN, BM] under TRANS.
-
-    ``b_kv`` [BN]: whether each key may be attended (its key-mask entry), read under HAS_KMASK only.
-    """
-    if PACKED:
-        b_dm = tl.load(DOC + o_m, mask=o_m < SQ, other=-1)
-        b_dn = tl.load(DOC + o_n, mask=o_n < SK, other=-2)
-        pos_m = o_m - tl.load(DSTART + o_m, mask=o_m < SQ, other=0)
-        pos_n = o_n - tl.load(DSTART + o_n, mask=o_n < SK, other=0)
-    else:
-        pos_m = o_m + (SK - SQ)
-        pos_n = o_n
-    if TRANS:
-        pm, pn, om, on = pos_m[None, :], pos_n[:, None], o_m[None, :], o_n[:, None]
-    else:
-        pm, pn, om, on = pos_m[:, None], pos_n[None, :], o_m[:, None], o_n[None, :]
-    m = (om < SQ) & (on < SK)
-    if PACKED:
-        if TRANS:
-            m = m & (b_dm[None, :] == b_dn[:, None])
-        else:
-            m = m & (b_dm[:, None] == b_dn[None, :])
-    if IS_CAUSAL:
-        m = m & (pn <= pm)
-    if HAS_WINDOW:
-        m = m & (pn > pm - WINDOW)
-    if HAS_CHUNK:
-        m = m & (pn // CHUNK == pm // CHUNK)
-    if HAS_KMASK:
-        if TRANS:
-            m = m & b_kv[:, None]
-        else:
-            m = m & b_kv[None, :]
-    return m
-
-
-@triton.jit
-def _full_rows(n0, SQ, SK, DOC, DSTART, DEND, WINDOW, CHUNK, BN: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               PACKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr):
-    """Query rows [f_lo, f_hi) that see every key of the key block [n0, n0 + BN) (empty if none)."""
-    n1 = n0 + BN
-    ok = n1 <= SK
-    n_last = tl.minimum(n1, SK) - 1
-    if PACKED:
-        ds = tl.load(DSTART + n0)
-        ok = ok & (tl.load(DOC + n0) == tl.load(DOC + n_last))
-        f_lo = ds
-        f_hi = tl.load(DEND + n0)
-        if IS_CAUSAL:
-            f_lo = n_last
-        if HAS_WINDOW:
-            f_hi = tl.minimum(f_hi, n0 + WINDOW)
-        if HAS_CHUNK:
-            c = (n0 - ds) // CHUNK
-            ok = ok & (c == (n_last - ds) // CHUNK)
-            f_hi = tl.minimum(f_hi, ds + (c + 1) * CHUNK)
-    else:
-        off = SK - SQ
-        f_lo = n0 * 0
-        f_hi = SQ
-        if IS_CAUSAL:
-            f_lo = n_last - off
-        if HAS_WINDOW:
-            f_hi = tl.minimum(f_hi, n0 + WINDOW - off)
-        if HAS_CHUNK:
-            c = n0 // CHUNK
-            ok = ok & (c == n_last // CHUNK)
-            f_hi = tl.minimum(f_hi, (c + 1) * CHUNK - off)
-    f_hi = tl.where(ok, f_hi, f_lo)
-    return f_lo, f_hi
-
-
-@triton.jit
-def _full_keys(m0, SQ, SK, DOC, DSTART, WINDOW, CHUNK, BM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               PACKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, DEND):
-    """Keys [f_lo, f_hi) seen by every row of the query block [m0, m0 + BM) (empty if none)."""
-    m1 = m0 + BM
-    ok = m1 <= SQ
-    m_last = tl.minimum(m1, SQ) - 1
-    if PACKED:
-        ds = tl.load(DSTART + m0)
-        ok = ok & (tl.load(DOC + m0) == tl.load(DOC + m_last))
-        f_lo = ds
-        f_hi = tl.load(DEND + m0)
-        if IS_CAUSAL:
-            f_hi = m0 + 1
-        if HAS_WINDOW:
-            f_lo = tl.maximum(f_lo, m_last - WINDOW + 1)
-        if HAS_CHUNK:
-            c = (m0 - ds) // CHUNK
-            ok = ok & (c == (m_last - ds) // CHUNK)
-            f_lo = tl.maximum(f_lo, ds + c * CHUNK)
-    else:
-        off = SK - SQ
-        f_lo = m0 * 0
-        f_hi = SK
-        if IS_CAUSAL:
-            f_hi = m0 + off + 1
-        if HAS_WINDOW:
-            f_lo = tl.maximum(f_lo, m_last + off - WINDOW + 1)
-        if HAS_CHUNK:
-            c = (m0 + off) // CHUNK
-            ok = ok & (c == (m_last + off) // CHUNK)
-            f_lo = tl.maximum(f_lo, c * CHUNK)
-    f_hi = tl.where(ok, f_hi, f_lo)
-    return f_lo, f_hi
-
-
-@triton.jit
-def _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED: tl.constexpr,
+def _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, TAB, WINDOW, CHUNK, MASKED: tl.constexpr,
            IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
            HAS_KMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TRANS: tl.constexpr):
     """Probabilities of a block of raw products ``b_s`` (q.k) from the saved LSE, and d(logit)/d(q.k).
@@ -186,7 +76,7 @@ def _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WIND
         # per-row scales multiply dS here; a constant one multiplies dK / dQ once, at the end
         b_dsdx = b_sc
     if MASKED:
-        b_p = tl.where(_visible(o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, IS_CAUSAL, PACKED, HAS_WINDOW,
+        b_p = tl.where(visible(o_m, o_n, b_kv, SQ, SK, TAB, WINDOW, CHUNK, IS_CAUSAL, PACKED, HAS_WINDOW,
                                 HAS_CHUNK, HAS_KMASK, TRANS), b_p, 0.0)
     return b_p, b_dsdx
 
@@ -222,7 +112,7 @@ def _tile(P, desc, row0, o_r, N, stride_r, stride_d, o_d, m_d, USE_TMA: tl.const
 
 
 @triton.jit
-def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0, o_n, p_km, stride_ms,
+def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, TAB, m0, o_n, p_km, stride_ms,
                 i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos, stride_dod, stride_lb, stride_lh, stride_ls,
                 stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK, scale, softcap, BM: tl.constexpr, BD: tl.constexpr,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -242,7 +132,7 @@ def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, D
     b_lse2, b_delta, b_sc = _row_stats(LSE, DELTA, SCALE, i_b, i_h, o_m64, m_m, stride_lb, stride_lh, stride_ls,
                                        stride_rb, stride_rh, stride_rs, HQ, SQ, scale, BM, HAS_SCALE)
     b_st = mm(b_k, tl.trans(b_q), None, DOT_PREC, UPCAST)  # [BN, BM]
-    b_pt, b_dsdx = _probs(b_st, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED,
+    b_pt, b_dsdx = _probs(b_st, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, TAB, WINDOW, CHUNK, MASKED,
                           IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, True)
     if COMPUTE_DV:
         b_dv = mm(operand(b_pt, b_do.dtype, UPCAST), b_do, b_dv, DOT_PREC, UPCAST)
@@ -256,7 +146,7 @@ def _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, D
 
 
 @triton.jit
-def _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d, p_km,
+def _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, TAB, n0, o_m, o_d, m_d, p_km,
               stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap, BN: tl.constexpr,
               BD: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr,
               HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -269,7 +159,7 @@ def _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, D
     b_k = _tile(p_k, d_k, n0, o_n, SK, stride_ks, stride_kd, o_d, m_d, USE_TMA, False, 0, BN, BD)  # [BN, BD]
     b_v = _tile(p_v, d_v, n0, o_n, SK, stride_vs, stride_vd, o_d, m_d, USE_TMA, False, 0, BN, BD)
     b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
-    b_p, b_dsdx = _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, DOC, DSTART, WINDOW, CHUNK, MASKED,
+    b_p, b_dsdx = _probs(b_s, b_lse2, b_sc, softcap, o_m, o_n, b_kv, SQ, SK, TAB, WINDOW, CHUNK, MASKED,
                          IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, False)
     b_dp = mm(b_do, tl.trans(b_v), None, DOT_PREC, UPCAST)  # [BM, BN]
     b_ds = b_p * (b_dp - b_delta[:, None])
@@ -278,9 +168,9 @@ def _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, D
     return mm(operand(b_ds, b_k.dtype, UPCAST), b_k, b_dq, DOT_PREC, UPCAST)
 
 
-@triton.jit(do_not_specialize=["SQ", "SK", "WINDOW", "CHUNK"])
+@triton.jit(do_not_specialize=["SQ", "SK", "NB", "WINDOW", "CHUNK"])
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, SCALE, DK, DV, DOC, DSTART, DEND, KMASK,
+    Q, K, V, DO, LSE, DELTA, SCALE, DK, DV, TAB, CU, KMASK,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -289,7 +179,7 @@ def _dkdv_kernel(
     stride_rb, stride_rh, stride_rs, stride_mb, stride_ms,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    HKV, SQ, SK, WINDOW, CHUNK, scale, softcap,
+    HKV, SQ, SK, NB, WINDOW, CHUNK, scale, softcap,
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr, COMPUTE_DK: tl.constexpr,
@@ -322,16 +212,21 @@ def _dkdv_kernel(
     # query rows [lo, hi) that can see some key of this block
     n_last = tl.minimum(n0 + BN, SK) - 1
     if PACKED:
-        hi = tl.load(DEND + n_last)
+        # documents d0 (first key) and dl (last key); document d's query row r sits at key index r + off_d
+        d0 = tl.load(TAB + 2 * SQ + n0)
+        dl = tl.load(TAB + 2 * SQ + n_last)
+        hi = tl.load(CU + dl + 1)
+        lo = tl.load(CU + d0)
         if IS_CAUSAL:
-            lo = n0
-        else:
-            lo = tl.load(DSTART + n0)
+            lo = tl.maximum(lo, n0 - (tl.load(CU + NB + d0 + 1) - tl.load(CU + d0 + 1)))
+        if HAS_WINDOW or HAS_CHUNK:
+            q_l = tl.load(CU + dl)
+            ks_l = tl.load(CU + NB + dl)
+            off_l = tl.load(CU + NB + dl + 1) - hi
         if HAS_WINDOW:
-            hi = tl.minimum(hi, n_last + WINDOW)
+            hi = tl.minimum(hi, tl.maximum(q_l, n_last + WINDOW - off_l))
         if HAS_CHUNK:
-            ds = tl.load(DSTART + n_last)
-            hi = tl.minimum(hi, ds + ((n_last - ds) // CHUNK + 1) * CHUNK)
+            hi = tl.minimum(hi, tl.maximum(q_l, ks_l + ((n_last - ks_l) // CHUNK + 1) * CHUNK - off_l))
     else:
         hi = SQ
         if IS_CAUSAL:
@@ -345,8 +240,7 @@ def _dkdv_kernel(
     lo = (lo // BM) * BM
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-    f_lo, f_hi = _full_rows(n0, SQ, SK, DOC, DSTART, DEND, WINDOW, CHUNK, BN, IS_CAUSAL, PACKED, HAS_WINDOW,
-                            HAS_CHUNK)
+    f_lo, f_hi = full_rows(n0, SQ, SK, TAB, CU, NB, WINDOW, CHUNK, BN, IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK)
     p_km = KMASK
     if HAS_KMASK:
         # this block's keys under the key mask: none attendable, nothing to do; some not, every block masked
@@ -360,21 +254,21 @@ def _dkdv_kernel(
         p_q = p_qb + i_h * stride_qh
         p_do = p_dob + i_h * stride_doh
         for m0 in range(lo, ph_a, BM):
-            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
+            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, TAB, m0,
                                      o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
                                      stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
                                      scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
                                      HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
                                      UPCAST)
         for m0 in range(ph_a, ph_b, BM):
-            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
+            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, TAB, m0,
                                      o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
                                      stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
                                      scale, softcap, BM, BD, False, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
                                      HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
                                      UPCAST)
         for m0 in range(ph_b, ph_end, BM):
-            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, DOC, DSTART, m0,
+            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, TAB, m0,
                                      o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
                                      stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
                                      scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
@@ -390,9 +284,9 @@ def _dkdv_kernel(
         tl.store(p_dv, b_dv.to(DV.dtype.element_ty), mask=m_nd)
 
 
-@triton.jit(do_not_specialize=["SQ", "SK", "WINDOW", "CHUNK"])
+@triton.jit(do_not_specialize=["SQ", "SK", "NB", "WINDOW", "CHUNK"])
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, SCALE, DQ, DOC, DSTART, DEND, KMASK,
+    Q, K, V, DO, LSE, DELTA, SCALE, DQ, TAB, CU, KMASK,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -400,7 +294,7 @@ def _dq_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_rb, stride_rh, stride_rs, stride_mb, stride_ms,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-    HQ, SQ, SK, WINDOW, CHUNK, scale, softcap,
+    HQ, SQ, SK, NB, WINDOW, CHUNK, scale, softcap,
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr, USE_TMA: tl.constexpr,
@@ -433,16 +327,21 @@ def _dq_kernel(
     # key rows [lo, hi) visible to some row of this query block
     m_last = tl.minimum(m0 + BM, SQ) - 1
     if PACKED:
-        ds = tl.load(DSTART + m0)
-        lo = ds
+        # documents d0 (first row) and dl (last row); document d's query row r sits at key index r + off_d
+        d0 = tl.load(TAB + m0)
+        dl = tl.load(TAB + m_last)
+        ks = tl.load(CU + NB + d0)
+        lo = ks
         if IS_CAUSAL:
-            hi = m_last + 1
+            hi = tl.maximum(tl.load(CU + NB + dl), m_last + 1 + tl.load(CU + NB + dl + 1) - tl.load(CU + dl + 1))
         else:
-            hi = tl.load(DEND + m_last)
+            hi = tl.load(CU + NB + dl + 1)
+        if HAS_WINDOW or HAS_CHUNK:
+            k0 = m0 + tl.load(CU + NB + d0 + 1) - tl.load(CU + d0 + 1)
         if HAS_WINDOW:
-            lo = tl.maximum(lo, m0 - WINDOW + 1)
+            lo = tl.maximum(lo, k0 - WINDOW + 1)
         if HAS_CHUNK:
-            lo = tl.maximum(lo, ds + ((m0 - ds) // CHUNK) * CHUNK)
+            lo = tl.maximum(lo, ks + (tl.maximum(k0 - ks, 0) // CHUNK) * CHUNK)
     else:
         lo = 0
         if IS_CAUSAL:
@@ -453,8 +352,7 @@ def _dq_kernel(
             lo = tl.maximum(lo, m0 + (SK - SQ) - WINDOW + 1)
         if HAS_CHUNK:
             lo = tl.maximum(lo, ((m0 + (SK - SQ)) // CHUNK) * CHUNK)
-    f_lo, f_hi = _full_keys(m0, SQ, SK, DOC, DSTART, WINDOW, CHUNK, BM, IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK,
-                            DEND)
+    f_lo, f_hi = full_keys(m0, SQ, SK, TAB, CU, NB, WINDOW, CHUNK, BM, IS_CAUSAL, PACKED, HAS_WINDOW, HAS_CHUNK)
     p_km = KMASK
     if HAS_KMASK:
         # attendable keys span [k_lo, k_hi) of this batch row; with holes every block is masked
@@ -468,17 +366,17 @@ def _dq_kernel(
     ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     for n0 in range(lo, ph_a, BN):
-        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
+        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, TAB, n0, o_m, o_d, m_d,
                          p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap,
                          BN, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP,
                          USE_TMA, DOT_PREC, UPCAST)
     for n0 in range(ph_a, ph_b, BN):
-        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
+        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, TAB, n0, o_m, o_d, m_d,
                          p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap,
                          BN, BD, False, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP,
                          USE_TMA, DOT_PREC, UPCAST)
     for n0 in range(ph_b, ph_end, BN):
-        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, DOC, DSTART, n0, o_m, o_d, m_d,
+        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, TAB, n0, o_m, o_d, m_d,
                          p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap,
                          BN, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP,
                          USE_TMA, DOT_PREC, UPCAST)
@@ -491,14 +389,14 @@ def _dq_kernel(
 _TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
-def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional[int], per_element: bool):
+def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional[int], pressure: int):
     """Tiles ``(BM, BN, num_warps, num_stages)`` of the dK/dV kernel and of the dQ kernel.
 
     dK/dV holds a wide key block and walks narrow query blocks, dQ the opposite. Chosen with the
     sm_90a compile check (``drope.kernels.inspect``; bf16, B1 H32 KV8 S8192), none spills with Triton
     3.9: unmasked loops of 299 (dK/dV) and 182 (dQ) SASS instructions at D=64, 350 and 217 at D=128.
-    ``per_element`` (a per-row scale or a soft-cap multiplies dS element-wise) needs registers the
-    D=128 dK/dV tile lacks: 16 query rows there. Triton 3.6 spills both D=128 dK/dV tiles: 32x64 w8 s2
+    ``pressure`` counts what the masked dK/dV blocks hold besides the tile (:func:`_pressure`): at D=128 one
+    such feature needs 16 query rows, two a 64-key block (32x64 w8 s3). Triton 3.6 spills both D=128 dK/dV tiles: 32x64 w8 s2
     there. At D=256 the dK/dV accumulators alone fill a warpgroup's registers: small mma.sync tiles.
     Forced ``block_m`` / ``block_n`` (tests) apply to both kernels.
     """
@@ -513,8 +411,20 @@ def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional
         if _TRITON < (3, 9):
             # Triton 3.6 (the GPU machines') spills the 128-key tiles at D=128 (160 B, 8 B with per_element)
             return (32, 64, 8, 2), (128, 32, 8, 3)
-        return ((16, 128, 8, 3) if per_element else (32, 128, 8, 3)), (128, 32, 8, 3)
+        if pressure >= 2:
+            # 16x128 spilled 20-136 B with two of them, 32x64 w8 s2 16-72 B, 16x64 w4 12-152 B; this one none
+            return (32, 64, 8, 3), (128, 32, 8, 3)
+        return ((16, 128, 8, 3) if pressure else (32, 128, 8, 3)), (128, 32, 8, 3)
     return (32, 32, 8, 2), (64, 32, 4, 2)
+
+
+def _pressure(opt, km) -> int:
+    """Register pressure of the dK/dV kernel's masked blocks: an element-wise dS factor (per-row scale, soft-cap),
+    the key mask's entries, packed documents' four row tables; with the key mask, each counts one."""
+    elementwise = opt.rows is not None or opt.softcap is not None
+    if km is None:
+        return int(elementwise or opt.cu_seqlens is not None)
+    return 1 + int(elementwise) + int(opt.cu_seqlens is not None)
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -576,9 +486,9 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         return (*zeros, dsinks)
 
     cu = opt.cu_seqlens
-    doc = dstart = dend = pos = None
+    tab = cus = pos = None
     if cu is not None:
-        doc, dstart, dend, pos = packed_tables(cu, SQ)
+        tab, cus, pos = packed_tables(cu, SQ, opt.cu_seqlens_k, SK)
     q_pos0 = SK - SQ
     rope, eps = opt.rope, opt.norm_eps
     q_tf = q_norm_weight is not None or rope is not None
@@ -590,13 +500,12 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if km is not None and km.dtype == torch.bool:
         km = km.view(torch.uint8)
     (BM1, BN1, warps1, stages1), (BM2, BN2, warps2, stages2) = _blocks(BD, SQ, SK, block_m, block_n,
-                                                                 opt.rows is not None or opt.softcap is not None
-                                                                 or km is not None)
+                                                                 _pressure(opt, km))
     common = dict(
-        Q=q_hat, K=k_hat, V=v, DO=do, LSE=lse, DELTA=delta, SCALE=opt.rows, DOC=doc, DSTART=dstart, DEND=dend,
+        Q=q_hat, K=k_hat, V=v, DO=do, LSE=lse, DELTA=delta, SCALE=opt.rows, TAB=tab, CU=cus,
         **named_strides("q", q_hat, "bhsd"), **named_strides("k", k_hat, "bhsd"), **named_strides("v", v, "bhsd"),
         **named_strides("do", do, "bhsd"), **named_strides("l", lse, "bhs"), **named_strides("r", opt.rows, "bhs"),
-        SQ=SQ, SK=SK, WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, scale=float(opt.scale),
+        SQ=SQ, SK=SK, NB=0 if cu is None else cu.numel(), WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, scale=float(opt.scale),
         softcap=float(opt.softcap or 0.0), G=HQ // HKV, D=D, BD=BD, KMASK=km, **named_strides("m", km, "bs"),
         IS_CAUSAL=opt.causal, PACKED=cu is not None, HAS_SCALE=opt.rows is not None,
         HAS_WINDOW=opt.window is not None, HAS_CHUNK=opt.chunk is not None, HAS_SOFTCAP=opt.softcap is not None,

@@ -158,6 +158,8 @@ class Shape:
     sinks: bool = False
     softcap: Optional[float] = None
     key_mask: bool = False
+    docs: int = 0             # prefill: documents packed along S (cu_seqlens), batch 1
+    varlen: bool = False      # prefill: queries packed apart from the keys (cu_seqlens_k): each document's last half
     q_len: int = 1            # decode: new query rows
     num_sms: int = 132        # decode: SMs the split count is chosen for (an H100 / H200)
     num_splits: Optional[int] = None
@@ -190,7 +192,8 @@ def record_op(s: Shape) -> Tuple[Dict[str, Any], List[toolkit.Launch]]:
     sinks = _meta(HQ, dtype=torch.float32, grad=s.op == "prefill_bwd") if s.sinks else None
     args: Dict[str, Any] = dict(op=s.op, dtype=s.dtype, batch=B, heads=HQ, kv_heads=HKV, seq=S, head_dim=D,
                                 causal=True, rope=s.rope, q_norm=s.q_norm, k_norm=s.k_norm, row_scale=s.row_scale,
-                                window=s.window, chunk=s.chunk, sinks=s.sinks, softcap=s.softcap, key_mask=s.key_mask)
+                                window=s.window, chunk=s.chunk, sinks=s.sinks, softcap=s.softcap, key_mask=s.key_mask,
+                                docs=s.docs, varlen=s.varlen)
     km = _meta(B, S, dtype=torch.bool) if s.key_mask else None
     from . import attention, decode_attention
     if s.op == "decode":
@@ -208,14 +211,22 @@ def record_op(s: Shape) -> Tuple[Dict[str, Any], List[toolkit.Launch]]:
         return args, launches
 
     grad = s.op == "prefill_bwd"
-    q = _meta(B, HQ, S, D, dtype=dt, grad=grad)
+    SQ = S // 2 if s.varlen else S
+    if (s.docs or s.varlen) and (B != 1 or s.docs < 1 or (s.varlen and s.rope)):
+        raise ValueError("--docs N packs N >= 1 documents in batch 1 (--batch 1); --varlen needs --docs, not --rope")
+    q = _meta(B, HQ, SQ, D, dtype=dt, grad=grad)
     k, v = _meta(B, HKV, S, D, dtype=dt, grad=grad), _meta(B, HKV, S, D, dtype=dt, grad=grad)
     rope = (_meta(S, D // 2, dtype=torch.float32), _meta(S, D // 2, dtype=torch.float32)) if s.rope else None
     wq = _meta(D, dtype=dt, grad=grad) if s.q_norm else None
     wk = _meta(D, dtype=dt, grad=grad) if s.k_norm else None
-    scale = _meta(B, S, dtype=torch.float32) if s.row_scale else None
+    scale = _meta(B, SQ, dtype=torch.float32) if s.row_scale else None
     kw = dict(causal=True, softmax_scale=scale, rope=rope, q_norm_weight=wq, k_norm_weight=wk, window=s.window,
               chunk=s.chunk, sinks=sinks, softcap=s.softcap, key_mask=km)
+    if s.docs:
+        # boundaries on meta have no values: the kernels never read them on the host
+        kw.update(cu_seqlens=_meta(s.docs + 1, dtype=torch.int32), check_values=False)
+        if s.varlen:
+            kw["cu_seqlens_k"] = _meta(s.docs + 1, dtype=torch.int32)
     if not grad:
         with toolkit.recording() as launches, torch.no_grad():
             attention(q, k, v, **kw)
@@ -560,8 +571,9 @@ def summary_table(manifest: Dict[str, Any]) -> str:
             f"{e['ctas_per_sm']} ({e['ctas_limit']}) | {lp.get('instructions', '-')} | {lp.get('mma', '-')} | "
             f"{lp.get('loads', '-')} | {lp.get('int64', '-')} | {lp.get('int_alu', '-')} | {warn or '-'} |")
     a = manifest["args"]
-    flags = [f for f in ("rope", "q_norm", "k_norm", "row_scale", "sinks", "key_mask") if a.get(f)]
+    flags = [f for f in ("rope", "q_norm", "k_norm", "row_scale", "sinks", "key_mask", "varlen") if a.get(f)]
     flags += [f"{f}={a[f]}" for f in ("window", "chunk", "softcap") if a.get(f) is not None]
+    flags += [f"docs={a['docs']}"] if a.get("docs") else []
     title = (f"{manifest['op']} {a['dtype']} B{a['batch']} H{a['heads']} KV{a['kv_heads']} S{a['seq']} "
              f"D{a['head_dim']} {' '.join(flags)} -- {manifest['arch']}, triton {manifest['triton']}")
     return title.strip() + "\n\n" + "\n".join(rows)
@@ -586,6 +598,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sinks", action="store_true")
     p.add_argument("--softcap", type=float)
     p.add_argument("--key-mask", action="store_true", help="a (B, S) key mask (padding / unwritten cache slots)")
+    p.add_argument("--docs", type=int, default=0, help="prefill: N documents packed along S (cu_seqlens), batch 1")
+    p.add_argument("--varlen", action="store_true",
+                   help="prefill: queries packed apart from the keys (cu_seqlens_k), S/2 of them; needs --docs")
     p.add_argument("--q-len", type=int, default=1, help="decode: new query rows")
     p.add_argument("--num-sms", type=int, default=132, help="decode: SMs the split count is chosen for")
     p.add_argument("--num-splits", type=int, help="decode: force the split count")
@@ -605,7 +620,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = _parser().parse_args(argv)
     s = Shape(op=a.op, dtype=a.dtype, batch=a.batch, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
               head_dim=a.head_dim, rope=a.rope, q_norm=a.q_norm, k_norm=a.k_norm, row_scale=a.row_scale,
-              window=a.window, chunk=a.chunk, sinks=a.sinks, softcap=a.softcap, key_mask=a.key_mask, q_len=a.q_len,
+              window=a.window, chunk=a.chunk, sinks=a.sinks, softcap=a.softcap, key_mask=a.key_mask, docs=a.docs, varlen=a.varlen, q_len=a.q_len,
               num_sms=a.num_sms, num_splits=a.num_splits)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

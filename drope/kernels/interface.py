@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..validation import check_attention, check_decode, check_norm_weight, check_qkv, check_rope, split_scale
+from ..validation import check_attention, check_decode, check_norm_weight, check_qkv, check_rope, query_boundaries, \
+    split_scale
 from . import ops
 from .decode import num_splits_for
 
@@ -43,7 +44,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               k_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6,
               cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False, window: Optional[int] = None,
               chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-              key_mask: Optional[torch.Tensor] = None, check_values: bool = True):
+              key_mask: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+              cu_seqlens_q: Optional[torch.Tensor] = None, check_values: bool = True):
     """Fused attention with QK-norm, RoPE, per-row/per-head softmax scale, GQA, windows, chunks, sinks.
 
     Semantics are exactly :func:`drope.reference.attention`'s (docs/design.md, "Contract:
@@ -75,6 +77,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         key_mask: optional (B, Sk) bool / uint8 / int8, nonzero where key slot j may be attended
             (padding in any pattern); positions are unchanged. Blocks between a row's first and last
             attendable key run unmasked when the row has no holes.
+        cu_seqlens_k: optional int32 (N+1,) boundaries of the keys when they are packed apart from the
+            queries (flash-attention's varlen with ``cu_seqlens_q != cu_seqlens_k``: chunked prefill, a
+            prefill and decodes in one batch). Needs ``cu_seqlens`` for the queries; q (1, Hq, total_q, D),
+            k/v (1, Hkv, total_k, D). Document d's query row i sits at position ``Lk_d - Lq_d + i`` of its
+            keys (bottom-right causal per document); each document needs Lq_d <= Lk_d (checked with the
+            other boundary values; unchecked, causal rows at negative positions output zeros). Not with ``rope``.
+        cu_seqlens_q: flash-attention's name for ``cu_seqlens`` (pass one of the two).
         check_values: check tensor values (scale range, sinks, ``cu_seqlens`` order) where that costs no device
             sync (CPU tensors; ``cu_seqlens`` on any device, outside torch.compile); False skips them for a
             caller that builds those tensors itself (the HF layer). Shapes, dtypes and devices are always checked.
@@ -95,19 +104,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         drope.validation.DeviceError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
     q, k, v = _autocast_inputs(q, k, v)
+    cu_seqlens = query_boundaries(cu_seqlens, cu_seqlens_q)
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
-                            key_mask=key_mask, kernel=True, values=check_values)
+                            key_mask=key_mask, kernel=True, values=check_values, cu_seqlens_k=cu_seqlens_k)
     const, rows = split_scale(softmax_scale, shape, q.device)
     return run_attention(q, k, v, const, rows, causal=causal, rope=rope, q_norm_weight=q_norm_weight,
                          k_norm_weight=k_norm_weight, norm_eps=norm_eps, cu_seqlens=cu_seqlens, return_lse=return_lse,
-                         window=window, chunk=chunk, sinks=sinks, softcap=softcap, key_mask=key_mask)
+                         window=window, chunk=chunk, sinks=sinks, softcap=softcap, key_mask=key_mask,
+                         cu_seqlens_k=cu_seqlens_k)
 
 
 def run_attention(q, k, v, const: float, rows: Optional[torch.Tensor], *, causal: bool = True, rope=None,
                   q_norm_weight=None, k_norm_weight=None, norm_eps: float = 1e-6, cu_seqlens=None,
-                  return_lse: bool = False, window=None, chunk=None, sinks=None, softcap=None, key_mask=None):
+                  return_lse: bool = False, window=None, chunk=None, sinks=None, softcap=None, key_mask=None,
+                  cu_seqlens_k=None):
     """:func:`attention` on arguments already checked: ``const`` the constant logit multiplier, ``rows`` None or
     a (B, Hq, Sq) float32 view of per-row / per-head multipliers (:func:`drope.validation.split_scale`)."""
     needs_grad = _needs_grad(q, k, v, q_norm_weight, k_norm_weight, sinks)
@@ -115,7 +127,7 @@ def run_attention(q, k, v, const: float, rows: Optional[torch.Tensor], *, causal
     lse_too = return_lse or needs_grad or torch.compiler.is_compiling()
     out, lse = ops.attention_fwd(
         q, k, v, q_norm_weight, k_norm_weight, sinks, None if rows is None else rows.detach(), *_tables(rope),
-        cu_seqlens, key_mask, causal, float(const), float(norm_eps), window, chunk,
+        cu_seqlens, key_mask, cu_seqlens_k, causal, float(const), float(norm_eps), window, chunk,
         None if softcap is None else float(softcap), lse_too, needs_grad=needs_grad)
     return (out, lse) if return_lse else out
 

@@ -48,26 +48,26 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,), dtype=torch.float32)
 
 
-def _options(causal, scale, rows, cos, sin, eps, cu, window, chunk, softcap, key_mask) -> Options:
+def _options(causal, scale, rows, cos, sin, eps, cu, window, chunk, softcap, key_mask, cu_k) -> Options:
     return Options(causal=causal, scale=scale, rows=rows, rope=_rope(cos, sin), norm_eps=eps, cu_seqlens=cu,
-                   window=window, chunk=chunk, softcap=softcap, key_mask=key_mask)
+                   window=window, chunk=chunk, softcap=softcap, key_mask=key_mask, cu_seqlens_k=cu_k)
 
 
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor],
                    sinks: Optional[Tensor], scale_rows: Optional[Tensor], rope_cos: Optional[Tensor],
-                   rope_sin: Optional[Tensor], cu_seqlens: Optional[Tensor], key_mask: Optional[Tensor], causal: bool,
-                   scale: float, norm_eps: float, window: Optional[int], chunk: Optional[int], softcap: Optional[float],
-                   return_lse: bool) -> Tuple[Tensor, Tensor]:
+                   rope_sin: Optional[Tensor], cu_seqlens: Optional[Tensor], key_mask: Optional[Tensor],
+                   cu_seqlens_k: Optional[Tensor], causal: bool, scale: float, norm_eps: float, window: Optional[int],
+                   chunk: Optional[int], softcap: Optional[float], return_lse: bool) -> Tuple[Tensor, Tensor]:
     check_device(q, "attention")
     opt = _options(causal, scale, scale_rows, rope_cos, rope_sin, norm_eps, cu_seqlens, window, chunk, softcap,
-                   key_mask)
+                   key_mask, cu_seqlens_k)
     with on_device(q):
         out, lse = attention_forward(q, k, v, q_norm_weight, k_norm_weight, sinks, opt, return_lse=return_lse)
     return out, lse if lse is not None else _empty(q)
 
 
 def _attention_fwd_fake(q, k, v, q_norm_weight, k_norm_weight, sinks, scale_rows, rope_cos, rope_sin, cu_seqlens,
-                        key_mask, causal, scale, norm_eps, window, chunk, softcap, return_lse):
+                        key_mask, cu_seqlens_k, causal, scale, norm_eps, window, chunk, softcap, return_lse):
     B, HQ, SQ, D = q.shape
     lse = q.new_empty((B, HQ, SQ) if return_lse else (0,), dtype=torch.float32)
     return torch.empty_like(q), lse
@@ -76,11 +76,11 @@ def _attention_fwd_fake(q, k, v, q_norm_weight, k_norm_weight, sinks, scale_rows
 def _attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor], sinks: Optional[Tensor],
                    scale_rows: Optional[Tensor], rope_cos: Optional[Tensor], rope_sin: Optional[Tensor],
-                   cu_seqlens: Optional[Tensor], key_mask: Optional[Tensor], causal: bool, scale: float,
-                   norm_eps: float, window: Optional[int], chunk: Optional[int], softcap: Optional[float],
-                   needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   cu_seqlens: Optional[Tensor], key_mask: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                   causal: bool, scale: float, norm_eps: float, window: Optional[int], chunk: Optional[int],
+                   softcap: Optional[float], needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opt = _options(causal, scale, scale_rows, rope_cos, rope_sin, norm_eps, cu_seqlens, window, chunk, softcap,
-                   key_mask)
+                   key_mask, cu_seqlens_k)
     with on_device(q):
         grads = attention_backward(dout, q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks, opt, dlse=dlse,
                                    needs_grad=tuple(needs))
@@ -88,24 +88,25 @@ def _attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
 
 
 def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks, scale_rows, rope_cos,
-                        rope_sin, cu_seqlens, key_mask, causal, scale, norm_eps, window, chunk, softcap, needs):
+                        rope_sin, cu_seqlens, key_mask, cu_seqlens_k, causal, scale, norm_eps, window, chunk, softcap,
+                        needs):
     likes = (q, k, v, q_norm_weight, k_norm_weight, sinks)
     return tuple(t.new_empty(t.shape) if need and t is not None else _empty(q) for t, need in zip(likes, needs))
 
 
-_FWD_INPUTS = 18
+_FWD_INPUTS = 19
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, qw, kw, sinks, rows, cos, sin, cu, km, causal, scale, eps, window, chunk, softcap, _ = inputs
+    q, k, v, qw, kw, sinks, rows, cos, sin, cu, km, cu_k, causal, scale, eps, window, chunk, softcap, _ = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, qw, kw, sinks, rows, cos, sin, cu, km)
+    ctx.save_for_backward(q, k, v, out, lse, qw, kw, sinks, rows, cos, sin, cu, km, cu_k)
     ctx.flags = (causal, scale, eps, window, chunk, softcap)
     ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, dout, dlse):
-    q, k, v, out, lse, qw, kw, sinks, rows, cos, sin, cu, km = ctx.saved_tensors
+    q, k, v, out, lse, qw, kw, sinks, rows, cos, sin, cu, km, cu_k = ctx.saved_tensors
     if lse.numel() == 0 and out.numel():
         raise RuntimeError("drope::attention_fwd was called with return_lse=False but its output is differentiated; "
                            "call it through drope.kernels.attention")
@@ -113,7 +114,7 @@ def _attention_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     bwd = torch.ops.drope.attention_bwd if _traced(q) else _attention_bwd
-    grads = bwd(dout, dlse, q, k, v, out, lse, qw, kw, sinks, rows, cos, sin, cu, km, *ctx.flags, needs)
+    grads = bwd(dout, dlse, q, k, v, out, lse, qw, kw, sinks, rows, cos, sin, cu, km, cu_k, *ctx.flags, needs)
     return (*(g if n else None for g, n in zip(grads, needs)), *([None] * (_FWD_INPUTS - 6)))
 
 

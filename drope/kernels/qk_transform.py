@@ -230,11 +230,30 @@ def qk_epilogue(gy: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor], ro
     return dx, dw
 
 
-def packed_tables(cu_seqlens: torch.Tensor, total: int) -> Tuple[torch.Tensor, ...]:
-    """Per row of a packed batch: document id, document start, document end, position in it (int32)."""
+def packed_tables(cu_seqlens: torch.Tensor, total: int, cu_seqlens_k: Optional[torch.Tensor] = None,
+                  total_k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's tables of a packed batch, all int32: ``(tab, cu, pos)``.
+
+    ``tab`` = [document of each query row | its position | document of each key | its position], a
+    document's query rows being the last positions of its keys (``cu_seqlens_k``; the queries' own
+    boundaries when None); ``cu`` = [query boundaries | key boundaries]; ``pos`` the query rows' positions
+    (the RoPE positions when queries and keys are packed together).
+    """
+    def rows(cu: torch.Tensor, n: int):
+        lengths = cu[1:] - cu[:-1]
+        doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=n)
+        return doc, torch.arange(n, device=cu.device) - cu[:-1][doc]
+
     cu = cu_seqlens.to(torch.int64)
-    lengths = cu[1:] - cu[:-1]
-    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)
-    start, end = cu[:-1][doc], cu[1:][doc]
-    pos = torch.arange(total, device=cu.device) - start
-    return doc.to(torch.int32), start.to(torch.int32), end.to(torch.int32), pos.to(torch.int32)
+    doc_q, pos_q = rows(cu, total)
+    if cu_seqlens_k is None:
+        tab = torch.cat((doc_q, pos_q, doc_q, pos_q))
+        cus = torch.cat((cu, cu))
+    else:
+        cu_k = cu_seqlens_k.to(torch.int64)
+        doc_k, pos_k = rows(cu_k, total_k)
+        # bottom-right: query row i of a document with Lq queries and Lk keys sits at position Lk - Lq + i
+        pos_q = pos_q + ((cu_k[1:] - cu_k[:-1]) - (cu[1:] - cu[:-1]))[doc_q]
+        tab = torch.cat((doc_q, pos_q, doc_k, pos_k))
+        cus = torch.cat((cu, cu_k))
+    return tab.to(torch.int32), cus.to(torch.int32), pos_q.to(torch.int32)
