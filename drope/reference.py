@@ -13,7 +13,7 @@ import torch
 
 from .validation import check_attention, check_decode, query_boundaries, split_scale
 
-__all__ = ["attention", "decode_attention", "rms_norm", "apply_rope", "rope_tables"]
+__all__ = ["attention", "decode_attention", "rms_norm", "apply_rope", "rope_tables", "logical_cache", "write_new_tokens"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -219,7 +219,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_splits: Optional[int] = None, return_lse: bool = False,
                      max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
                      sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                     key_mask: Optional[torch.Tensor] = None):
+                     key_mask: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
+                     k_new: Optional[torch.Tensor] = None, v_new: Optional[torch.Tensor] = None):
     """Reference of :func:`drope.kernels.decode_attention` (NoPE attention of a few queries to a cache).
 
     Args:
@@ -233,6 +234,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         window, chunk, sinks, softcap: as in :func:`attention`, positions as above.
         key_mask: optional (B, Smax) or, per query row, (B, Sq, Smax) bool / uint8 / int8: nonzero
             where the cache slot may be attended (left padding, holes, another document or chunk).
+        block_table: optional (B, max_pages) int32 page indices; the caches are then paged,
+            (num_pages, page_size, Hkv, D), and position p of batch row b lives in page
+            ``block_table[b, p // page_size]``, row ``p % page_size`` (Smax = max_pages * page_size).
+        k_new, v_new: optional (B, Hkv, Sq, D) keys and values of the Sq new tokens, written into the
+            caches (in place) at positions ``cache_seqlens[b] - Sq + i`` before attending.
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype (or ``(out, lse)``).
@@ -242,16 +248,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
                          num_splits=num_splits, kernel=False, max_seqlen=max_seqlen, window=window, chunk=chunk,
-                         sinks=sinks, softcap=softcap, key_mask=key_mask)
+                         sinks=sinks, softcap=softcap, key_mask=key_mask, block_table=block_table, k_new=k_new,
+                         v_new=v_new)
     B, SQ, SMAX, G = shape.B, shape.SQ, shape.SK, shape.G
     ct = _compute_dtype(q.dtype)
     const, rows = split_scale(softmax_scale, shape, q.device, ct)
     scale = const if rows is None else rows[..., None]
-    kf, vf = _repeat_kv(k_cache.to(ct), G), _repeat_kv(v_cache.to(ct), G)
     if cache_seqlens is None:
         lens = torch.full((B,), SMAX, device=q.device, dtype=torch.int64)
     else:
         lens = cache_seqlens.to(device=q.device, dtype=torch.int64)
+    if k_new is not None:
+        write_new_tokens(k_cache, v_cache, k_new, v_new, lens, block_table)
+    k_cache, v_cache = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
+    kf, vf = _repeat_kv(k_cache.to(ct), G), _repeat_kv(v_cache.to(ct), G)
     pos = lens[:, None] - SQ + torch.arange(SQ, device=q.device)[None, :]  # (B, Sq)
     visible = _visible(pos, torch.arange(SMAX, device=q.device), window, chunk)  # (B, Sq, Smax)
     if key_mask is not None:
@@ -260,3 +270,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                        sinks=None if sinks is None else sinks.to(ct), softcap=softcap)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def logical_cache(cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, Hkv, Smax, D) view of a cache: itself, or a paged (num_pages, page_size, Hkv, D) cache gathered
+    through ``block_table`` (B, max_pages) (a copy; Smax = max_pages * page_size)."""
+    if block_table is None:
+        return cache
+    B, P = block_table.shape
+    pages = cache[block_table.long()]  # (B, P, page_size, Hkv, D)
+    return pages.reshape(B, P * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
+
+
+def write_new_tokens(k_cache, v_cache, k_new, v_new, lens: torch.Tensor, block_table: Optional[torch.Tensor]) -> None:
+    """Write (B, Hkv, Sq, D) new keys / values at positions ``lens[b] - Sq + i`` of each batch row, in place."""
+    B, _, SQ, _ = k_new.shape
+    pos = lens[:, None] - SQ + torch.arange(SQ, device=lens.device)[None, :]  # (B, Sq)
+    b = torch.arange(B, device=lens.device)[:, None].expand(B, SQ)
+    if block_table is None:
+        k_cache[b, :, pos] = k_new.transpose(1, 2)
+        v_cache[b, :, pos] = v_new.transpose(1, 2)
+    else:
+        page_size = k_cache.shape[1]
+        page = block_table.long()[b, pos // page_size]
+        k_cache[page, pos % page_size] = k_new.transpose(1, 2)
+        v_cache[page, pos % page_size] = v_new.transpose(1, 2)

@@ -334,21 +334,68 @@ def check_kernel_device(q: torch.Tensor, op: str) -> None:
     raise DeviceError(f"drope.kernels.{op} runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {q.device}")
 
 
+def check_paged(q, k_cache, v_cache, block_table, *, kernel: bool, values: bool = True) -> AttentionShape:
+    """A paged KV cache: k_cache/v_cache (num_pages, page_size, Hkv, D), page_size a multiple of 16, and
+    ``block_table`` (B, max_pages) int32 page indices. Returns sizes with SK = max_pages * page_size (the
+    capacity of one batch row). Page indices are range-checked where that costs no device sync."""
+    _check_tensor("q", q, 4, "(B, Hq, Sq, D)")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t, 4, "(num_pages, page_size, Hkv, D) with block_table")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {_shape(k_cache)} and {_shape(v_cache)}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        got = _shape(block_table) if isinstance(block_table, torch.Tensor) else type(block_table).__name__
+        raise ValueError(f"block_table must be a ({q.shape[0]}, max_pages) int32 tensor of page indices, got {got}")
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table must be int32 (int64 accepted), got {block_table.dtype}")
+    _check_same_device(q, block_table=block_table)
+    pages, page_size, HKV, D = k_cache.shape
+    if page_size < 16 or page_size % 16:
+        raise ValueError(f"the page size (k_cache.shape[1]) must be a positive multiple of 16, got {page_size}")
+    # the logical cache of each batch row, as the contiguous layout's checks see it
+    logical = k_cache.new_empty((1, 1, 1, 1)).expand(q.shape[0], HKV, block_table.shape[1] * page_size, D)
+    shape = check_qkv(q, logical, logical, kernel=kernel)
+    if values and host_values(block_table) and block_table.numel() and pages:
+        lo, hi = int(block_table.min()), int(block_table.max())
+        if lo < 0 or hi >= pages:
+            raise ValueError(f"block_table holds page index {lo if lo < 0 else hi}, outside [0, {pages}) "
+                             f"(k_cache has {pages} pages)")
+    elif values and host_values(block_table) and block_table.numel() and not pages:
+        raise ValueError("block_table indexes pages but k_cache has none")
+    return shape
+
+
 def check_decode(q, k_cache, v_cache, *, cache_seqlens, softmax_scale, num_splits, kernel: bool,
                  max_seqlen=None, window=None, chunk=None, sinks=None, softcap=None, key_mask=None,
-                 values: bool = True) -> AttentionShape:
+                 values: bool = True, block_table=None, k_new=None, v_new=None) -> AttentionShape:
     """Every check of the ``decode_attention`` contract; returns sizes with SK = Smax (cache capacity).
 
     Lengths in ``cache_seqlens`` are range-checked only when they live on the CPU (no device sync) and
     torch.compile is not tracing. ``max_seqlen`` (a host-side hint of the longest length) must lie in
-    [Sq, Smax].
+    [Sq, Smax]. With ``block_table`` the caches are paged (:func:`check_paged`); ``k_new`` / ``v_new``
+    (B, Hkv, Sq, D) are written into the cache at each row's last Sq positions before attending.
     """
-    for name, t, layout in (("q", q, "(B, Hq, Sq, D)"), ("k_cache", k_cache, "(B, Hkv, Smax, D)"),
-                            ("v_cache", v_cache, "(B, Hkv, Smax, D)")):
-        _check_tensor(name, t, 4, layout)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {_shape(k_cache)} and {_shape(v_cache)}")
-    shape = check_qkv(q, k_cache, v_cache, kernel=kernel)
+    if block_table is not None:
+        shape = check_paged(q, k_cache, v_cache, block_table, kernel=kernel, values=values)
+    else:
+        for name, t, layout in (("q", q, "(B, Hq, Sq, D)"), ("k_cache", k_cache, "(B, Hkv, Smax, D)"),
+                                ("v_cache", v_cache, "(B, Hkv, Smax, D)")):
+            _check_tensor(name, t, 4, layout)
+        if k_cache.shape != v_cache.shape:
+            raise ValueError(f"k_cache and v_cache must have the same shape, got {_shape(k_cache)} and "
+                             f"{_shape(v_cache)}")
+        shape = check_qkv(q, k_cache, v_cache, kernel=kernel)
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new go together: pass both (the new tokens' keys and values) or neither")
+    if k_new is not None:
+        want = (shape.B, shape.HKV, shape.SQ, shape.D)
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be (B, Hkv, Sq, D) = {want}, one entry per new query row, got {got}")
+            if t.dtype != k_cache.dtype:
+                raise ValueError(f"{name} must have the cache's dtype {k_cache.dtype}, got {t.dtype}")
+            _check_same_device(q, **{name: t})
     if cache_seqlens is not None:
         if not isinstance(cache_seqlens, torch.Tensor) or tuple(cache_seqlens.shape) != (shape.B,):
             got = _shape(cache_seqlens) if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__

@@ -145,7 +145,14 @@ OPCHECK = {
         torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE), None,
         torch.tensor([0, 9, 24], dtype=torch.int32, device=DEVICE), True, 0.25, 1e-6, 5, None, None, True),
     "decode": lambda q, k, v: (q[:, :, :2], k, v, torch.tensor([24, 10], dtype=torch.int32, device=DEVICE), None, None,
-                               None, 0.25, 2, None, None, None),
+                               None, 0.25, 2, None, None, None, None),
+    # paged: 4 pages of 16 rows, batch row 0 on pages (3, 1), row 1 on (0, 2)
+    "decode-paged": lambda q, k, v: (q[:, :, :2], torch.randn(4, 16, 2, 16, device=DEVICE),
+                                     torch.randn(4, 16, 2, 16, device=DEVICE),
+                                     torch.tensor([30, 17], dtype=torch.int32, device=DEVICE), None, None, None, 0.25, 2,
+                                     None, None, None, torch.tensor([[3, 1], [0, 2]], dtype=torch.int32, device=DEVICE)),
+    "kv_append": lambda q, k, v: (k.clone(), v.clone(), k[:, :, :2].clone(), v[:, :, :2].clone(),
+                                  torch.tensor([24, 10], dtype=torch.int32, device=DEVICE), None),
     "qk_norm_rope": lambda q, k, v: (q, (0.5 + torch.rand(16)).to(DEVICE), *reference.rope_tables(24, 16, device=DEVICE),
                                      0, 1e-6),
 }
@@ -155,7 +162,7 @@ OPCHECK = {
 def test_operators_pass_opcheck(op):
     q, k, v = _inputs()
     args = OPCHECK[op](q, k, v)
-    if op != "decode":
+    if op.split("-")[0] not in ("decode", "kv_append"):
         args = (args[0].requires_grad_(True), *args[1:])
     torch.library.opcheck(getattr(torch.ops.drope, op.split("-")[0]).default, args)
 

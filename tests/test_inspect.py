@@ -40,6 +40,9 @@ CASES.update({
     "bwd-packed-D128": ["--op", "prefill_bwd", "--head-dim", "128", "--docs", "8", "--chunk", "1024"],
     "bwd-varlen-masked-D128": ["--op", "prefill_bwd", "--head-dim", "128", "--docs", "8", "--varlen", "--row-scale",
                                "--softcap", "30", "--key-mask", "--window", "512"],
+    # paged caches: pages of a whole key tile (TMA, one lookup a tile) and of 16 rows (a lookup per row)
+    "decode-paged-append-D128": ["--op", "decode", "--head-dim", "128", "--page-size", "64", "--append"],
+    "decode-paged16-D128": ["--op", "decode", "--head-dim", "128", "--page-size", "16", "--window", "4096"],
 })
 
 # (case, kernel, tile) -> what fails, measured at the shape above; Triton 3.9 (CI's version): nothing.
@@ -149,7 +152,8 @@ def test_launches_are_the_ops(manifests, case):
         assert "_attn_fwd_kernel" not in kernels, "prefill_bwd lists the backward's launches only"
         assert kernels.count("_qk_epilogue_kernel") == (2 if fused else 0)
     else:
-        assert kernels[0] == "_decode_split_kernel"
+        assert kernels[0] == ("_append_kernel" if "append" in case else "_decode_split_kernel")
+        assert "_decode_split_kernel" in kernels
         # B1 x 8 KV heads cannot fill 132 SMs: the split count the device would pick is > 1, so the merge runs
         assert m["args"]["num_splits"] > 1 and "merge" in roles
     assert "attention" in roles

@@ -47,22 +47,49 @@ MAX_GRID_Y = 65535
 
 @triton.jit
 def _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, start,
-                  end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN: tl.constexpr,
-                  MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr,
-                  KMASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, p_bt, stride_bp, stride_kp,
+                  stride_vp, NUM_PAGES, BN: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr, KMASK_ROWS: tl.constexpr, PAGED: tl.constexpr,
+                  PAGE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax of the packed rows over key tiles [start, end); MASKED tiles check pos / lo_r / hi and
-    the key mask (one per batch row, or under KMASK_ROWS one per query row)."""
+    the key mask (one per batch row, or under KMASK_ROWS one per query row). PAGED: key p of the batch row is
+    row p % PAGE of page ``p_bt[p // PAGE]``; a page index outside [0, NUM_PAGES) is never dereferenced and
+    makes the logits of its keys NaN (a wrong table on the device gives NaN rows, not a plausible number)."""
     for n0 in range(start, end, BN):
         o_n = n0 + tl.arange(0, BN)
-        if USE_TMA:
+        if USE_TMA and PAGED:
+            # the tile lies in one page (PAGE % BN == 0): one lookup, one TMA load of rows of the page
+            pg = tl.load(p_bt + (n0 // PAGE) * stride_bp).to(tl.int32)
+            bad = (pg < 0) | (pg >= NUM_PAGES)
+            row0 = tl.where(bad, 0, pg) * PAGE + n0 % PAGE
+            b_k = p_k.load([row0, 0])  # [BN, BD]
+            b_v = p_v.load([row0, 0])
+            if MASKED:
+                # rows of the page past the live length hold whatever was there: never let them reach p @ v
+                b_v = tl.where((o_n < hi)[:, None], b_v, 0.0)
+        elif USE_TMA:
             b_k = p_k.load([n0, 0])  # [BN, BD]
             b_v = p_v.load([n0, 0])
+        elif PAGED:
+            pg = tl.load(p_bt + (o_n // PAGE).to(tl.int64) * stride_bp, mask=o_n < hi, other=0).to(tl.int64)
+            bad = (pg < 0) | (pg >= NUM_PAGES)
+            pg = tl.where(bad, 0, pg)
+            r64 = (o_n % PAGE).to(tl.int64)
+            m_kv = (o_n < hi)[:, None] & m_d[None, :]
+            b_k = tl.load(p_k + (pg * stride_kp + r64 * stride_ks)[:, None] + o_d[None, :] * stride_kd, mask=m_kv,
+                          other=0.0)
+            b_v = tl.load(p_v + (pg * stride_vp + r64 * stride_vs)[:, None] + o_d[None, :] * stride_vd, mask=m_kv,
+                          other=0.0)
         else:
             o_n64 = o_n.to(tl.int64)
             m_kv = (o_n < hi)[:, None] & m_d[None, :]
             b_k = tl.load(p_k + o_n64[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_kv, other=0.0)
             b_v = tl.load(p_v + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_kv, other=0.0)
         b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
+        if PAGED and USE_TMA:
+            b_s = tl.where(bad, float("nan"), b_s)
+        elif PAGED:
+            b_s = tl.where(bad[None, :], float("nan"), b_s)
         if HAS_SOFTCAP:
             b_s = tanh(b_s * b_sc[:, None]) * softcap2
         else:
@@ -96,19 +123,19 @@ def _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, str
 # lengths, split counts and window sizes change from call to call: one compile for all of them
 @triton.jit(do_not_specialize=["SQ", "SMAX", "NUM_SPLITS", "WINDOW", "CHUNK"])
 def _decode_split_kernel(
-    Q, K, V, O, LSE, SEQLENS, SCALE, SINKS, KMASK,
+    Q, K, V, O, LSE, SEQLENS, SCALE, SINKS, KMASK, BT,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_os, stride_ob, stride_oh, stride_om, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lm,
-    stride_sl, stride_rb, stride_rh, stride_rs, stride_mb, stride_mq, stride_ms,
+    stride_sl, stride_rb, stride_rh, stride_rs, stride_mb, stride_mq, stride_ms, stride_bb, stride_bp,
     qk_scale, softcap2, lse_scale,
-    HKV, SQ, SMAX, NUM_SPLITS, WINDOW, CHUNK,
+    HKV, SQ, SMAX, NUM_SPLITS, WINDOW, CHUNK, NUM_PAGES,
     G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, ADD_SINKS: tl.constexpr, HAS_KMASK: tl.constexpr, KMASK_ROWS: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -172,9 +199,20 @@ def _decode_split_kernel(
     else:
         b_sc = tl.zeros([BM], dtype=tl.float32) + qk_scale
 
-    p_k = K + i_b64 * stride_kb + i_hkv.to(tl.int64) * stride_kh
-    p_v = V + i_b64 * stride_vb + i_hkv.to(tl.int64) * stride_vh
-    if USE_TMA:
+    # paged: the batch row's keys are reached through its block-table row; stride_kb is then the page stride
+    p_bt = BT
+    if PAGED:
+        p_bt = BT + i_b64 * stride_bb
+        p_k = K + i_hkv.to(tl.int64) * stride_kh
+        p_v = V + i_hkv.to(tl.int64) * stride_vh
+    else:
+        p_k = K + i_b64 * stride_kb + i_hkv.to(tl.int64) * stride_kh
+        p_v = V + i_b64 * stride_vb + i_hkv.to(tl.int64) * stride_vh
+    if USE_TMA and PAGED:
+        # every page's rows of this KV head as one [pages x page size, D] matrix
+        p_k = tl.make_tensor_descriptor(p_k, shape=[NUM_PAGES * PAGE, D], strides=[stride_ks, 1], block_shape=[BN, BD])
+        p_v = tl.make_tensor_descriptor(p_v, shape=[NUM_PAGES * PAGE, D], strides=[stride_vs, 1], block_shape=[BN, BD])
+    elif USE_TMA:
         # [L, D]: TMA zero-fills keys past the row's live length (never read stale cache slots)
         p_k = tl.make_tensor_descriptor(p_k, shape=[tl.maximum(L, 1), D], strides=[stride_ks, 1], block_shape=[BN, BD])
         p_v = tl.make_tensor_descriptor(p_v, shape=[tl.maximum(L, 1), D], strides=[stride_vs, 1], block_shape=[BN, BD])
@@ -186,14 +224,17 @@ def _decode_split_kernel(
     f_hi = tl.min(tl.where(m_row, pos + 1, SMAX), 0)
     ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, True,
-                                    HAS_WINDOW or HAS_CHUNK, HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
+                                    stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row,
+                                    p_bt, stride_bp, stride_kb, stride_vb, NUM_PAGES, BN, True, HAS_WINDOW or HAS_CHUNK,
+                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, PAGED, PAGE, USE_TMA, DOT_PREC, UPCAST)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, ph_a, ph_b, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, False,
-                                    HAS_WINDOW or HAS_CHUNK, HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
+                                    stride_vd, ph_a, ph_b, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row,
+                                    p_bt, stride_bp, stride_kb, stride_vb, NUM_PAGES, BN, False, HAS_WINDOW or HAS_CHUNK,
+                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, PAGED, PAGE, USE_TMA, DOT_PREC, UPCAST)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, ph_b, ph_end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, BN, True,
-                                    HAS_WINDOW or HAS_CHUNK, HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, USE_TMA, DOT_PREC, UPCAST)
+                                    stride_vd, ph_b, ph_end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row,
+                                    p_bt, stride_bp, stride_kb, stride_vb, NUM_PAGES, BN, True, HAS_WINDOW or HAS_CHUNK,
+                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, PAGED, PAGE, USE_TMA, DOT_PREC, UPCAST)
 
     if ADD_SINKS:
         # one split: the head's sink logit joins the denominator here (else in the merge)
@@ -335,15 +376,20 @@ def num_splits_for(shape, device: torch.device, *, max_seqlen: Optional[int] = N
 def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: Optional[torch.Tensor],
                   const: float, rows: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
                   key_mask: Optional[torch.Tensor], num_splits: int, window: Optional[int], chunk: Optional[int],
-                  softcap: Optional[float]):
+                  softcap: Optional[float], block_table: Optional[torch.Tensor] = None):
     """Launch stage 1 (and the merge when split) on validated inputs; returns (out, lse).
 
     ``const`` is the constant logit multiplier and ``rows`` None or a (B, Hq, Sq) fp32 view of per-row /
     per-head multipliers (``validation.split_scale``); ``num_splits`` is capped at one split per key tile
-    of the capacity (more would be empty) and at the grid's limit.
+    of the capacity (more would be empty) and at the grid's limit. With ``block_table`` (B, max_pages) the
+    caches are paged, (num_pages, page_size, Hkv, D).
     """
     B, HQ, SQ, D = q.shape
-    HKV, SMAX = k_cache.shape[1], k_cache.shape[2]
+    paged = block_table is not None
+    if paged:
+        HKV, SMAX = k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]
+    else:
+        HKV, SMAX = k_cache.shape[1], k_cache.shape[2]
     G = HQ // HKV
     out = torch.empty((B, HQ, SQ, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
@@ -369,8 +415,10 @@ def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
     launch(_decode_split_kernel, (B * HKV, splits, m_blocks), role="attention",
            Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens, SCALE=rows, SINKS=sinks, KMASK=km,
-           **named_strides("q", q, "bhsd"), **named_strides("k", k_cache, "bhsd"),
-           **named_strides("v", v_cache, "bhsd"),
+           BT=block_table, **named_strides("q", q, "bhsd"),
+           # paged (num_pages, page_size, Hkv, D): "b" is the page stride, "s" the row-in-page stride
+           **named_strides("k", k_cache, "bshd" if paged else "bhsd"),
+           **named_strides("v", v_cache, "bshd" if paged else "bhsd"), **named_strides("b", block_table, "bp"),
            **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"), o_strides)),
            **dict(zip(("stride_ls", "stride_lb", "stride_lh", "stride_lm"), l_strides)),
            stride_sl=cache_seqlens.stride(0) if cache_seqlens is not None else 0, **named_strides("r", rows, "bhs"),
@@ -378,10 +426,12 @@ def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            qk_scale=const / softcap if softcap is not None else const * LOG2E,
            softcap2=softcap * LOG2E if softcap is not None else 0.0, lse_scale=lse_scale,
            HKV=HKV, SQ=SQ, SMAX=SMAX, NUM_SPLITS=splits, WINDOW=window or 0, CHUNK=chunk or 0,
+           NUM_PAGES=k_cache.shape[0] if paged else 0, PAGED=paged, PAGE=k_cache.shape[1] if paged else 16,
            G=G, D=D, BD=BD, BM=BM, BN=BN, HAS_SEQLENS=cache_seqlens is not None, HAS_SCALE=rows is not None,
            HAS_WINDOW=window is not None, HAS_CHUNK=chunk is not None, HAS_SOFTCAP=softcap is not None,
            ADD_SINKS=sinks is not None and splits == 1, HAS_KMASK=km is not None,
-           KMASK_ROWS=km is not None and km.dim() == 3, USE_TMA=tma_ok(k_cache, v_cache),
+           KMASK_ROWS=km is not None and km.dim() == 3, USE_TMA=tma_ok(k_cache, v_cache) and (
+               not paged or (k_cache.shape[1] % BN == 0 and k_cache.shape[0] * k_cache.shape[1] < 2**31)),
            DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
            num_warps=num_warps, num_stages=num_stages)
     if splits > 1:

@@ -161,6 +161,8 @@ class Shape:
     docs: int = 0             # prefill: documents packed along S (cu_seqlens), batch 1
     varlen: bool = False      # prefill: queries packed apart from the keys (cu_seqlens_k): each document's last half
     q_len: int = 1            # decode: new query rows
+    page_size: int = 0        # decode: a paged cache of this page size (block_table), 0 = contiguous
+    append: bool = False      # decode: write the new tokens' K/V into the cache first (k_new / v_new)
     num_sms: int = 132        # decode: SMs the split count is chosen for (an H100 / H200)
     num_splits: Optional[int] = None
 
@@ -201,13 +203,23 @@ def record_op(s: Shape) -> Tuple[Dict[str, Any], List[toolkit.Launch]]:
             raise ValueError("decode is NoPE attention on a cache: --rope / --q-norm / --k-norm do not apply")
         splits = s.num_splits if s.num_splits is not None else _decode_splits(s)
         q = _meta(B, HQ, s.q_len, D, dtype=dt)
-        kc, vc = _meta(B, HKV, S, D, dtype=dt), _meta(B, HKV, S, D, dtype=dt)
+        paged = {}
+        if s.page_size:
+            pages = triton.cdiv(S, s.page_size)
+            kc, vc = (_meta(B * pages, s.page_size, HKV, D, dtype=dt) for _ in range(2))
+            # a meta block table has no values to check
+            paged = dict(block_table=_meta(B, pages, dtype=torch.int32), check_values=False)
+        else:
+            kc, vc = _meta(B, HKV, S, D, dtype=dt), _meta(B, HKV, S, D, dtype=dt)
+        if s.append:
+            paged.update(k_new=_meta(B, HKV, s.q_len, D, dtype=dt), v_new=_meta(B, HKV, s.q_len, D, dtype=dt))
         lens = _meta(B, dtype=torch.int32)
         scale = _meta(B, s.q_len, dtype=torch.float32) if s.row_scale else None
-        args.update(q_len=s.q_len, num_splits=splits, num_sms=s.num_sms, cache_seqlens=True)
+        args.update(q_len=s.q_len, num_splits=splits, num_sms=s.num_sms, cache_seqlens=True, page_size=s.page_size,
+                    append=s.append)
         with toolkit.recording() as launches, torch.no_grad():
             decode_attention(q, kc, vc, cache_seqlens=lens, softmax_scale=scale, num_splits=splits, window=s.window,
-                             chunk=s.chunk, sinks=sinks, softcap=s.softcap, key_mask=km)
+                             chunk=s.chunk, sinks=sinks, softcap=s.softcap, key_mask=km, **paged)
         return args, launches
 
     grad = s.op == "prefill_bwd"
@@ -574,6 +586,8 @@ def summary_table(manifest: Dict[str, Any]) -> str:
     flags = [f for f in ("rope", "q_norm", "k_norm", "row_scale", "sinks", "key_mask", "varlen") if a.get(f)]
     flags += [f"{f}={a[f]}" for f in ("window", "chunk", "softcap") if a.get(f) is not None]
     flags += [f"docs={a['docs']}"] if a.get("docs") else []
+    flags += [f"page_size={a['page_size']}"] if a.get("page_size") else []
+    flags += ["append"] if a.get("append") else []
     title = (f"{manifest['op']} {a['dtype']} B{a['batch']} H{a['heads']} KV{a['kv_heads']} S{a['seq']} "
              f"D{a['head_dim']} {' '.join(flags)} -- {manifest['arch']}, triton {manifest['triton']}")
     return title.strip() + "\n\n" + "\n".join(rows)
@@ -602,6 +616,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--varlen", action="store_true",
                    help="prefill: queries packed apart from the keys (cu_seqlens_k), S/2 of them; needs --docs")
     p.add_argument("--q-len", type=int, default=1, help="decode: new query rows")
+    p.add_argument("--page-size", type=int, default=0, help="decode: a paged cache (block_table) of this page size")
+    p.add_argument("--append", action="store_true", help="decode: append the new tokens' K/V first (k_new / v_new)")
     p.add_argument("--num-sms", type=int, default=132, help="decode: SMs the split count is chosen for")
     p.add_argument("--num-splits", type=int, help="decode: force the split count")
     p.add_argument("--out", help="directory for manifest.json and the ptx/cubin/sass files")
@@ -621,6 +637,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s = Shape(op=a.op, dtype=a.dtype, batch=a.batch, heads=a.heads, kv_heads=a.kv_heads, seq=a.seq,
               head_dim=a.head_dim, rope=a.rope, q_norm=a.q_norm, k_norm=a.k_norm, row_scale=a.row_scale,
               window=a.window, chunk=a.chunk, sinks=a.sinks, softcap=a.softcap, key_mask=a.key_mask, docs=a.docs, varlen=a.varlen, q_len=a.q_len,
+              page_size=a.page_size, append=a.append,
               num_sms=a.num_sms, num_splits=a.num_splits)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

@@ -137,7 +137,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_splits: Optional[int] = None, return_lse: bool = False,
                      max_seqlen: Optional[int] = None, window: Optional[int] = None, chunk: Optional[int] = None,
                      sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                     key_mask: Optional[torch.Tensor] = None, check_values: bool = True):
+                     key_mask: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
+                     k_new: Optional[torch.Tensor] = None, v_new: Optional[torch.Tensor] = None,
+                     check_values: bool = True):
     """NoPE attention of a few new query rows against a long KV cache, split over the keys (flash-decoding).
 
     Query row ``i`` of batch ``b`` sits at position ``cache_seqlens[b] - Sq + i`` and sees keys
@@ -170,7 +172,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softcap: logits become ``softcap * tanh(s / softcap)`` after the scale.
         key_mask: optional (B, Smax), or one row per query (B, Sq, Smax), bool / uint8 / int8: nonzero
             where a cache slot may be attended (left padding, holes, another document or chunk).
-        check_values: as in :func:`attention` (``cache_seqlens``' range, the scale, the sinks).
+        block_table: optional (B, max_pages) int32 page indices: the caches are then paged, (num_pages,
+            page_size, Hkv, D) with page_size a multiple of 16, and position p of batch row b is row
+            ``p % page_size`` of page ``block_table[b, p // page_size]`` (Smax = max_pages * page_size). Same
+            results as the contiguous cache. Entries are range-checked on the host for CPU tensors; on the
+            device an index outside the cache is never dereferenced and gives NaN rows.
+        k_new, v_new: optional (B, Hkv, Sq, D) keys and values of the Sq new tokens, written into the caches
+            (contiguous or paged, in place) at positions ``cache_seqlens[b] - Sq + i`` before attending, in the
+            same call (the operator ``drope::kv_append``, then ``drope::decode``).
+        check_values: as in :func:`attention` (``cache_seqlens``' range, the scale, the sinks, the block table).
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
@@ -183,24 +193,29 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
                          num_splits=num_splits, kernel=True, max_seqlen=max_seqlen, window=window, chunk=chunk,
-                         sinks=sinks, softcap=softcap, key_mask=key_mask, values=check_values)
-    if _needs_grad(q, k_cache, v_cache, sinks):
-        raise ValueError("decode_attention is inference-only (no backward): q/k_cache/v_cache/sinks require grad; "
-                         "call it under torch.no_grad() or use drope.kernels.attention for a differentiable pass")
+                         sinks=sinks, softcap=softcap, key_mask=key_mask, values=check_values, block_table=block_table,
+                         k_new=k_new, v_new=v_new)
+    if _needs_grad(q, k_cache, v_cache, sinks, k_new, v_new):
+        raise ValueError("decode_attention is inference-only (no backward): q/k_cache/v_cache/sinks/k_new/v_new "
+                         "require grad; call it under torch.no_grad() or use drope.kernels.attention for a "
+                         "differentiable pass")
     if num_splits is None:
         num_splits = num_splits_for(shape, q.device, max_seqlen=max_seqlen, window=window, chunk=chunk)
     const, rows = split_scale(softmax_scale, shape, q.device, torch.float32)
     return run_decode(q, k_cache, v_cache, const, rows, num_splits, cache_seqlens=cache_seqlens, return_lse=return_lse,
-                      window=window, chunk=chunk, sinks=sinks, softcap=softcap, key_mask=key_mask)
+                      window=window, chunk=chunk, sinks=sinks, softcap=softcap, key_mask=key_mask,
+                      block_table=block_table, k_new=k_new, v_new=v_new)
 
 
 def run_decode(q, k_cache, v_cache, const: float, rows: Optional[torch.Tensor], num_splits: int, *,
                cache_seqlens=None, return_lse: bool = False, window=None, chunk=None, sinks=None, softcap=None,
-               key_mask=None):
+               key_mask=None, block_table=None, k_new=None, v_new=None):
     """:func:`decode_attention` on arguments already checked (``const`` / ``rows`` as in :func:`run_attention`,
     ``num_splits`` resolved: :func:`drope.kernels.decode.num_splits_for`)."""
+    if k_new is not None:
+        ops.kv_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     out, lse = ops.decode(q, k_cache, v_cache, cache_seqlens, rows, sinks, key_mask, float(const), num_splits, window,
-                          chunk, None if softcap is None else float(softcap))
+                          chunk, None if softcap is None else float(softcap), block_table)
     return (out, lse) if return_lse else out
 
 

@@ -10,7 +10,8 @@ registered on the operator.
 |---|---|---|
 | ``drope::attention_fwd`` | QK prologue + attention forward, (out, lse) | ``drope::attention_bwd`` |
 | ``drope::attention_bwd`` | dq, dk, dv, d q_norm_weight, d k_norm_weight, d sinks | none (once differentiable) |
-| ``drope::decode`` | split-KV decode, (out, lse) | none (inference only) |
+| ``drope::decode`` | split-KV decode, (out, lse) (contiguous or paged cache) | none (inference only) |
+| ``drope::kv_append`` | writes new tokens' K/V into the caches, in place (mutates them) | none |
 | ``drope::qk_norm_rope`` | ``rope(norm(x))``, the prologue alone | ``drope::qk_norm_rope_bwd`` |
 
 In eager mode (plain tensors, nothing tracing) the public functions and the backward call the implementations
@@ -28,10 +29,11 @@ from torch import Tensor
 from .attention import Options, attention_forward
 from .attention_bwd import attention_backward
 from .decode import decode_launch
+from .kv_append import append_kv
 from .qk_transform import qk_epilogue, qk_prologue
 from .toolkit import check_device, on_device, upcast
 
-__all__ = ["attention_fwd", "decode", "qk_norm_rope"]
+__all__ = ["attention_fwd", "decode", "kv_append", "qk_norm_rope"]
 
 
 def _traced(t: Tensor) -> bool:
@@ -118,10 +120,10 @@ def _attention_backward(ctx, dout, dlse):
     return (*(g if n else None for g, n in zip(grads, needs)), *([None] * (_FWD_INPUTS - 6)))
 
 
-def _register(name: str, impl, fake, backward=None, setup_context=None):
+def _register(name: str, impl, fake, backward=None, setup_context=None, mutates=()):
     """``drope::<name>`` from ``impl`` (schema from its annotations), its fake and, given a backward, its
     autograd; returns the ``torch.autograd.Function`` eager calls use (the same context and backward)."""
-    torch.library.custom_op(f"drope::{name}", impl, mutates_args=())
+    torch.library.custom_op(f"drope::{name}", impl, mutates_args=mutates)
     torch.library.register_fake(f"drope::{name}", fake)
     if backward is None:
         return None
@@ -146,15 +148,15 @@ def attention_fwd(*args, needs_grad: bool) -> Tuple[Tensor, Tensor]:
 
 def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Optional[Tensor], scale_rows: Optional[Tensor],
             sinks: Optional[Tensor], key_mask: Optional[Tensor], scale: float, num_splits: int, window: Optional[int],
-            chunk: Optional[int], softcap: Optional[float]) -> Tuple[Tensor, Tensor]:
+            chunk: Optional[int], softcap: Optional[float], block_table: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     check_device(q, "decode_attention")
     with on_device(q):
         return decode_launch(q, k_cache, v_cache, cache_seqlens, scale, scale_rows, sinks, key_mask, num_splits,
-                             window, chunk, softcap)
+                             window, chunk, softcap, block_table)
 
 
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale_rows, sinks, key_mask, scale, num_splits, window, chunk,
-                 softcap):
+                 softcap, block_table):
     B, HQ, SQ, D = q.shape
     return q.new_empty((B, HQ, SQ, D)), q.new_empty((B, HQ, SQ), dtype=torch.float32)
 
@@ -167,6 +169,27 @@ def decode(*args) -> Tuple[Tensor, Tensor]:
     if _traced(args[0]):
         return torch.ops.drope.decode(*args)
     return _decode(*args)
+
+
+def _kv_append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Optional[Tensor],
+               block_table: Optional[Tensor]) -> None:
+    check_device(k_new, "decode_attention")
+    with on_device(k_new):
+        append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+
+
+def _kv_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
+    return None
+
+
+_register("kv_append", _kv_append, _kv_append_fake, mutates=("k_cache", "v_cache"))
+
+
+def kv_append(*args) -> None:
+    """``drope::kv_append`` on the flat ``args`` (mutates the caches): the operator when traced, else direct."""
+    if _traced(args[0]) or _traced(args[2]):
+        return torch.ops.drope.kv_append(*args)
+    return _kv_append(*args)
 
 
 def _qk_norm_rope(x: Tensor, weight: Optional[Tensor], rope_cos: Optional[Tensor], rope_sin: Optional[Tensor],
