@@ -13,7 +13,8 @@ import torch
 
 from .validation import check_attention, check_decode, query_boundaries, split_scale
 
-__all__ = ["attention", "decode_attention", "rms_norm", "apply_rope", "rope_tables", "logical_cache", "write_new_tokens"]
+__all__ = ["attention", "decode_attention", "rms_norm", "apply_rope", "rope_tables", "logical_cache", "write_new_tokens",
+           "packed_from_pages"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,7 +129,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               norm_eps: float = 1e-6, cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False,
               window: Optional[int] = None, chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
               softcap: Optional[float] = None, key_mask: Optional[torch.Tensor] = None,
-              cu_seqlens_k: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None):
+              cu_seqlens_k: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+              block_table: Optional[torch.Tensor] = None):
     """Reference of :func:`drope.kernels.attention` (contract: docs/design.md).
 
     Args:
@@ -157,6 +159,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             (bottom-right causal per document: chunked prefill, a prefill and decodes in one batch).
             Each document needs Lq_d <= Lk_d; not with ``rope``.
         cu_seqlens_q: flash-attention's name for ``cu_seqlens`` (pass one of the two).
+        block_table: optional (N, max_pages) int32: k and v are then paged caches (num_pages,
+            page_size, Hkv, D) and document d's Lk_d keys (``cu_seqlens_k``) are positions 0..Lk_d-1
+            of its row, position p in page ``block_table[d, p // page_size]``, row ``p % page_size``
+            (inference: a chunked prefill or decode over a paged cache). Not with ``key_mask``.
 
     Returns:
         out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
@@ -168,7 +174,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
-                            key_mask=key_mask, kernel=False, cu_seqlens_k=cu_seqlens_k)
+                            key_mask=key_mask, kernel=False, cu_seqlens_k=cu_seqlens_k, block_table=block_table)
+    if block_table is not None:
+        k, v = packed_from_pages(k, block_table, cu_seqlens_k), packed_from_pages(v, block_table, cu_seqlens_k)
     SQ, SK, G = shape.SQ, shape.SK, shape.G
     ct = _compute_dtype(q.dtype)
     const, rows = split_scale(softmax_scale, shape, q.device, ct)
@@ -295,3 +303,11 @@ def write_new_tokens(k_cache, v_cache, k_new, v_new, lens: torch.Tensor, block_t
         page = block_table.long()[b, pos // page_size]
         k_cache[page, pos % page_size] = k_new.transpose(1, 2)
         v_cache[page, pos % page_size] = v_new.transpose(1, 2)
+
+
+def packed_from_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """(1, Hkv, total_k, D) packed keys (or values) of the documents whose first Lk_d positions live in the pages
+    of row d of ``block_table`` (a copy)."""
+    rows = logical_cache(cache, block_table)  # (N, Hkv, max_pages * page_size, D)
+    bounds = cu_seqlens_k.tolist()
+    return torch.cat([rows[d, :, :b - a] for d, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], dim=1)[None]

@@ -7,7 +7,7 @@ Every check raises ``ValueError`` naming the argument and what is accepted, so t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Real
 from typing import Optional, Tuple
 
@@ -215,7 +215,7 @@ def _boundaries(name: str, cu, total: int, q: torch.Tensor, values: bool) -> Opt
         raise ValueError(f"{name} must start at 0, got {c[0]}")
     if any(b < a for a, b in zip(c[:-1], c[1:])):
         raise ValueError(f"{name} must be non-decreasing, got {c}")
-    if c[-1] != total:
+    if total is not None and c[-1] != total:
         raise ValueError(f"{name} must end at the total packed length {total}, got {c[-1]}")
     return c
 
@@ -230,7 +230,7 @@ def query_boundaries(cu_seqlens, cu_seqlens_q):
 
 
 def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor, *, values: bool = True,
-                     cu_seqlens_k=None, rope=None) -> int:
+                     cu_seqlens_k=None, rope=None, paged_capacity: Optional[int] = None) -> int:
     """Packed-sequence boundaries: int32 (N+1,), 0 = c[0] <= c[1] <= ... <= c[N] = total. Returns N.
 
     Empty documents (repeated boundaries) are allowed, so a caller may pad ``cu_seqlens`` to a fixed
@@ -251,7 +251,7 @@ def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor, *, valu
     if rope is not None:
         raise ValueError("rope is not supported with cu_seqlens_k: rotate q and k first (drope.kernels.qk_norm_rope "
                          "with each document's positions), or pack queries and keys together")
-    ck = _boundaries("cu_seqlens_k", cu_seqlens_k, shape.SK, q, values)
+    ck = _boundaries("cu_seqlens_k", cu_seqlens_k, shape.SK if paged_capacity is None else None, q, values)
     if cu_seqlens_k.numel() != cu_seqlens.numel():
         raise ValueError(f"cu_seqlens_k must hold as many boundaries as cu_seqlens ({cu_seqlens.numel()}), got "
                          f"{cu_seqlens_k.numel()}")
@@ -260,15 +260,37 @@ def check_cu_seqlens(cu_seqlens, shape: AttentionShape, q: torch.Tensor, *, valu
             if b - a > kb - ka:
                 raise ValueError(f"cu_seqlens_k: document {d} has {b - a} queries but only {kb - ka} keys; each "
                                  "document's queries are the last of its keys (Lq <= Lk)")
+            if paged_capacity is not None and kb - ka > paged_capacity:
+                raise ValueError(f"cu_seqlens_k: document {d} has {kb - ka} keys, more than its block_table row holds "
+                                 f"(max_pages x page_size = {paged_capacity})")
     return cu_seqlens.numel() - 1
 
 
 def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_norm_weight, norm_eps, cu_seqlens=None,
                     window=None, chunk=None, sinks=None, softcap=None, key_mask=None, kernel: bool,
-                    values: bool = True, cu_seqlens_k=None) -> AttentionShape:
+                    values: bool = True, cu_seqlens_k=None, block_table=None) -> AttentionShape:
     """Every check of the ``attention`` contract; returns the problem's sizes. ``values=False`` skips the checks of
-    tensor values (a trusted caller: the HF layer builds its scales and boundaries itself)."""
-    shape = check_qkv(q, k, v, kernel=kernel)
+    tensor values (a trusted caller: the HF layer builds its scales and boundaries itself).
+
+    With ``block_table`` k and v are paged caches read through it, one row per document (varlen only); SK is then
+    the capacity of all the rows, an upper bound of the keys."""
+    capacity = None
+    if block_table is not None:
+        if cu_seqlens is None or cu_seqlens_k is None:
+            raise ValueError("block_table needs cu_seqlens (or cu_seqlens_q) and cu_seqlens_k: the paged keys are "
+                             "read per document, its key length from cu_seqlens_k")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor of N+1 document boundaries (N >= 1)")
+        if key_mask is not None:
+            raise ValueError("key_mask is not supported with block_table (the paged keys have no packed index)")
+        if k_norm_weight is not None:
+            raise ValueError("k_norm_weight is not supported with block_table: normalise keys before caching them")
+        shape = check_paged(q, k, v, block_table, kernel=kernel, values=values, rows=cu_seqlens.numel() - 1,
+                            names=("k", "v"))
+        capacity = shape.SK
+        shape = replace(shape, SK=(cu_seqlens.numel() - 1) * capacity)
+    else:
+        shape = check_qkv(q, k, v, kernel=kernel)
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
     if causal and shape.SQ > shape.SK:
@@ -291,7 +313,8 @@ def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_no
                    values=values)
     check_key_mask(key_mask, shape, q)
     if cu_seqlens is not None or cu_seqlens_k is not None:
-        check_cu_seqlens(cu_seqlens, shape, q, values=values, cu_seqlens_k=cu_seqlens_k, rope=rope)
+        check_cu_seqlens(cu_seqlens, shape, q, values=values, cu_seqlens_k=cu_seqlens_k, rope=rope,
+                         paged_capacity=capacity)
     return shape
 
 
@@ -334,24 +357,28 @@ def check_kernel_device(q: torch.Tensor, op: str) -> None:
     raise DeviceError(f"drope.kernels.{op} runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {q.device}")
 
 
-def check_paged(q, k_cache, v_cache, block_table, *, kernel: bool, values: bool = True) -> AttentionShape:
+def check_paged(q, k_cache, v_cache, block_table, *, kernel: bool, values: bool = True, rows: Optional[int] = None,
+                names=("k_cache", "v_cache")) -> AttentionShape:
     """A paged KV cache: k_cache/v_cache (num_pages, page_size, Hkv, D), page_size a multiple of 16, and
-    ``block_table`` (B, max_pages) int32 page indices. Returns sizes with SK = max_pages * page_size (the
-    capacity of one batch row). Page indices are range-checked where that costs no device sync."""
+    ``block_table`` (rows, max_pages) int32 page indices (rows: the batch size B, or the number of documents).
+    Returns sizes with SK = max_pages * page_size (the capacity of one row). Page indices are range-checked where
+    that costs no device sync."""
     _check_tensor("q", q, 4, "(B, Hq, Sq, D)")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, t in zip(names, (k_cache, v_cache)):
         _check_tensor(name, t, 4, "(num_pages, page_size, Hkv, D) with block_table")
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {_shape(k_cache)} and {_shape(v_cache)}")
-    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {_shape(k_cache)} and "
+                         f"{_shape(v_cache)}")
+    rows = q.shape[0] if rows is None else rows
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != rows:
         got = _shape(block_table) if isinstance(block_table, torch.Tensor) else type(block_table).__name__
-        raise ValueError(f"block_table must be a ({q.shape[0]}, max_pages) int32 tensor of page indices, got {got}")
+        raise ValueError(f"block_table must be a ({rows}, max_pages) int32 tensor of page indices, got {got}")
     if block_table.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_table must be int32 (int64 accepted), got {block_table.dtype}")
     _check_same_device(q, block_table=block_table)
     pages, page_size, HKV, D = k_cache.shape
     if page_size < 16 or page_size % 16:
-        raise ValueError(f"the page size (k_cache.shape[1]) must be a positive multiple of 16, got {page_size}")
+        raise ValueError(f"the page size ({names[0]}.shape[1]) must be a positive multiple of 16, got {page_size}")
     # the logical cache of each batch row, as the contiguous layout's checks see it
     logical = k_cache.new_empty((1, 1, 1, 1)).expand(q.shape[0], HKV, block_table.shape[1] * page_size, D)
     shape = check_qkv(q, logical, logical, kernel=kernel)
@@ -359,9 +386,9 @@ def check_paged(q, k_cache, v_cache, block_table, *, kernel: bool, values: bool 
         lo, hi = int(block_table.min()), int(block_table.max())
         if lo < 0 or hi >= pages:
             raise ValueError(f"block_table holds page index {lo if lo < 0 else hi}, outside [0, {pages}) "
-                             f"(k_cache has {pages} pages)")
+                             f"({names[0]} has {pages} pages)")
     elif values and host_values(block_table) and block_table.numel() and not pages:
-        raise ValueError("block_table indexes pages but k_cache has none")
+        raise ValueError(f"block_table indexes pages but {names[0]} has none")
     return shape
 
 

@@ -139,11 +139,11 @@ def test_qk_norm_rope_operator():
 
 OPCHECK = {
     "attention_fwd": lambda q, k, v: (q, k, v, None, None, torch.randn(4, device=DEVICE), None, None, None, None,
-                                      (torch.rand(2, 24) > 0.2).to(DEVICE), None, True, 0.25, 1e-6, 9, None, 2.0, True),
+                                      (torch.rand(2, 24) > 0.2).to(DEVICE), None, None, True, 0.25, 1e-6, 9, None, 2.0, True),
     "attention_fwd-varlen": lambda q, k, v: (
         q[:1, :, :10], k[:1], v[:1], None, None, None, None, None, None,
         torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE), None,
-        torch.tensor([0, 9, 24], dtype=torch.int32, device=DEVICE), True, 0.25, 1e-6, 5, None, None, True),
+        torch.tensor([0, 9, 24], dtype=torch.int32, device=DEVICE), None, True, 0.25, 1e-6, 5, None, None, True),
     "decode": lambda q, k, v: (q[:, :, :2], k, v, torch.tensor([24, 10], dtype=torch.int32, device=DEVICE), None, None,
                                None, 0.25, 2, None, None, None, None),
     # paged: 4 pages of 16 rows, batch row 0 on pages (3, 1), row 1 on (0, 2)

@@ -190,3 +190,128 @@ def test_bad_paged_input_is_refused(change, match, device):
     if device == "cpu":
         with pytest.raises(ValueError, match=match):
             reference.decode_attention(q, **args)
+
+
+# ---- varlen attention over a paged cache: chunked prefill and decodes in one call --------------------------------
+
+DOCS = [(3, 40), (0, 0), (1, 1), (1, 29), (21, 21), (17, 53), (0, 5), (9, 9)]  # (Lq, Lk) per document
+VARLEN = {
+    "causal": {},
+    "full": dict(causal=False),
+    "window": dict(window=13),
+    "chunk": dict(chunk=16),
+    "sinks-softcap": dict(sinks=True, softcap=3.0),
+    "rows-qnorm": dict(rows=True, qnorm=True),
+}
+
+
+def paged_documents(docs, page, HQ, HKV, D, device, seed=0):
+    """Packed q and keys/values, the same keys in shuffled pages (NaN elsewhere) with a block table, boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    cq = torch.tensor([0] + [a for a, _ in docs]).cumsum(0).to(torch.int32)
+    ck = torch.tensor([0] + [b for _, b in docs]).cumsum(0).to(torch.int32)
+    TQ, TK = int(cq[-1]), int(ck[-1])
+    q = torch.randn(1, HQ, TQ, D, generator=g)
+    k, v = torch.randn(1, HKV, TK, D, generator=g), torch.randn(1, HKV, TK, D, generator=g)
+    max_pages = max(1, max(-(-b // page) for _, b in docs))
+    num_pages = len(docs) * max_pages + 2
+    perm = torch.randperm(num_pages, generator=g)[:len(docs) * max_pages].reshape(len(docs), max_pages)
+    kc = torch.full((num_pages, page, HKV, D), float("nan"))
+    vc = torch.full((num_pages, page, HKV, D), float("nan"))
+    for d, (_, lk) in enumerate(docs):
+        for p in range(0, lk, page):
+            n = min(page, lk - p)
+            a = int(ck[d]) + p
+            kc[perm[d, p // page], :n] = k[0, :, a:a + n].transpose(0, 1)
+            vc[perm[d, p // page], :n] = v[0, :, a:a + n].transpose(0, 1)
+    to = lambda t: t.to(device)  # noqa: E731
+    return to(q), to(k), to(v), to(kc), to(vc), to(perm.to(torch.int32)), to(cq), to(ck)
+
+
+def varlen_options(feature, HQ, D, TQ, device):
+    f, kw = VARLEN[feature], {"causal": VARLEN[feature].get("causal", True)}
+    for name in ("window", "chunk", "softcap"):
+        if name in f:
+            kw[name] = f[name]
+    if f.get("sinks"):
+        kw["sinks"] = torch.randn(HQ, device=device)
+    if f.get("rows"):
+        kw["softmax_scale"] = (0.5 + torch.rand(1, TQ, device=device)) * D ** -0.5
+    if f.get("qnorm"):
+        kw["q_norm_weight"] = 0.5 + torch.rand(HQ, D, device=device)
+    return kw
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["default", "16x16"])
+@pytest.mark.parametrize("page", [16, 64], ids=["page16", "page64"])
+@pytest.mark.parametrize("feature", list(VARLEN), ids=list(VARLEN))
+def test_paged_varlen_forward_matches_reference_and_packed(feature, page, blocks, device):
+    from drope.kernels.attention import Options, attention_forward
+    from drope.validation import check_attention, split_scale
+
+    HQ, HKV, D = 4, 2, 32
+    q, k, v, kc, vc, table, cq, ck = paged_documents(DOCS, page, HQ, HKV, D, device)
+    kw = varlen_options(feature, HQ, D, q.shape[2], device)
+    ref, ref_lse = reference.attention(q.double(), kc.double(), vc.double(), cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                       block_table=table, return_lse=True, **f64(kw))
+    packed = kernels.attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, **kw)
+    with torch.no_grad(), poisoned_empty():
+        if blocks is None:
+            out, lse = kernels.attention(q, kc, vc, cu_seqlens_q=cq, cu_seqlens_k=ck, block_table=table,
+                                         return_lse=True, **kw)
+        else:
+            shape = check_attention(q, kc, vc, causal=kw["causal"], softmax_scale=kw.get("softmax_scale"), rope=None,
+                                    q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, cu_seqlens=cq,
+                                    cu_seqlens_k=ck, block_table=table, kernel=True)
+            const, rows = split_scale(kw.get("softmax_scale"), shape, q.device)
+            opt = Options(causal=kw["causal"], scale=const, rows=rows, rope=None, norm_eps=1e-6, cu_seqlens=cq,
+                          cu_seqlens_k=ck, block_table=table, window=kw.get("window"), chunk=kw.get("chunk"),
+                          softcap=kw.get("softcap"))
+            out, lse = attention_forward(q, kc, vc, kw.get("q_norm_weight"), None, kw.get("sinks"), opt,
+                                         block_sizes=blocks)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-5 and rel_err(out, packed) < 1e-5
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-4
+
+
+def test_paged_varlen_bad_page_gives_nan_rows_of_its_document(device):
+    HQ, HKV, D, page = 2, 1, 16, 16
+    q, k, v, kc, vc, table, cq, ck = paged_documents(DOCS, page, HQ, HKV, D, device)
+    table = table.clone()
+    table[5, 1] = -3  # document 5 (17 queries over 53 keys) reads its second page
+    with torch.no_grad():
+        out = kernels.attention(q, kc, vc, cu_seqlens_q=cq, cu_seqlens_k=ck, block_table=table, check_values=False)
+    good = kernels.attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck)
+    a, b = int(cq[5]), int(cq[6])
+    assert out[:, :, a:b].isnan().all()
+    assert torch.allclose(out[:, :, :a], good[:, :, :a], atol=1e-5) and torch.allclose(out[:, :, b:], good[:, :, b:],
+                                                                                        atol=1e-5)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(block_table="rows"), r"block_table must be a \(8, max_pages\)"),
+    (dict(cu_seqlens_k=None), "block_table needs cu_seqlens"),
+    (dict(key_mask=True), "key_mask is not supported with block_table"),
+    (dict(k_norm_weight=True), "k_norm_weight is not supported with block_table"),
+    (dict(grad=True), "inference-only"),
+    (dict(capacity=True), "more than its block_table row holds"),
+], ids=["table-rows", "no-cu_seqlens_k", "key-mask", "k-norm", "grad", "capacity"])
+def test_paged_varlen_refusals(change, match, device):
+    HQ, HKV, D, page = 2, 1, 16, 16
+    q, k, v, kc, vc, table, cq, ck = paged_documents(DOCS, page, HQ, HKV, D, device)
+    kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, block_table=table)
+    if "block_table" in change:
+        kw["block_table"] = table[:-1]
+    if "cu_seqlens_k" in change:
+        kw["cu_seqlens_k"] = None
+    if "key_mask" in change:
+        kw["key_mask"] = torch.ones(1, int(ck[-1]), dtype=torch.bool, device=device)
+    if "k_norm_weight" in change:
+        kw["k_norm_weight"] = torch.ones(D, device=device)
+    if "grad" in change:
+        q = q.clone().requires_grad_()
+    if "capacity" in change:
+        kw["block_table"] = table[:, :2]  # 2 pages of 16 rows: document 5 has 53 keys
+    with pytest.raises(ValueError, match=match):
+        kernels.attention(q, kc, vc, **kw)

@@ -45,6 +45,7 @@ class Options:
     softcap: Optional[float]
     key_mask: Optional[torch.Tensor] = None               # None or (B, Sk) bool / uint8 / int8
     cu_seqlens_k: Optional[torch.Tensor] = None           # None (keys packed with the queries) or (N+1,)
+    block_table: Optional[torch.Tensor] = None            # None, or (N, max_pages): k / v are paged caches
 
 
 @triton.jit
@@ -63,9 +64,11 @@ def _doc_index(CU, rows, N_DOCS, N_ITER):
 
 @triton.jit
 def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc, softcap2, lo_i, hi_i,
-              n_start, n_end, SK, p_km, stride_ms, BN: tl.constexpr, BD: tl.constexpr, MASKED: tl.constexpr,
+              n_start, n_end, SK, p_km, stride_ms, BT, stride_bb, stride_bp, stride_kp, stride_vp, CU_K, N_DOCS,
+              N_ITER, NUM_PAGES, MAX_PAGES, doc_u, k0_u, BN: tl.constexpr, BD: tl.constexpr, MASKED: tl.constexpr,
               PAD_D: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_KMASK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+              HAS_KMASK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PREC: tl.constexpr,
+              UPCAST: tl.constexpr):
     """Online-softmax update of one program's rows over key blocks [n_start, n_end), step BN.
 
     ``p_k``/``p_v`` are [Sk, D] tensor descriptors of the (batch, KV head) under USE_TMA (TMA
@@ -74,18 +77,38 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
     element). Unmasked (MASKED=False) blocks lie inside every row's interval [lo_i, hi_i) and inside
     [0, SK), and hold only attendable keys: no bounds, no mask, no -inf guard. Masked blocks also
     read the key mask row ``p_km`` under HAS_KMASK.
+
+    PAGED: key j (packed index) is position ``j - CU_K[d]`` of document d, in page ``BT[d, pos // PAGE]``;
+    unmasked blocks lie in the program's one document ``doc_u`` (its keys start at ``k0_u``), masked ones find
+    each key's document. A page index outside [0, NUM_PAGES) is never dereferenced: its keys' logits are NaN.
     """
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     for start_n in range(n_start, n_end, BN):
         o_n = start_n + tl.arange(0, BN)
-        if USE_TMA:
+        if PAGED:
+            if MASKED:
+                d_n = _doc_index(CU_K, o_n, N_DOCS, N_ITER)
+                loc = o_n - tl.load(CU_K + d_n).to(tl.int32)
+                ok_n = (o_n < SK) & (loc < MAX_PAGES * PAGE)
+            else:
+                d_n = o_n * 0 + doc_u
+                loc = o_n - k0_u
+                ok_n = loc < MAX_PAGES * PAGE
+            pg = tl.load(BT + d_n.to(tl.int64) * stride_bb + (loc // PAGE) * stride_bp, mask=ok_n, other=-1)
+            bad = ok_n & ((pg < 0) | (pg >= NUM_PAGES))
+            ok_n = ok_n & ~bad
+            row = tl.where(ok_n, pg, 0).to(tl.int64) * stride_kp + (loc % PAGE).to(tl.int64) * stride_ks
+            row_v = tl.where(ok_n, pg, 0).to(tl.int64) * stride_vp + (loc % PAGE).to(tl.int64) * stride_vs
+            m_kv = ok_n[:, None] & m_d[None, :]
+            b_k = tl.load(p_k + row[:, None] + o_d[None, :] * stride_kd, mask=m_kv, other=0.0)
+        elif USE_TMA:
             b_k = p_k.load([start_n, 0])  # [BN, BD]
         else:
             o_n64 = o_n.to(tl.int64)
             p_kt = p_k + o_n64[:, None] * stride_ks + o_d[None, :] * stride_kd
             p_vt = p_v + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd
-        if USE_TMA:
+        if USE_TMA or PAGED:
             pass
         elif MASKED:
             m_kv = (o_n < SK)[:, None]
@@ -97,6 +120,8 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
         else:
             b_k = tl.load(p_kt)
         b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
+        if PAGED:
+            b_s = tl.where(bad[None, :], float("nan"), b_s)
         if HAS_SOFTCAP:
             b_s = tanh(b_s * b_sc[:, None]) * softcap2
         elif MASKED:
@@ -121,7 +146,9 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
             b_p = tl.math.exp2(b_s * b_sc[:, None] - b_m_sub[:, None])
         b_alpha = tl.math.exp2(b_m - b_m_sub)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        if USE_TMA:
+        if PAGED:
+            b_v = tl.load(p_v + row_v[:, None] + o_d[None, :] * stride_vd, mask=m_kv, other=0.0)
+        elif USE_TMA:
             b_v = p_v.load([start_n, 0])  # [BN, BD]
         elif MASKED:
             b_v = tl.load(p_vt, mask=m_kv, other=0.0)  # [BN, BD]
@@ -134,19 +161,20 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
     return acc, b_l, b_m
 
 
-@triton.jit(do_not_specialize=["SQ", "SK", "N_DOCS", "N_ITER", "WINDOW", "CHUNK", "SK_BUCKET"])
+@triton.jit(do_not_specialize=["SQ", "SK", "N_DOCS", "N_ITER", "WINDOW", "CHUNK", "SK_BUCKET", "NUM_PAGES",
+                            "MAX_PAGES"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, SCALE, SINKS, CU, CU_K, KMASK,
+    Q, K, V, O, LSE, SCALE, SINKS, CU, CU_K, KMASK, BT,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    stride_rb, stride_rh, stride_rs, stride_mb, stride_ms,
-    HQ, SQ, SK, G, N_DOCS, N_ITER, WINDOW, CHUNK, SK_BUCKET, qk_scale, softcap2,
+    stride_rb, stride_rh, stride_rs, stride_mb, stride_ms, stride_bb, stride_bp,
+    HQ, SQ, SK, G, N_DOCS, N_ITER, WINDOW, CHUNK, SK_BUCKET, NUM_PAGES, MAX_PAGES, qk_scale, softcap2,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_KMASK: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_KMASK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # heads of one KV group run side by side (K/V reuse in L2); longest causal rows first (tail balance)
     i_bh = tl.program_id(0)
@@ -226,8 +254,19 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    p_k = K + i_b64 * stride_kb + i_hk64 * stride_kh
-    p_v = V + i_b64 * stride_vb + i_hk64 * stride_vh
+    doc_u = 0
+    k0_u = 0
+    if PAGED:
+        # paged keys (num_pages, page, Hkv, D): stride_kb is the page stride; the packed key count is on the device
+        # (the host passed a bound as SK); unmasked blocks lie in one document, the valid rows' first
+        SK = tl.load(CU_K + N_DOCS).to(tl.int32)
+        doc_u = tl.min(tl.where(m_m, i_doc, N_DOCS), 0)
+        k0_u = tl.load(CU_K + doc_u).to(tl.int32)
+        p_k = K + i_hk64 * stride_kh
+        p_v = V + i_hk64 * stride_vh
+    else:
+        p_k = K + i_b64 * stride_kb + i_hk64 * stride_kh
+        p_v = V + i_b64 * stride_vb + i_hk64 * stride_vh
     if USE_TMA:
         p_k = tl.make_tensor_descriptor(p_k, shape=[SK, D], strides=[stride_ks, 1], block_shape=[BN, BD])
         p_v = tl.make_tensor_descriptor(p_v, shape=[SK, D], strides=[stride_vs, 1], block_shape=[BN, BD])
@@ -239,17 +278,20 @@ def _attn_fwd_kernel(
     nb_a = tl.minimum((tl.maximum(full_lo - lo_blk, 0) + BN - 1) // BN, nb_all)
     nb_b = tl.maximum(nb_a, tl.minimum(tl.maximum(full_hi - lo_blk, 0) // BN, nb_all))
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk, lo_blk + nb_a * BN, SK, p_km, stride_ms, BN=BN, BD=BD,
-                              D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
-                              HAS_KMASK=HAS_KMASK, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, p_km, stride_ms, BN=BN,
-                              BD=BD, D=D, MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
-                              HAS_KMASK=HAS_KMASK, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, p_km, stride_ms,
+                              softcap2, lo_i, hi_i, lo_blk, lo_blk + nb_a * BN, SK, p_km, stride_ms, BT, stride_bb,
+                              stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES, doc_u, k0_u,
                               BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
-                              HAS_KMASK=HAS_KMASK, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
+                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
+    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
+                              softcap2, lo_i, hi_i, lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, p_km, stride_ms, BT, stride_bb,
+                              stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES, doc_u, k0_u,
+                              BN=BN, BD=BD, D=D, MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
+                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
+    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
+                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, p_km, stride_ms, BT, stride_bb,
+                              stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES, doc_u, k0_u,
+                              BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
+                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
 
     if HAS_SINKS:
         # the head's sink logit joins the denominator only
@@ -274,9 +316,17 @@ _TILES_FP32 = [(64, 32, 4, 2), (64, 64, 4, 2)]
 _TILES_FP32_D256 = [(64, 32, 4, 2)]
 
 
-def _tiles(dtype: torch.dtype, BD: int):
+# paged keys (per-key page lookups, pointer loads): the tiles that hold their addresses without spilling (sm_90a;
+# at D=128 128x64 w8 spilled 264 B, 64x128 w4 2124 B; at D=256 every wgmma tile tried spilled 16-1628 B)
+_TILES_PAGED = [(64, 64, 4, 3), (128, 32, 8, 3)]
+_TILES_PAGED_D256 = [(32, 32, 4, 2)]
+
+
+def _tiles(dtype: torch.dtype, BD: int, paged: bool = False):
     if dtype == torch.float32:
         return _TILES_FP32_D256 if BD > 128 else _TILES_FP32
+    if paged:
+        return _TILES_PAGED_D256 if BD > 128 else _TILES_PAGED
     if BD > 128:
         return _TILES_16BIT_D256
     # 128x64 with 4 warps spills at D=128 (sm_90a, 248 B of stack): 8 warps only there
@@ -288,16 +338,17 @@ def _config(tile) -> triton.Config:
     return triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
 
 
-_CONFIGS = [_config(t) for t in dict.fromkeys(_TILES_16BIT + _TILES_16BIT_D256 + _TILES_FP32 + _TILES_FP32_D256)]
+_CONFIGS = [_config(t) for t in dict.fromkeys(_TILES_16BIT + _TILES_16BIT_D256 + _TILES_FP32 + _TILES_FP32_D256
+                                               + _TILES_PAGED + _TILES_PAGED_D256)]
 
 
 def _keep(c: triton.Config, args) -> bool:
     tile = (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages)
-    return tile in _tiles(args["Q"].dtype, args["BD"])
+    return tile in _tiles(args["Q"].dtype, args["BD"], args["PAGED"])
 
 
 _AUTOTUNE_KEY = ["D", "IS_CAUSAL", "PACKED", "VARLEN_K", "HAS_SCALE", "HAS_WINDOW", "HAS_CHUNK", "HAS_SINKS",
-                 "HAS_SOFTCAP", "HAS_KMASK", "DOT_PREC", "SK_BUCKET"]
+                 "HAS_SOFTCAP", "HAS_KMASK", "PAGED", "PAGE", "DOT_PREC", "SK_BUCKET"]
 _attn_fwd_tuned = autotuned(_attn_fwd_kernel, _CONFIGS, _AUTOTUNE_KEY, _keep)
 
 # interpreter default: big enough to keep the number of (slow, sequential) programs down
@@ -316,7 +367,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
     """Launch the prologue (if any) and the attention kernel on validated inputs (no checks here).
 
     Args:
-        q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); any strides, fp16/bf16/fp32, one device.
+        q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), or paged (num_pages, page_size, Hkv, D) caches with
+            ``opt.block_table``; any strides, fp16/bf16/fp32, one device.
         q_norm_weight, k_norm_weight: None, (D,) or (H, D) RMSNorm weights.
         sinks: None or the (Hq,) sink logits.
         opt: the call's other options (see :class:`Options`).
@@ -330,7 +382,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
         visible key and no sink; lse is None when ``return_lse`` is False.
     """
     B, HQ, SQ, D = q.shape
-    HKV, SK = k.shape[1], k.shape[2]
+    bt = opt.block_table
+    if bt is not None:
+        # paged keys: SK bounds the packed key count (the kernel reads the real one from cu_seqlens_k)
+        HKV, SK = k.shape[2], bt.shape[0] * bt.shape[1] * k.shape[1]
+    else:
+        HKV, SK = k.shape[1], k.shape[2]
     # q's memory layout: a (B, S, H, D) buffer seen as (B, H, S, D) (how HF hands q) gets its output back
     # the same way, so the caller's transpose to (B, S, H, D) costs no copy
     out = torch.empty_like(q)
@@ -352,18 +409,23 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
     km = opt.key_mask
     if km is not None and km.dtype == torch.bool:
         km = km.view(torch.uint8)
+    kv_dims = "bshd" if bt is not None else "bhsd"  # paged: "b" is the page stride, "s" the row in the page
     args = dict(
-        Q=q_hat, K=k_hat, V=v, O=out, LSE=lse, SCALE=opt.rows, SINKS=sinks, CU=cu, CU_K=cu_k, KMASK=km,
-        **named_strides("q", q_hat, "bhsd"), **named_strides("k", k_hat, "bhsd"),
-        **named_strides("v", v, "bhsd"), **named_strides("o", out, "bhsd"), **named_strides("r", opt.rows, "bhs"),
-        **named_strides("m", km, "bs"),
+        Q=q_hat, K=k_hat, V=v, O=out, LSE=lse, SCALE=opt.rows, SINKS=sinks, CU=cu, CU_K=cu_k, KMASK=km, BT=bt,
+        **named_strides("q", q_hat, "bhsd"), **named_strides("k", k_hat, kv_dims),
+        **named_strides("v", v, kv_dims), **named_strides("o", out, "bhsd"), **named_strides("r", opt.rows, "bhs"),
+        **named_strides("m", km, "bs"), **named_strides("b", bt, "bp"),
         HQ=HQ, SQ=SQ, SK=SK, G=HQ // HKV, N_DOCS=n_docs, N_ITER=(n_docs - 1).bit_length(),
         WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, SK_BUCKET=_sk_bucket(SK),
+        NUM_PAGES=k.shape[0] if bt is not None else 0, MAX_PAGES=bt.shape[1] if bt is not None else 0,
+        PAGED=bt is not None, PAGE=k.shape[1] if bt is not None else 16,
         qk_scale=opt.scale / cap if cap is not None else opt.scale * LOG2E,
         softcap2=cap * LOG2E if cap is not None else 0.0,
-        D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, VARLEN_K=cu_k is not None, HAS_SCALE=opt.rows is not None,
+        D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, VARLEN_K=cu_k is not None,
+        HAS_SCALE=opt.rows is not None,
         HAS_WINDOW=opt.window is not None, HAS_CHUNK=opt.chunk is not None, HAS_SINKS=sinks is not None,
-        HAS_SOFTCAP=cap is not None, HAS_KMASK=km is not None, STORE_LSE=return_lse, USE_TMA=tma_ok(k_hat, v),
+        HAS_SOFTCAP=cap is not None, HAS_KMASK=km is not None, STORE_LSE=return_lse,
+        USE_TMA=bt is None and tma_ok(k_hat, v),
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
     )
     if block_sizes is None and compiled(q):

@@ -239,6 +239,13 @@ def record_op(s: Shape) -> Tuple[Dict[str, Any], List[toolkit.Launch]]:
         kw.update(cu_seqlens=_meta(s.docs + 1, dtype=torch.int32), check_values=False)
         if s.varlen:
             kw["cu_seqlens_k"] = _meta(s.docs + 1, dtype=torch.int32)
+        if s.varlen and s.page_size:
+            # the keys in a paged cache: each document's S / docs keys on its own pages
+            per_doc = triton.cdiv(triton.cdiv(S, s.docs), s.page_size)
+            k, v = (_meta(s.docs * per_doc, s.page_size, HKV, D, dtype=dt) for _ in range(2))
+            kw["block_table"] = _meta(s.docs, per_doc, dtype=torch.int32)
+            if grad or s.k_norm or s.key_mask:
+                raise ValueError("--page-size with prefill: forward only, without --k-norm / --key-mask")
     if not grad:
         with toolkit.recording() as launches, torch.no_grad():
             attention(q, k, v, **kw)
@@ -616,7 +623,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--varlen", action="store_true",
                    help="prefill: queries packed apart from the keys (cu_seqlens_k), S/2 of them; needs --docs")
     p.add_argument("--q-len", type=int, default=1, help="decode: new query rows")
-    p.add_argument("--page-size", type=int, default=0, help="decode: a paged cache (block_table) of this page size")
+    p.add_argument("--page-size", type=int, default=0,
+                   help="decode, or prefill_fwd with --varlen: a paged cache (block_table) of this page size")
     p.add_argument("--append", action="store_true", help="decode: append the new tokens' K/V first (k_new / v_new)")
     p.add_argument("--num-sms", type=int, default=132, help="decode: SMs the split count is chosen for")
     p.add_argument("--num-splits", type=int, help="decode: force the split count")

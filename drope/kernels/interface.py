@@ -45,7 +45,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False, window: Optional[int] = None,
               chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
               key_mask: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-              cu_seqlens_q: Optional[torch.Tensor] = None, check_values: bool = True):
+              cu_seqlens_q: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
+              check_values: bool = True):
     """Fused attention with QK-norm, RoPE, per-row/per-head softmax scale, GQA, windows, chunks, sinks.
 
     Semantics are exactly :func:`drope.reference.attention`'s (docs/design.md, "Contract:
@@ -84,6 +85,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             keys (bottom-right causal per document); each document needs Lq_d <= Lk_d (checked with the
             other boundary values; unchecked, causal rows at negative positions output zeros). Not with ``rope``.
         cu_seqlens_q: flash-attention's name for ``cu_seqlens`` (pass one of the two).
+        block_table: optional (N, max_pages) int32 page indices, one row per document (needs ``cu_seqlens_k``):
+            k and v are then paged caches (num_pages, page_size, Hkv, D), page_size a multiple of 16, and
+            document d's Lk_d keys are its positions 0..Lk_d-1, position p in page ``block_table[d, p // page_size]``
+            (chunked prefill and decodes over a paged cache, in one call). Inference only; not with
+            ``key_mask`` or ``k_norm_weight`` (normalise keys before caching them). Page indices are checked
+            like ``cu_seqlens``; on the device an index outside the cache gives NaN rows, never a read outside it.
         check_values: check tensor values (scale range, sinks, ``cu_seqlens`` order) where that costs no device
             sync (CPU tensors; ``cu_seqlens`` on any device, outside torch.compile); False skips them for a
             caller that builds those tensors itself (the HF layer). Shapes, dtypes and devices are always checked.
@@ -108,18 +115,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
-                            key_mask=key_mask, kernel=True, values=check_values, cu_seqlens_k=cu_seqlens_k)
+                            key_mask=key_mask, kernel=True, values=check_values, cu_seqlens_k=cu_seqlens_k,
+                            block_table=block_table)
+    if block_table is not None and _needs_grad(q, k, v, q_norm_weight, sinks):
+        raise ValueError("attention with block_table (a paged KV cache) is inference-only: an input requires grad; "
+                         "call it under torch.no_grad(), or pack the keys (cu_seqlens_k) for a differentiable pass")
     const, rows = split_scale(softmax_scale, shape, q.device)
     return run_attention(q, k, v, const, rows, causal=causal, rope=rope, q_norm_weight=q_norm_weight,
                          k_norm_weight=k_norm_weight, norm_eps=norm_eps, cu_seqlens=cu_seqlens, return_lse=return_lse,
                          window=window, chunk=chunk, sinks=sinks, softcap=softcap, key_mask=key_mask,
-                         cu_seqlens_k=cu_seqlens_k)
+                         cu_seqlens_k=cu_seqlens_k, block_table=block_table)
 
 
 def run_attention(q, k, v, const: float, rows: Optional[torch.Tensor], *, causal: bool = True, rope=None,
                   q_norm_weight=None, k_norm_weight=None, norm_eps: float = 1e-6, cu_seqlens=None,
                   return_lse: bool = False, window=None, chunk=None, sinks=None, softcap=None, key_mask=None,
-                  cu_seqlens_k=None):
+                  cu_seqlens_k=None, block_table=None):
     """:func:`attention` on arguments already checked: ``const`` the constant logit multiplier, ``rows`` None or
     a (B, Hq, Sq) float32 view of per-row / per-head multipliers (:func:`drope.validation.split_scale`)."""
     needs_grad = _needs_grad(q, k, v, q_norm_weight, k_norm_weight, sinks)
@@ -127,7 +138,7 @@ def run_attention(q, k, v, const: float, rows: Optional[torch.Tensor], *, causal
     lse_too = return_lse or needs_grad or torch.compiler.is_compiling()
     out, lse = ops.attention_fwd(
         q, k, v, q_norm_weight, k_norm_weight, sinks, None if rows is None else rows.detach(), *_tables(rope),
-        cu_seqlens, key_mask, cu_seqlens_k, causal, float(const), float(norm_eps), window, chunk,
+        cu_seqlens, key_mask, cu_seqlens_k, block_table, causal, float(const), float(norm_eps), window, chunk,
         None if softcap is None else float(softcap), lse_too, needs_grad=needs_grad)
     return (out, lse) if return_lse else out
 

@@ -50,26 +50,28 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,), dtype=torch.float32)
 
 
-def _options(causal, scale, rows, cos, sin, eps, cu, window, chunk, softcap, key_mask, cu_k) -> Options:
+def _options(causal, scale, rows, cos, sin, eps, cu, window, chunk, softcap, key_mask, cu_k, bt=None) -> Options:
     return Options(causal=causal, scale=scale, rows=rows, rope=_rope(cos, sin), norm_eps=eps, cu_seqlens=cu,
-                   window=window, chunk=chunk, softcap=softcap, key_mask=key_mask, cu_seqlens_k=cu_k)
+                   window=window, chunk=chunk, softcap=softcap, key_mask=key_mask, cu_seqlens_k=cu_k, block_table=bt)
 
 
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor],
                    sinks: Optional[Tensor], scale_rows: Optional[Tensor], rope_cos: Optional[Tensor],
                    rope_sin: Optional[Tensor], cu_seqlens: Optional[Tensor], key_mask: Optional[Tensor],
-                   cu_seqlens_k: Optional[Tensor], causal: bool, scale: float, norm_eps: float, window: Optional[int],
-                   chunk: Optional[int], softcap: Optional[float], return_lse: bool) -> Tuple[Tensor, Tensor]:
+                   cu_seqlens_k: Optional[Tensor], block_table: Optional[Tensor], causal: bool, scale: float,
+                   norm_eps: float, window: Optional[int], chunk: Optional[int], softcap: Optional[float],
+                   return_lse: bool) -> Tuple[Tensor, Tensor]:
     check_device(q, "attention")
     opt = _options(causal, scale, scale_rows, rope_cos, rope_sin, norm_eps, cu_seqlens, window, chunk, softcap,
-                   key_mask, cu_seqlens_k)
+                   key_mask, cu_seqlens_k, block_table)
     with on_device(q):
         out, lse = attention_forward(q, k, v, q_norm_weight, k_norm_weight, sinks, opt, return_lse=return_lse)
     return out, lse if lse is not None else _empty(q)
 
 
 def _attention_fwd_fake(q, k, v, q_norm_weight, k_norm_weight, sinks, scale_rows, rope_cos, rope_sin, cu_seqlens,
-                        key_mask, cu_seqlens_k, causal, scale, norm_eps, window, chunk, softcap, return_lse):
+                        key_mask, cu_seqlens_k, block_table, causal, scale, norm_eps, window, chunk, softcap,
+                        return_lse):
     B, HQ, SQ, D = q.shape
     lse = q.new_empty((B, HQ, SQ) if return_lse else (0,), dtype=torch.float32)
     return torch.empty_like(q), lse
@@ -96,11 +98,13 @@ def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, q_norm_weight, k_norm_wei
     return tuple(t.new_empty(t.shape) if need and t is not None else _empty(q) for t, need in zip(likes, needs))
 
 
-_FWD_INPUTS = 19
+_FWD_INPUTS = 20
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, qw, kw, sinks, rows, cos, sin, cu, km, cu_k, causal, scale, eps, window, chunk, softcap, _ = inputs
+    q, k, v, qw, kw, sinks, rows, cos, sin, cu, km, cu_k, bt, causal, scale, eps, window, chunk, softcap, _ = inputs
+    if bt is not None:
+        raise ValueError("drope::attention_fwd with a block_table (paged keys) has no backward: call it without grad")
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, qw, kw, sinks, rows, cos, sin, cu, km, cu_k)
     ctx.flags = (causal, scale, eps, window, chunk, softcap)
