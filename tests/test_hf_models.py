@@ -392,6 +392,28 @@ def test_continuous_batching_equals_greedy(kind, impl):
     assert [got[tuple(p)] for p in prompts] == want
 
 
+def test_continuous_batching_route_is_closed():
+    """What README says of drope's kernels in continuous batching: transformers refuses drope_triton there, and a
+    locally registered implementation named like flash is sent to the Hub-kernel loader and refused. When either
+    changes, wire drope.flash_attn into generate_batch and update README."""
+    from transformers import AttentionInterface, GenerationConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = drope_model("llama", qk_norm="head", device="cpu")
+    model.set_attn_implementation("drope_triton")
+    # transformers >= 5.2x: the check in switch_to_cb_friendly_attn; 5.17: "paged|drope_triton" is not registered
+    with pytest.raises(ValueError, match=r"drope_triton is not supported for continuous batching"
+                                         r"|paged\|drope_triton.*is not supported"):
+        model.generate_batch(inputs=[[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=1, do_sample=False,
+                                                                                    eos_token_id=-1))
+    AttentionInterface.register("drope_flash_probe", sdpa_attention_forward)
+    try:
+        with pytest.raises(ValueError, match="Could not find the currently requested flash attention implementation"):
+            model.set_attn_implementation("drope_flash_probe")
+    finally:
+        AttentionInterface._global_mapping.pop("drope_flash_probe", None)
+
+
 def test_a_failed_continuous_batching_request_raises():
     """A request that fails inside continuous batching is an error the caller sees, not an empty token list."""
     from transformers import GenerationConfig
