@@ -23,7 +23,10 @@ TEMP_COEF = 0.103
 TRAIN_LEN = 2048
 NORM_EPS = 1e-6
 
-OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled")
+OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled",
+       "varlen_prefill", "paged_decode")
+# serving: queries of each document in a varlen prefill (a chunk of a long prompt against its cache)
+VARLEN_CHUNK = 512
 
 PREFILL_TOKENS = 16 * 1024
 PREFILL_SEQLENS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -68,7 +71,7 @@ class Case:
 
     @property
     def is_decode(self) -> bool:
-        return self.op in ("decode", "model_decode", "model_decode_compiled")
+        return self.op in ("decode", "model_decode", "model_decode_compiled", "paged_decode")
 
 
 def params(cases: Sequence[Case], providers: Sequence[str]) -> list:
@@ -108,12 +111,16 @@ def case_flops(case: Case) -> Optional[float]:
         return attention_flops(case.B, case.H, case.S, case.S, case.D, causal=True)
     if case.op == "prefill_fwd_bwd":
         return attention_flops(case.B, case.H, case.S, case.S, case.D, causal=True, backward=True)
+    if case.op == "varlen_prefill":
+        # VARLEN_CHUNK bottom-right causal rows per document against S keys: S*Lq - Lq*(Lq-1)/2 visible pairs
+        lq = min(VARLEN_CHUNK, case.S)
+        return 4.0 * case.B * case.H * case.D * (case.S * lq - lq * (lq - 1) / 2)
     return None
 
 
 def case_bytes(case: Case) -> Optional[int]:
     """K/V bytes read by a decode case, None for the other ops."""
-    if case.op == "decode":
+    if case.op in ("decode", "paged_decode"):
         return decode_kv_bytes(case.B, case.Hkv, case.S, case.D, torch.empty((), dtype=case.torch_dtype).element_size())
     return None
 
@@ -148,6 +155,15 @@ def model_cases() -> List[Case]:
     H, HKV, D = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     return ([Case("model_prefill", 1, H, HKV, S, D, quick=S == 4096) for S in MODEL_PREFILL_LENS]
             + [Case("model_decode", 1, H, HKV, S, D, quick=S == 16384) for S in MODEL_DECODE_LENS])
+
+
+def serving_cases() -> List[Case]:
+    """Serving shapes (Hq 32, Hkv 8, D 128, bf16): a varlen prefill of 8 documents, each a VARLEN_CHUNK-row chunk
+    against S keys, and decode over paged caches of S tokens, batch 1/16."""
+    H, HKV, D = DECODE_HEADS
+    return ([Case("varlen_prefill", 8, H, HKV, S, D, quick=S == 16384) for S in (4096, 16384, 32768)]
+            + [Case("paged_decode", B, H, HKV, S, D, quick=(B, S) == (16, 32768))
+               for B in (1, 16) for S in (32768, 131072)])
 
 
 def temperature(mode: str, *, coef: float = TEMP_COEF, train_len: int = TRAIN_LEN) -> dict:

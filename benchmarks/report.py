@@ -22,7 +22,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PREFILL_OPS = ("prefill_fwd", "prefill_fwd_bwd")
-OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled")
+OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled",
+       "varlen_prefill", "paged_decode")
+SERVING_OPS = ("varlen_prefill", "paged_decode")
 PROVIDER_ORDER = ("drope_triton", "unfused", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex",
                   "flash_attn", "sdpa", "eager")
 
@@ -138,6 +140,13 @@ def render_markdown(record: Dict[str, Any]) -> str:
                      _x(rat[id(r)]["vs_best_sdpa"]) + (f" ({rat[id(r)]['best_sdpa'][5:]})"
                                                        if rat[id(r)]["best_sdpa"] else ""),
                      _x(rat[id(r)]["vs_unfused"]), _f(r.get("peak_mem_mb"), "{:.0f}")] for r in rows]
+        elif op in SERVING_OPS:
+            # against the same attention on contiguous (unpaged, batched) keys of the same case
+            base = {_case_key(r): r["ms"] for r in rows if r["provider"] == "contiguous"}
+            header = ["B", "S", "provider", "ms", "TFLOP/s", "GB/s", "contiguous / this", "peak MB"]
+            body = [[str(r["B"]), str(r["S"]), r["provider"], _f(r["ms"]), _f(r.get("tflops"), "{:.1f}"),
+                     _f(r.get("gbps"), "{:.0f}"), _x(base[_case_key(r)] / r["ms"] if _case_key(r) in base else None),
+                     _f(r.get("peak_mem_mb"), "{:.0f}")] for r in rows]
         else:
             header = ["B", "S", "provider", "ms", "tokens/s", "vs sdpa", "vs eager", "peak MB"]
             body = [[str(r["B"]), str(r["S"]), r["provider"], _f(r["ms"]), _f(r.get("tokens_per_s"), "{:.0f}"),
