@@ -18,6 +18,7 @@ COMMANDS = {
     "niah": ("drope.niah.cli", "needle-in-a-haystack accuracy and long-context profile of a local model"),
     "demo": ("drope.demo.cli", "RoPE (and its scaling methods) vs NoPE vs DroPE on NIAH beyond the training length, with the shipped mini models"),
     "train-mini": ("drope.demo.train", "train the shipped mini RoPE / NoPE / DroPE models from scratch (seeded recipe)"),
+    "serve": ("drope.serve_cli", "serve a local DroPE checkpoint with transformers serve (OpenAI-compatible API)"),
 }
 
 

@@ -1,0 +1,93 @@
+"""``drope serve``: transformers' OpenAI-compatible server (``transformers serve``) on a local DroPE checkpoint.
+
+transformers serve (5.2x) needs two things a DroPE checkpoint does not give it, and this command supplies both
+without changing transformers:
+
+- the DroPE classes: the server's processes must have imported drope (which registers ``llama_drope``,
+  ``qwen2_drope``, ... with transformers' Auto classes). Its model process is started with the ``spawn`` method,
+  which re-imports this process's main module: ``drope`` (or ``python -m drope.cli``) imports drope there too.
+- loading by class name: its loader resolves ``config.architectures[0]`` as an attribute of the transformers
+  package (``cli/serving/model_manager.py``, ``ModelLoader._load_model``), which a registered DroPE class is not;
+  a config that names no architecture loads through ``AutoModelForCausalLM`` instead. So the server is given a
+  *view* of the checkpoint: a temporary directory of links to its files, with a copy of ``config.json`` whose
+  ``architectures`` is removed (the weights, tokenizer and everything else are the checkpoint's own).
+
+The attention implementation is transformers serve's (``--attn-implementation`` accepts eager, sdpa, the flash
+ones or a Hub kernel, ``ModelLoader._validate_args``): DroPE layers then run their QK-norm and temperature
+themselves around SDPA; ``drope_triton`` is refused there (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+from typing import List
+
+# what transformers serve accepts for --attn-implementation besides Hub kernels (model_manager._validate_args)
+SERVE_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="local directory of the checkpoint to serve (config.json, weights, tokenizer)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--device", default="auto", help="device for inference ('auto', 'cpu', 'cuda:0')")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=SERVE_IMPLEMENTATIONS,
+                        help="attention implementation (the ones transformers serve accepts; drope_triton is not)")
+    parser.add_argument("serve_args", nargs="*", metavar="-- SERVE_OPTION",
+                        help="further `transformers serve` options, after `--` (e.g. -- --continuous-batching)")
+
+
+def checkpoint_view(model_dir: str, root: str) -> str:
+    """A directory under ``root`` holding links to every file of ``model_dir`` and a ``config.json`` without
+    ``architectures`` (so transformers serve loads it through AutoModelForCausalLM); returns its path."""
+    view = os.path.join(root, os.path.basename(os.path.normpath(model_dir)) or "model")
+    os.makedirs(view)
+    for name in os.listdir(model_dir):
+        if name != "config.json":
+            os.symlink(os.path.abspath(os.path.join(model_dir, name)), os.path.join(view, name))
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    config.pop("architectures", None)
+    with open(os.path.join(view, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return view
+
+
+def serve_command(view: str, args: argparse.Namespace) -> List[str]:
+    rest = list(args.serve_args)
+    return ["serve", view, "--host", args.host, "--port", str(args.port), "--device", args.device,
+            "--attn-implementation", args.attn_implementation, *rest]
+
+
+def run(args: argparse.Namespace) -> int:
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        print(f"drope serve: model must be a local checkpoint directory with a config.json, got {args.model!r}",
+              file=sys.stderr)
+        return 2
+    if not 0 < args.port < 65536:
+        print(f"drope serve: --port must be in 1..65535, got {args.port}", file=sys.stderr)
+        return 2
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        print('drope serve needs transformers\' serving extra: pip install "transformers[serving]"', file=sys.stderr)
+        return 2
+    import drope  # noqa: F401  (registers the DroPE model types in this process)
+    from transformers.cli.transformers import app
+
+    # a plain `kill` ends the server like Ctrl-C, so the view is removed (uvicorn handles both while it runs)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with tempfile.TemporaryDirectory(prefix="drope-serve-") as root:
+        view = checkpoint_view(args.model, root)
+        print(f"drope serve: serving {os.path.abspath(args.model)} as {view} on http://{args.host}:{args.port} "
+              f"(attention: {args.attn_implementation})", flush=True)
+        try:
+            app(serve_command(view, args), prog_name="drope serve")
+        except SystemExit as e:
+            return int(e.code or 0) if not isinstance(e.code, str) else 1
+    return 0

@@ -1,0 +1,139 @@
+"""`drope serve` end to end: transformers' OpenAI-compatible server started as a user starts it, on loopback, serving
+the shipped mini DroPE checkpoint; a bounded number of requests, then it is stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.utils.import_utils import is_serve_available
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = ROOT / "drope" / "demo" / "checkpoints" / "drope"
+PROMPT = "the key is 4 2 7. "
+
+pytestmark = pytest.mark.skipif(not is_serve_available(), reason='needs transformers\' serving extra: '
+                                                                   'pip install "transformers[serving]"')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body, *, raw: bool = False):
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@contextlib.contextmanager
+def serving():
+    """``drope serve`` on the mini checkpoint in a subprocess, on a free loopback port: (url, process, tmp dir)."""
+    port = _free_port()
+    tmp = tempfile.mkdtemp(prefix="drope-serve-test-")
+    log = open(os.path.join(tmp, "serve.log"), "w")
+    env = {**os.environ, "TMPDIR": tmp}  # the checkpoint view goes here: a test can see it removed
+    proc = subprocess.Popen([sys.executable, "-m", "drope.cli", "serve", str(MINI), "--device", "cpu", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # readiness poll (a busy CI machine loads slowly); not a timing assertion
+            if proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        if proc.poll() is not None:
+            log.flush()
+            pytest.fail(f"drope serve exited ({proc.returncode}):\n{Path(tmp, 'serve.log').read_text()[-4000:]}")
+        yield url, proc, tmp
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving() as running:
+        yield running
+
+
+def _greedy(n: int):
+    import drope  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MINI)
+    model = AutoModelForCausalLM.from_pretrained(MINI).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1], out.shape[1] - ids.shape[1]
+
+
+def test_completion_equals_eager_greedy(server):
+    url, _, _ = server
+    status, body = _post(url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 12})
+    assert status == 200, body
+    want, n_prompt, n_new = _greedy(12)
+    assert body["usage"]["prompt_tokens"] == n_prompt
+    assert body["usage"]["completion_tokens"] == n_new
+    assert body["choices"][0]["text"] == want
+
+
+def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(server):
+    url, proc, _ = server
+    status, body = _post(url + "/v1/completions", b"{not json", raw=True)
+    assert status == 422 and "JSON" in json.dumps(body)
+    status, body = _post(url + "/v1/completions", {"prompt": 5, "max_tokens": 3})
+    assert status == 400 and "prompt must be a string" in body["detail"]
+    status, body = _post(url + "/v1/completions", {"model": "some-other-model", "prompt": PROMPT, "max_tokens": 3})
+    assert status >= 400 and "pinned" in body["detail"]
+    assert proc.poll() is None
+    status, body = _post(url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
+        models = json.loads(r.read())["data"]
+    assert len(models) == 1 and models[0]["id"].endswith("drope")
+
+
+def test_stopping_removes_the_checkpoint_view():
+    with serving() as (url, proc, tmp):
+        views = [p for p in Path(tmp).iterdir() if p.name.startswith("drope-serve-")]
+        assert len(views) == 1 and (views[0] / "drope" / "config.json").is_file()
+        assert "architectures" not in json.loads((views[0] / "drope" / "config.json").read_text())
+        proc.terminate()
+        proc.wait(timeout=60)
+        assert not views[0].exists()
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "drope.cli", "serve", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "local checkpoint directory with a config.json" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "drope.cli", "serve", str(MINI), "--attn-implementation", "drope_triton"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'drope_triton'" in r.stderr
