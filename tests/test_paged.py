@@ -38,18 +38,23 @@ def paged_cache(B, HKV, max_pages, page, D, device, *, dtype=torch.float32, spar
     return kc.to(device), vc.to(device), perm.to(device), k.to(device), v.to(device)
 
 
-def options(feature, B, HQ, SQ, SMAX, device):
-    f, kw = FEATURES[feature], {}
-    for name in ("window", "chunk", "softcap"):
-        if name in f:
-            kw[name] = f[name]
+def feature_kwargs(f: dict, HQ: int, rows: tuple, scale: float, device, *, D: int = 0, key_mask_shape=None) -> dict:
+    """Keyword arguments of a feature dict: window / chunk / softcap as given, random sinks, a per-row scale of
+    shape ``rows``, a q-norm weight (H, D), a random key mask of ``key_mask_shape``."""
+    kw = {name: f[name] for name in ("causal", "window", "chunk", "softcap") if name in f}
     if f.get("sinks"):
         kw["sinks"] = torch.randn(HQ, device=device)
     if f.get("rows"):
-        kw["softmax_scale"] = (0.5 + torch.rand(B, SQ, device=device)) * 0.2
+        kw["softmax_scale"] = (0.5 + torch.rand(*rows, device=device)) * scale
+    if f.get("qnorm"):
+        kw["q_norm_weight"] = 0.5 + torch.rand(HQ, D, device=device)
     if f.get("key_mask"):
-        kw["key_mask"] = torch.rand(B, SQ, SMAX, device=device) > 0.2
+        kw["key_mask"] = torch.rand(*key_mask_shape, device=device) > 0.2
     return kw
+
+
+def options(feature, B, HQ, SQ, SMAX, device):
+    return feature_kwargs(FEATURES[feature], HQ, (B, SQ), 0.2, device, key_mask_shape=(B, SQ, SMAX))
 
 
 def f64(kw):
@@ -229,17 +234,7 @@ def paged_documents(docs, page, HQ, HKV, D, device, seed=0):
 
 
 def varlen_options(feature, HQ, D, TQ, device):
-    f, kw = VARLEN[feature], {"causal": VARLEN[feature].get("causal", True)}
-    for name in ("window", "chunk", "softcap"):
-        if name in f:
-            kw[name] = f[name]
-    if f.get("sinks"):
-        kw["sinks"] = torch.randn(HQ, device=device)
-    if f.get("rows"):
-        kw["softmax_scale"] = (0.5 + torch.rand(1, TQ, device=device)) * D ** -0.5
-    if f.get("qnorm"):
-        kw["q_norm_weight"] = 0.5 + torch.rand(HQ, D, device=device)
-    return kw
+    return {"causal": True, **feature_kwargs(VARLEN[feature], HQ, (1, TQ), D ** -0.5, device, D=D)}
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["default", "16x16"])
