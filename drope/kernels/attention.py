@@ -174,7 +174,8 @@ def _attn_fwd_kernel(
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_KMASK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_KMASK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, STORE_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # heads of one KV group run side by side (K/V reuse in L2); longest causal rows first (tail balance)
     i_bh = tl.program_id(0)
@@ -283,13 +284,15 @@ def _attn_fwd_kernel(
                               BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
                               HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, p_km, stride_ms, BT, stride_bb,
-                              stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES, doc_u, k0_u,
+                              softcap2, lo_i, hi_i, lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, p_km, stride_ms, BT,
+                              stride_bb, stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES,
+                              doc_u, k0_u,
                               BN=BN, BD=BD, D=D, MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
                               HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
     acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, p_km, stride_ms, BT, stride_bb,
-                              stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES, doc_u, k0_u,
+                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, p_km, stride_ms, BT,
+                              stride_bb, stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES,
+                              doc_u, k0_u,
                               BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
                               HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
 
