@@ -24,7 +24,7 @@ TRAIN_LEN = 2048
 NORM_EPS = 1e-6
 
 OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled",
-       "varlen_prefill", "paged_decode")
+       "varlen_prefill", "paged_decode", "model_generate_batch")
 # serving: queries of each document in a varlen prefill (a chunk of a long prompt against its cache)
 VARLEN_CHUNK = 512
 

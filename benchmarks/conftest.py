@@ -136,6 +136,25 @@ class BenchSession:
         self._note("failed", case, provider, reason)
         pytest.fail(f"{provider}: {reason}", pytrace=False)
 
+    def check_budget(self, case: cases.Case, provider: str) -> None:
+        """Skip (noting why in the record) when there is no GPU or the time budget is spent."""
+        if not HAS_CUDA:
+            pytest.skip(NO_GPU)
+        self._ensure_record()
+        if self.budget_s is not None and time.monotonic() - self.start > self.budget_s:
+            self.skip(case, provider, f"time budget {ENV_BUDGET}={self.budget_s:g}s spent before this case")
+
+    def add(self, benchmark, case: cases.Case, provider: str, times_ms, *, peak_mem_mb: Optional[float],
+            **extra) -> Dict[str, Any]:
+        """Append a result a test timed itself (host-timed wall time, for calls of seconds such as a whole
+        ``generate``) to the record and hand its times to pytest-benchmark."""
+        entry = records.result_entry(case, provider, times_ms, peak_mem_mb=peak_mem_mb,
+                                     ceilings=self._ensure_record()["ceilings"], **extra)
+        self.record["results"].append(entry)
+        _feed_benchmark(benchmark, times_ms, None, None)
+        benchmark.extra_info.update({k: v for k, v in entry.items() if isinstance(v, (int, float, str))})
+        return entry
+
     def run(self, benchmark, case: cases.Case, provider: str,
             build: Callable[[], Dict[str, Any]], *, tol: Optional[float] = None) -> Dict[str, Any]:
         """Build, check, measure memory and time one (case, provider); append the result to the record.
@@ -147,12 +166,7 @@ class BenchSession:
         """
         if tol is None:
             tol = 5e-2 if case.op == "prefill_fwd_bwd" else 2e-2
-        if not HAS_CUDA:
-            pytest.skip(NO_GPU)
-        if self.budget_s is not None and time.monotonic() - self.start > self.budget_s:
-            self._ensure_record()
-            self.skip(case, provider, f"time budget {ENV_BUDGET}={self.budget_s:g}s spent before this case")
-        self._ensure_record()
+        self.check_budget(case, provider)
         torch.cuda.empty_cache()
         bound: Dict[str, Any] = {}
         caught: list = []
@@ -230,6 +244,8 @@ def _feed_benchmark(benchmark, times_ms, call, sets) -> None:
         stats = benchmark._make_stats(1)
         for t in times_ms:
             stats.update(t / 1e3)
+        return
+    if call is None:  # times the test took itself: they are in the record, nothing to re-run
         return
 
     def synced():

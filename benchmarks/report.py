@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PREFILL_OPS = ("prefill_fwd", "prefill_fwd_bwd")
 OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled",
-       "varlen_prefill", "paged_decode")
+       "varlen_prefill", "paged_decode", "model_generate_batch")
 SERVING_OPS = ("varlen_prefill", "paged_decode")
 PROVIDER_ORDER = ("drope_triton", "unfused", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex",
                   "flash_attn", "sdpa", "eager")
@@ -147,6 +147,13 @@ def render_markdown(record: Dict[str, Any]) -> str:
             body = [[str(r["B"]), str(r["S"]), r["provider"], _f(r["ms"]), _f(r.get("tflops"), "{:.1f}"),
                      _f(r.get("gbps"), "{:.0f}"), _x(base[_case_key(r)] / r["ms"] if _case_key(r) in base else None),
                      _f(r.get("peak_mem_mb"), "{:.0f}")] for r in rows]
+        elif op == "model_generate_batch":
+            # B prompts (S the longest); sdpa and paged|eager are continuous batching, the others padded generate
+            header = ["prompts", "longest", "provider", "first call ms", "ms", "tokens/s", "vs sdpa",
+                      "equal to greedy alone", "peak MB"]
+            body = [[str(r["B"]), str(r["S"]), r["provider"], _f(r.get("first_ms"), "{:.0f}"), _f(r["ms"], "{:.0f}"),
+                     _f(r.get("tokens_per_s"), "{:.0f}"), _x(rat[id(r)]["vs_unfused"]),
+                     f"{r.get('agree')} / {r['B']}", _f(r.get("peak_mem_mb"), "{:.0f}")] for r in rows]
         else:
             header = ["B", "S", "provider", "ms", "tokens/s", "vs sdpa", "vs eager", "peak MB"]
             body = [[str(r["B"]), str(r["S"]), r["provider"], _f(r["ms"]), _f(r.get("tokens_per_s"), "{:.0f}"),

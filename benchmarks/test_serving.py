@@ -7,8 +7,8 @@
 - ``paged_decode``: one new token per sequence against an S-token cache, paged (``paged64``, ``paged16``: the page
   size in rows) or contiguous (``contiguous``). GB/s counts the K and V bytes read.
 
-Each result is checked against the contiguous provider's output. ``generate_batch`` throughput of drope's kernels
-is not measured: transformers does not let them into continuous batching (README, "Hugging Face").
+Each result is checked against the contiguous provider's output. Generation throughput of a batch of prompts, with
+transformers' continuous batching, is ``test_generation.py``.
 """
 
 from __future__ import annotations

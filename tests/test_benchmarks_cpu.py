@@ -138,6 +138,10 @@ def _synthetic_record():
     mod = cases.Case("model_prefill", 1, 15, 5, 4096, 64)
     for provider, ms in (("drope_triton", 50.0), ("sdpa", 60.0)):
         rec["results"].append(records.result_entry(mod, provider, [ms] * 3, peak_mem_mb=100.0))
+    gen = cases.Case("model_generate_batch", 16, 15, 5, 8192, 64)
+    for provider, ms in (("sdpa", 3000.0), ("drope_triton", 2000.0)):
+        rec["results"].append(records.result_entry(gen, provider, [ms] * 3, peak_mem_mb=900.0, first_ms=ms * 4,
+                                                  tokens_per_s=16 * 128 / ms * 1e3, agree=15))
     return rec
 
 
@@ -180,6 +184,8 @@ def test_report_from_synthetic_record(tmp_path):
     mrow = next(line for line in md.splitlines() if "| drope_triton |" in line and "| 4096 |" in line
                 and "model" not in line and line.count("|") == 9)
     assert "1.20x" in mrow
+    grow = next(line for line in md.splitlines() if "| drope_triton |" in line and "| 8192 |" in line)
+    assert "| 8000 | 2000 | 1024 | 1.50x | 15 / 16 |" in grow
     assert "flash-attn is not installed" in md
     pngs = [p for p in written if p.suffix == ".png"]
     assert {p.name.rsplit("-", 1)[1] for p in pngs} == {"prefill.png", "decode.png"}
@@ -256,3 +262,22 @@ def test_model_cases_on_a_tiny_drope_model(provider):
         ids = torch.cat([dec["prefix"], dec["sets"][0]], dim=1)
         full = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
     assert providers.rel_err(first, full) <= 1e-4
+
+
+def test_generation_throughput_ways_agree_with_greedy_alone():
+    """benchmarks.generation: continuous batching and the left-padded batch return each prompt's greedy tokens
+    alone (end of sequence disabled, not masked), and the four ways are named in the error for a fifth."""
+    from benchmarks import generation
+
+    model = models.build_model(TINY, "cpu", torch.float32)
+    prompts = generation.mixed_prompts([4, 19, 9], TINY["vocab_size"], seed=1)
+    model.set_attn_implementation("sdpa")
+    want = generation.greedy_alone(model, prompts, 5)
+    assert [len(t) for t in want] == [5, 5, 5]
+    for provider in ("drope_triton", "sdpa_padded", "sdpa"):
+        stats = generation.measure(model, prompts, provider, 5, rounds=1, want=want)
+        assert stats["tokens"] == want and stats["agree"] == 3, provider
+        assert stats["tokens_per_s"] > 0 and len(stats["times_ms"]) == 1
+    assert getattr(model, "_cached_continuous_batching_manager", None) is None
+    with pytest.raises(ValueError, match=r"provider must be one of sdpa, paged\|eager, drope_triton, sdpa_padded"):
+        generation.generate(model, prompts, "flash", 5)
