@@ -1,7 +1,8 @@
 """Throughput of generating for a batch of mixed-length prompts, four ways a user can do it with transformers.
 
 - ``sdpa``, ``paged|eager``: transformers' continuous batching (``model.generate_batch``, what ``transformers
-  serve`` runs) on that implementation. drope's kernels cannot run there (README, "Hugging Face").
+  serve`` runs) on that implementation, its paged cache sized to the batch (:func:`cb_config`). drope's kernels
+  cannot run there (README, "Hugging Face").
 - ``drope_triton``, ``sdpa_padded``: one ``model.generate`` call on the prompts left-padded to the longest, on
   drope's kernels / on SDPA.
 
@@ -27,6 +28,16 @@ def mixed_prompts(lengths: Sequence[int], vocab: int, *, seed: int = 0) -> List[
     """Random prompts of the given lengths (token ids 3..vocab-1: 0 is the pad id, 1 and 2 bos/eos)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def cb_config(prompts: List[List[int]], new_tokens: int, *, page: int = 256):
+    """A ``ContinuousBatchingConfig`` whose paged cache holds this batch: a page of ``page`` tokens per started
+    ``page`` of every request, plus one. Left to its default, transformers sizes the cache from free memory, which on
+    a CPU is the machine's RAM (14 GB allocated and zeroed for a 4-layer model here)."""
+    from transformers import ContinuousBatchingConfig
+
+    blocks = sum(-(-(len(p) + new_tokens) // page) for p in prompts) + 1
+    return ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=min(8192, sum(len(p) for p in prompts)))
 
 
 def _sync(device: torch.device) -> None:
@@ -67,6 +78,7 @@ def generate(model, prompts: List[List[int]], provider: str, new_tokens: int, *,
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID, eos_token_id=-1)
     # not under inference_mode: its worker thread updates tensors made there (an error in transformers 5.17)
     results = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False,
+                                   continuous_batching_config=cb_config(prompts, new_tokens),
                                    persistent_manager=keep_manager)
     by_prompt: Dict[tuple, List[int]] = {tuple(r.prompt_ids): list(r.generated_tokens) for r in results.values()}
     return [by_prompt.get(tuple(p), []) for p in prompts]

@@ -361,6 +361,14 @@ def test_smollm_360m_shaped_prefill_long_context(S):
 
 
 
+def SMALL_CB():
+    """A paged cache of a few pages: by default transformers sizes it from free memory, on a CPU the machine's RAM
+    (14 GB for a tiny model; two test workers doing that at once were killed for memory)."""
+    from transformers import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(num_blocks=4, max_batch_tokens=64)
+
+
 CB_MODELS = {
     "full-norm-position": dict(qk_norm="full", temperature={"mode": "position", "coef": 0.3, "train_length": 4}),
     "head-norm-length": dict(qk_norm="head", temperature={"mode": "length", "coef": 0.3, "train_length": 4}),
@@ -387,7 +395,7 @@ def test_continuous_batching_equals_greedy(kind, impl):
         want.append(out[0, len(p):].tolist())
     model.set_attn_implementation(impl)
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=-1)
-    results = model.generate_batch(inputs=prompts, generation_config=config)
+    results = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=SMALL_CB())
     got = {tuple(r.prompt_ids): r.generated_tokens for r in results.values()}
     assert [got[tuple(p)] for p in prompts] == want
 
@@ -405,7 +413,8 @@ def test_continuous_batching_route_is_closed():
     with pytest.raises(ValueError, match=r"drope_triton is not supported for continuous batching"
                                          r"|paged\|drope_triton.*is not supported"):
         model.generate_batch(inputs=[[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=1, do_sample=False,
-                                                                                    eos_token_id=-1))
+                                                                                    eos_token_id=-1),
+                             continuous_batching_config=SMALL_CB())
     AttentionInterface.register("drope_flash_probe", sdpa_attention_forward)
     try:
         with pytest.raises(ValueError, match="Could not find the currently requested flash attention implementation"):
@@ -427,4 +436,5 @@ def test_a_failed_continuous_batching_request_raises():
     model.model.layers[0].self_attn.register_forward_pre_hook(broken, with_kwargs=True)
     with pytest.raises(RuntimeError, match="continuous-batching requests failed.*boom in the attention"):
         model.generate_batch(inputs=[[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False,
-                                                                                    eos_token_id=-1))
+                                                                                    eos_token_id=-1),
+                             continuous_batching_config=SMALL_CB())
