@@ -42,6 +42,8 @@ CASES.update({
                                "--softcap", "30", "--key-mask", "--window", "512"],
     "fwd-varlen-paged-D128": ["--op", "prefill_fwd", "--head-dim", "128", "--docs", "8", "--varlen", "--page-size", "64",
                               "--window", "512", "--row-scale", "--sinks", "--softcap", "30"],
+    "fwd-varlen-paged16-D128": ["--op", "prefill_fwd", "--head-dim", "128", "--docs", "8", "--varlen", "--page-size",
+                                "16", "--row-scale"],
     # paged caches: pages of a whole key tile (TMA, one lookup a tile) and of 16 rows (a lookup per row)
     "decode-paged-append-D128": ["--op", "decode", "--head-dim", "128", "--page-size", "64", "--append"],
     "decode-paged16-D128": ["--op", "decode", "--head-dim", "128", "--page-size", "16", "--window", "4096"],

@@ -200,6 +200,9 @@ def test_bad_paged_input_is_refused(change, match, device):
 # ---- varlen attention over a paged cache: chunked prefill and decodes in one call --------------------------------
 
 DOCS = [(3, 40), (0, 0), (1, 1), (1, 29), (21, 21), (17, 53), (0, 5), (9, 9)]  # (Lq, Lk) per document
+# long documents: programs whose rows are all one document's, so key blocks every row sees (page-sized ones: one
+# lookup and a TMA load) are taken
+LONG_DOCS = [(70, 200), (3, 40), (0, 0), (33, 33), (9, 70)]
 VARLEN = {
     "causal": {},
     "full": dict(causal=False),
@@ -237,15 +240,16 @@ def varlen_options(feature, HQ, D, TQ, device):
     return {"causal": True, **feature_kwargs(VARLEN[feature], HQ, (1, TQ), D ** -0.5, device, D=D)}
 
 
+@pytest.mark.parametrize("docs", ["mixed", "long"])
 @pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["default", "16x16"])
 @pytest.mark.parametrize("page", [16, 64], ids=["page16", "page64"])
 @pytest.mark.parametrize("feature", list(VARLEN), ids=list(VARLEN))
-def test_paged_varlen_forward_matches_reference_and_packed(feature, page, blocks, device):
+def test_paged_varlen_forward_matches_reference_and_packed(feature, page, blocks, docs, device):
     from drope.kernels.attention import Options, attention_forward
     from drope.validation import check_attention, split_scale
 
     HQ, HKV, D = 4, 2, 32
-    q, k, v, kc, vc, table, cq, ck = paged_documents(DOCS, page, HQ, HKV, D, device)
+    q, k, v, kc, vc, table, cq, ck = paged_documents(DOCS if docs == "mixed" else LONG_DOCS, page, HQ, HKV, D, device)
     kw = varlen_options(feature, HQ, D, q.shape[2], device)
     ref, ref_lse = reference.attention(q.double(), kc.double(), vc.double(), cu_seqlens_q=cq, cu_seqlens_k=ck,
                                        block_table=table, return_lse=True, **f64(kw))
@@ -270,15 +274,19 @@ def test_paged_varlen_forward_matches_reference_and_packed(feature, page, blocks
     assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-4
 
 
-def test_paged_varlen_bad_page_gives_nan_rows_of_its_document(device):
-    HQ, HKV, D, page = 2, 1, 16, 16
-    q, k, v, kc, vc, table, cq, ck = paged_documents(DOCS, page, HQ, HKV, D, device)
+@pytest.mark.parametrize("page,docs", [(16, DOCS), (64, [(70, 200), (3, 40), (9, 9)])], ids=["rows", "tiles"])
+def test_paged_varlen_bad_page_gives_nan_rows_of_its_document(page, docs, device):
+    """rows: pages smaller than a key block (a lookup per key); tiles: page-sized blocks seen by every row of a
+    program (one lookup, a TMA load)."""
+    HQ, HKV, D = 2, 1, 16
+    q, k, v, kc, vc, table, cq, ck = paged_documents(docs, page, HQ, HKV, D, device)
     table = table.clone()
-    table[5, 1] = -3  # document 5 (17 queries over 53 keys) reads its second page
+    bad_doc = 5 if page == 16 else 0
+    table[bad_doc, 1] = -3  # a document that reads its second page in every query row
     with torch.no_grad():
         out = kernels.attention(q, kc, vc, cu_seqlens_q=cq, cu_seqlens_k=ck, block_table=table, check_values=False)
     good = kernels.attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck)
-    a, b = int(cq[5]), int(cq[6])
+    a, b = int(cq[bad_doc]), int(cq[bad_doc + 1])
     assert out[:, :, a:b].isnan().all()
     assert torch.allclose(out[:, :, :a], good[:, :, :a], atol=1e-5) and torch.allclose(out[:, :, b:], good[:, :, b:],
                                                                                         atol=1e-5)

@@ -63,12 +63,12 @@ def _doc_index(CU, rows, N_DOCS, N_ITER):
 
 
 @triton.jit
-def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc, softcap2, lo_i, hi_i,
-              n_start, n_end, SK, p_km, stride_ms, BT, stride_bb, stride_bp, stride_kp, stride_vp, CU_K, N_DOCS,
+def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc, softcap2, lo_i,
+              hi_i, n_start, n_end, SK, p_km, stride_ms, BT, stride_bb, stride_bp, stride_kp, stride_vp, CU_K, N_DOCS,
               N_ITER, NUM_PAGES, MAX_PAGES, doc_u, k0_u, BN: tl.constexpr, BD: tl.constexpr, MASKED: tl.constexpr,
               PAD_D: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_KMASK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PREC: tl.constexpr,
-              UPCAST: tl.constexpr):
+              HAS_KMASK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TILE_TMA: tl.constexpr,
+              DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online-softmax update of one program's rows over key blocks [n_start, n_end), step BN.
 
     ``p_k``/``p_v`` are [Sk, D] tensor descriptors of the (batch, KV head) under USE_TMA (TMA
@@ -80,13 +80,24 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
 
     PAGED: key j (packed index) is position ``j - CU_K[d]`` of document d, in page ``BT[d, pos // PAGE]``;
     unmasked blocks lie in the program's one document ``doc_u`` (its keys start at ``k0_u``), masked ones find
-    each key's document. A page index outside [0, NUM_PAGES) is never dereferenced: its keys' logits are NaN.
+    each key's document. Under TILE_TMA (PAGE % BN == 0, blocks aligned to the document's start) an unmasked block
+    is rows of one page: one table lookup and a TMA load from ``t_k``/``t_v``, [pages x PAGE, D] descriptors of the
+    page pool. A page index outside [0, NUM_PAGES) is never dereferenced: its keys' logits are NaN.
     """
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     for start_n in range(n_start, n_end, BN):
         o_n = start_n + tl.arange(0, BN)
-        if PAGED:
+        if TILE_TMA and not MASKED:
+            # a block of the program's document, aligned to its start: rows of one page
+            loc0 = start_n - k0_u
+            in_table = loc0 // PAGE < MAX_PAGES
+            pg = tl.load(BT + doc_u.to(tl.int64) * stride_bb + (loc0 // PAGE) * stride_bp, mask=in_table,
+                         other=-1).to(tl.int32)
+            bad = (pg < 0) | (pg >= NUM_PAGES)
+            row0 = tl.where(bad, 0, pg) * PAGE + loc0 % PAGE
+            b_k = t_k.load([row0, 0])  # [BN, BD]
+        elif PAGED:
             if MASKED:
                 d_n = _doc_index(CU_K, o_n, N_DOCS, N_ITER)
                 loc = o_n - tl.load(CU_K + d_n).to(tl.int32)
@@ -120,7 +131,9 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
         else:
             b_k = tl.load(p_kt)
         b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
-        if PAGED:
+        if TILE_TMA and not MASKED:
+            b_s = tl.where(bad, float("nan"), b_s)
+        elif PAGED:
             b_s = tl.where(bad[None, :], float("nan"), b_s)
         if HAS_SOFTCAP:
             b_s = tanh(b_s * b_sc[:, None]) * softcap2
@@ -146,7 +159,9 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, str
             b_p = tl.math.exp2(b_s * b_sc[:, None] - b_m_sub[:, None])
         b_alpha = tl.math.exp2(b_m - b_m_sub)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        if PAGED:
+        if TILE_TMA and not MASKED:
+            b_v = t_v.load([row0, 0])  # [BN, BD]
+        elif PAGED:
             b_v = tl.load(p_v + row_v[:, None] + o_d[None, :] * stride_vd, mask=m_kv, other=0.0)
         elif USE_TMA:
             b_v = p_v.load([start_n, 0])  # [BN, BD]
@@ -174,7 +189,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PACKED: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_KMASK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, STORE_LSE: tl.constexpr,
+    HAS_KMASK: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, PAGE_TMA: tl.constexpr, STORE_LSE: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # heads of one KV group run side by side (K/V reuse in L2); longest causal rows first (tail balance)
@@ -184,6 +199,8 @@ def _attn_fwd_kernel(
     i_h = i_bh % HQ
     i_b64, i_h64, i_hk64 = i_b.to(tl.int64), i_h.to(tl.int64), (i_h // G).to(tl.int64)
     PAD_D: tl.constexpr = BD != D
+    # paged keys readable through TMA (the launcher checked the pool's layout) in tiles of one page each
+    TILE_TMA: tl.constexpr = PAGE_TMA and PAGE % BN == 0
 
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < SQ
@@ -268,6 +285,14 @@ def _attn_fwd_kernel(
     else:
         p_k = K + i_b64 * stride_kb + i_hk64 * stride_kh
         p_v = V + i_b64 * stride_vb + i_hk64 * stride_vh
+    t_k = p_k
+    t_v = p_v
+    if TILE_TMA:
+        # every page's rows of this KV head as one [pages x page size, D] matrix; key blocks start at multiples
+        # of BN from the document's first key, so an unmasked block is rows of one page
+        t_k = tl.make_tensor_descriptor(p_k, shape=[NUM_PAGES * PAGE, D], strides=[stride_ks, 1], block_shape=[BN, BD])
+        t_v = tl.make_tensor_descriptor(p_v, shape=[NUM_PAGES * PAGE, D], strides=[stride_vs, 1], block_shape=[BN, BD])
+        lo_blk = k0_u + ((lo_blk - k0_u) // BN) * BN
     if USE_TMA:
         p_k = tl.make_tensor_descriptor(p_k, shape=[SK, D], strides=[stride_ks, 1], block_shape=[BN, BD])
         p_v = tl.make_tensor_descriptor(p_v, shape=[SK, D], strides=[stride_vs, 1], block_shape=[BN, BD])
@@ -278,23 +303,26 @@ def _attn_fwd_kernel(
     nb_all = (tl.maximum(hi_blk - lo_blk, 0) + BN - 1) // BN
     nb_a = tl.minimum((tl.maximum(full_lo - lo_blk, 0) + BN - 1) // BN, nb_all)
     nb_b = tl.maximum(nb_a, tl.minimum(tl.maximum(full_hi - lo_blk, 0) // BN, nb_all))
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
+    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
                               softcap2, lo_i, hi_i, lo_blk, lo_blk + nb_a * BN, SK, p_km, stride_ms, BT, stride_bb,
                               stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES, doc_u, k0_u,
                               BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
-                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
+                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, TILE_TMA=TILE_TMA, DOT_PREC=DOT_PREC,
+                              UPCAST=UPCAST)
+    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
                               softcap2, lo_i, hi_i, lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, p_km, stride_ms, BT,
                               stride_bb, stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES,
                               doc_u, k0_u,
                               BN=BN, BD=BD, D=D, MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
-                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
+                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, TILE_TMA=TILE_TMA, DOT_PREC=DOT_PREC,
+                              UPCAST=UPCAST)
+    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
                               softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, p_km, stride_ms, BT,
                               stride_bb, stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES,
                               doc_u, k0_u,
                               BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
-                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
+                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, TILE_TMA=TILE_TMA, DOT_PREC=DOT_PREC,
+                              UPCAST=UPCAST)
 
     if HAS_SINKS:
         # the head's sink logit joins the denominator only
@@ -323,13 +351,21 @@ _TILES_FP32_D256 = [(64, 32, 4, 2)]
 # at D=128 128x64 w8 spilled 264 B, 64x128 w4 2124 B; at D=256 every wgmma tile tried spilled 16-1628 B)
 _TILES_PAGED = [(64, 64, 4, 3), (128, 32, 8, 3)]
 _TILES_PAGED_D256 = [(32, 32, 4, 2)]
+# page-sized key blocks (PAGE % BN == 0, the pool read through TMA): only the masked blocks keep per-key addresses,
+# and these tiles fit too (sm_90a, page 64: 128x64 w8 211 registers; D=256 128x32 w8 251; 128x128 w8 and 128x32 w4
+# still spill 44-64 B, D=256 64-row tiles 12-28 B)
+_TILES_PAGED_TMA = [(128, 64, 8, 3)]
+_TILES_PAGED_TMA_D256 = [(128, 32, 8, 3)]
 
 
-def _tiles(dtype: torch.dtype, BD: int, paged: bool = False):
+def _tiles(dtype: torch.dtype, BD: int, paged: bool = False, tma_page: int = 0):
+    """Candidate tiles; ``tma_page``: the page size when a paged pool can be read through TMA, else 0."""
     if dtype == torch.float32:
         return _TILES_FP32_D256 if BD > 128 else _TILES_FP32
     if paged:
-        return _TILES_PAGED_D256 if BD > 128 else _TILES_PAGED
+        tma = _TILES_PAGED_TMA_D256 if BD > 128 else _TILES_PAGED_TMA
+        return ((_TILES_PAGED_D256 if BD > 128 else _TILES_PAGED)
+                + [t for t in tma if tma_page and tma_page % t[1] == 0])
     if BD > 128:
         return _TILES_16BIT_D256
     # 128x64 with 4 warps spills at D=128 (sm_90a, 248 B of stack): 8 warps only there
@@ -342,16 +378,17 @@ def _config(tile) -> triton.Config:
 
 
 _CONFIGS = [_config(t) for t in dict.fromkeys(_TILES_16BIT + _TILES_16BIT_D256 + _TILES_FP32 + _TILES_FP32_D256
-                                               + _TILES_PAGED + _TILES_PAGED_D256)]
+                                               + _TILES_PAGED + _TILES_PAGED_D256 + _TILES_PAGED_TMA
+                                               + _TILES_PAGED_TMA_D256)]
 
 
 def _keep(c: triton.Config, args) -> bool:
     tile = (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages)
-    return tile in _tiles(args["Q"].dtype, args["BD"], args["PAGED"])
+    return tile in _tiles(args["Q"].dtype, args["BD"], args["PAGED"], args["PAGE"] if args["PAGE_TMA"] else 0)
 
 
 _AUTOTUNE_KEY = ["D", "IS_CAUSAL", "PACKED", "VARLEN_K", "HAS_SCALE", "HAS_WINDOW", "HAS_CHUNK", "HAS_SINKS",
-                 "HAS_SOFTCAP", "HAS_KMASK", "PAGED", "PAGE", "DOT_PREC", "SK_BUCKET"]
+                 "HAS_SOFTCAP", "HAS_KMASK", "PAGED", "PAGE", "PAGE_TMA", "DOT_PREC", "SK_BUCKET"]
 _attn_fwd_tuned = autotuned(_attn_fwd_kernel, _CONFIGS, _AUTOTUNE_KEY, _keep)
 
 # interpreter default: big enough to keep the number of (slow, sequential) programs down
@@ -361,6 +398,13 @@ _INTERPRETER_BLOCKS = (64, 64)
 def _sk_bucket(SK: int) -> int:
     """Autotune bucket of the key length: powers of two from 1k to 32k (tiles differ by length)."""
     return min(max(next_pow2(max(SK, 1)), 1024), 32768)
+
+
+def _pool_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether paged (num_pages, page, Hkv, D) caches can be read as [pages x page, D] TMA matrices per KV head:
+    pages packed back to back (page stride = page x row stride) and row indices within int32."""
+    return (tma_ok(k, v) and all(t.stride(0) == t.shape[1] * t.stride(1) for t in (k, v))
+            and k.shape[0] * k.shape[1] < 2**31)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: Optional[torch.Tensor],
@@ -421,7 +465,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
         HQ=HQ, SQ=SQ, SK=SK, G=HQ // HKV, N_DOCS=n_docs, N_ITER=(n_docs - 1).bit_length(),
         WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, SK_BUCKET=_sk_bucket(SK),
         NUM_PAGES=k.shape[0] if bt is not None else 0, MAX_PAGES=bt.shape[1] if bt is not None else 0,
-        PAGED=bt is not None, PAGE=k.shape[1] if bt is not None else 16,
+        PAGED=bt is not None, PAGE=k.shape[1] if bt is not None else 16, PAGE_TMA=bt is not None and _pool_tma(k_hat, v),
         qk_scale=opt.scale / cap if cap is not None else opt.scale * LOG2E,
         softcap2=cap * LOG2E if cap is not None else 0.0,
         D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, VARLEN_K=cu_k is not None,
