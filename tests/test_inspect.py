@@ -36,6 +36,7 @@ CASES = {
 }
 # packed documents and varlen (queries apart from keys), with the features that load the most next to them
 CASES.update({
+    "fwd-packed-D128": ["--op", "prefill_fwd", "--head-dim", "128", "--docs", "8"],
     "fwd-varlen-D128": ["--op", "prefill_fwd", "--head-dim", "128", "--docs", "8", "--varlen", "--window", "512"],
     "bwd-packed-D128": ["--op", "prefill_bwd", "--head-dim", "128", "--docs", "8", "--chunk", "1024"],
     "bwd-varlen-masked-D128": ["--op", "prefill_bwd", "--head-dim", "128", "--docs", "8", "--varlen", "--row-scale",
@@ -54,7 +55,8 @@ CASES.update({
 KNOWN_39: dict = {}
 # Triton 3.6 (the GPU machines', scripts/check_triton36.sh): nothing. It spilled the D128 dK/dV tiles of
 # 3.9 (32x128 w8 s3: 160 B; 16x128 w8 s3 with a row scale: 8 B); attention_bwd._blocks picks 32x64 w8 s2
-# there (250 registers, no spill, wgmma)
+# there (250 registers, no spill, wgmma), 16x64 w8 s2 under more pressure (32x64 spilled 20 B with varlen, key
+# mask, row scale and soft-cap); the forward drops 128x32 w4 s4 with a key mask or packed documents (16-28 B)
 KNOWN_36 = {}
 KNOWN_BY_VERSION = {"3.9": KNOWN_39, "3.6": KNOWN_36}
 TRITON = ".".join(triton.__version__.split(".")[:2])

@@ -358,8 +358,12 @@ _TILES_PAGED_TMA = [(128, 64, 8, 3)]
 _TILES_PAGED_TMA_D256 = [(128, 32, 8, 3)]
 
 
-def _tiles(dtype: torch.dtype, BD: int, paged: bool = False, tma_page: int = 0):
-    """Candidate tiles; ``tma_page``: the page size when a paged pool can be read through TMA, else 0."""
+_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def _tiles(dtype: torch.dtype, BD: int, paged: bool = False, tma_page: int = 0, row_tables: bool = False):
+    """Candidate tiles; ``tma_page``: the page size when a paged pool can be read through TMA, else 0;
+    ``row_tables``: a key mask or packed documents (per-row key bounds read in the kernel)."""
     if dtype == torch.float32:
         return _TILES_FP32_D256 if BD > 128 else _TILES_FP32
     if paged:
@@ -368,8 +372,10 @@ def _tiles(dtype: torch.dtype, BD: int, paged: bool = False, tma_page: int = 0):
                 + [t for t in tma if tma_page and tma_page % t[1] == 0])
     if BD > 128:
         return _TILES_16BIT_D256
-    # 128x64 with 4 warps spills at D=128 (sm_90a, 248 B of stack): 8 warps only there
-    return _TILES_16BIT if BD <= 64 else [t for t in _TILES_16BIT if t != (128, 64, 4, 3)]
+    # 128x64 with 4 warps spills at D=128 (sm_90a, 248 B of stack): 8 warps only there; Triton 3.6 (the GPU
+    # machines') also spills 128x32 w4 s4 there with a key mask (28 B) or packed documents (16 B)
+    drop = {(128, 64, 4, 3)} | ({(128, 32, 4, 4)} if row_tables and _TRITON < (3, 9) else set())
+    return _TILES_16BIT if BD <= 64 else [t for t in _TILES_16BIT if t not in drop]
 
 
 def _config(tile) -> triton.Config:
@@ -384,7 +390,8 @@ _CONFIGS = [_config(t) for t in dict.fromkeys(_TILES_16BIT + _TILES_16BIT_D256 +
 
 def _keep(c: triton.Config, args) -> bool:
     tile = (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages)
-    return tile in _tiles(args["Q"].dtype, args["BD"], args["PAGED"], args["PAGE"] if args["PAGE_TMA"] else 0)
+    return tile in _tiles(args["Q"].dtype, args["BD"], args["PAGED"], args["PAGE"] if args["PAGE_TMA"] else 0,
+                          args["HAS_KMASK"] or args["PACKED"])
 
 
 _AUTOTUNE_KEY = ["D", "IS_CAUSAL", "PACKED", "VARLEN_K", "HAS_SCALE", "HAS_WINDOW", "HAS_CHUNK", "HAS_SINKS",

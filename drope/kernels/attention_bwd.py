@@ -397,7 +397,7 @@ def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional
     3.9: unmasked loops of 299 (dK/dV) and 182 (dQ) SASS instructions at D=64, 350 and 217 at D=128.
     ``pressure`` counts what the masked dK/dV blocks hold besides the tile (:func:`_pressure`): at D=128 one
     such feature needs 16 query rows, two a 64-key block (32x64 w8 s3). Triton 3.6 spills both D=128 dK/dV tiles: 32x64 w8 s2
-    there. At D=256 the dK/dV accumulators alone fill a warpgroup's registers: small mma.sync tiles.
+    there, 16x64 w8 s2 with two or more. At D=256 the dK/dV accumulators alone fill a warpgroup's registers: small mma.sync tiles.
     Forced ``block_m`` / ``block_n`` (tests) apply to both kernels.
     """
     if block_m or block_n or defined_interpreted():
@@ -409,8 +409,9 @@ def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional
         return (32, 128, 8, 3), (128, 32, 8, 3)
     if BD <= 128:
         if _TRITON < (3, 9):
-            # Triton 3.6 (the GPU machines') spills the 128-key tiles at D=128 (160 B, 8 B with per_element)
-            return (32, 64, 8, 2), (128, 32, 8, 3)
+            # Triton 3.6 (the GPU machines') spills the 128-key tiles at D=128 (160 B, 8 B with per_element), and
+            # 32x64 w8 s2 with three masked-block features (20 B; 32x64 w8 s3 60 B, 16x64 w4 120 B): 16 query rows
+            return (16, 64, 8, 2) if pressure >= 2 else (32, 64, 8, 2), (128, 32, 8, 3)
         if pressure >= 2:
             # 16x128 spilled 20-136 B with two of them, 32x64 w8 s2 16-72 B, 16x64 w4 12-152 B; this one none
             return (32, 64, 8, 3), (128, 32, 8, 3)
