@@ -53,6 +53,8 @@ GROUPS = (
         "tests/test_decode.py::test_gpu_zero_length_rows",
         "tests/test_decode.py::test_gpu_no_device_sync_with_max_seqlen_hint",
         "tests/test_decode.py::test_chunked_prefill_with_decode_kernel[B2-Hq16-Hkv2-S3000-chunk64-D128-bf16]",
+        # serving paths last in their groups: they only take what the box has left
+        "tests/test_paged.py::test_paged_decode_bf16",
     )),
     Group("forward", 120, 60, (
         "tests/test_attention.py::test_matches_reference_gpu[B1-Hq32-Hkv8-Sq1000-Sk1000-D128-bf16-causal-rope-norm_head]",
@@ -62,10 +64,12 @@ GROUPS = (
         "[B1-Hq8-Hkv2-Sq777-Sk1500-D80-bf16-causal-rope-norm_head-window128-sinks]",
         "tests/test_attention.py::test_packed_documents_gpu[bf16]",
         "tests/test_attention.py::test_side_stream_and_second_device_launches",
+        "tests/test_paged.py::test_gpu_paged_varlen_bf16[tiles]",
     )),
     Group("backward", 80, 60, (
         "tests/test_attention_bwd.py::test_launcher_gpu[B1-Hq8-Hkv2-Sq2048-Sk2048-D128-causal-rope-norm-head-scale-rows2-bf16]",
         "tests/test_attention_bwd.py::test_autograd_gpu_bf16[B2-Hq8-Hkv8-Sq1000-Sk1500-D64-full-rope]",
+        "tests/test_varlen.py::test_gpu_long_documents_bf16[causal]",
     )),
     Group("hf", 90, 60, (
         "tests/test_hf_models.py::test_smollm_360m_shaped_prefill_long_context[S4096]",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drope import kernels, reference
-from helpers import poisoned_empty, rel_err
+from helpers import assert_rows_close, lowp_attention, poisoned_empty, rel_err
 
 pytestmark = pytest.mark.interpreter
 
@@ -272,6 +272,24 @@ def test_paged_varlen_forward_matches_reference_and_packed(feature, page, blocks
     assert rel_err(out, ref) < 1e-5 and rel_err(out, packed) < 1e-5
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [64, 16], ids=["tiles", "rows"])
+def test_gpu_paged_varlen_bf16(page, device):
+    """Compiled kernels, autotuned tiles, documents of thousands of keys in bf16 pages: the float64 reference with
+    flash-attention's per-row rule, and the packed keys' output."""
+    docs = [(512, 4096), (1, 3000), (0, 5), (100, 700), (1024, 1024)]
+    HQ, HKV, D = 8, 2, 128
+    q, k, v, kc, vc, table, cq, ck = paged_documents(docs, page, HQ, HKV, D, device)
+    kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, window=2000)
+    ref = reference.attention(q.double(), k.double(), v.double(), **kw)
+    qb, kb, vb, kcb, vcb = (t.bfloat16() for t in (q, k, v, kc, vc))
+    out = kernels.attention(qb, kcb, vcb, block_table=table, **kw)
+    low = lowp_attention(qb, kb, vb, cu_seqlens=cq, cu_seqlens_k=ck, window=2000)
+    assert rel_err(out, ref) < 2e-2
+    assert_rows_close(out, ref, low, floor=8e-3)
+    assert rel_err(out, kernels.attention(qb, kb, vb, **kw)) < 1e-2
 
 
 @pytest.mark.parametrize("page,docs", [(16, DOCS), (64, [(70, 200), (3, 40), (9, 9)])], ids=["rows", "tiles"])
