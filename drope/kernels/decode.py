@@ -46,28 +46,29 @@ MAX_GRID_Y = 65535
 
 
 @triton.jit
-def _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, start,
-                  end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, p_bt, stride_bp, stride_kp,
-                  stride_vp, NUM_PAGES, BN: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr,
+def _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stride_vs,
+                  stride_vd, start, end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row, p_bt,
+                  stride_bp, stride_kp, stride_vp, NUM_PAGES, BN: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_LO: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_KMASK: tl.constexpr, KMASK_ROWS: tl.constexpr, PAGED: tl.constexpr,
                   PAGE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax of the packed rows over key tiles [start, end); MASKED tiles check pos / lo_r / hi and
     the key mask (one per batch row, or under KMASK_ROWS one per query row). PAGED: key p of the batch row is
     row p % PAGE of page ``p_bt[p // PAGE]``; a page index outside [0, NUM_PAGES) is never dereferenced and
-    makes the logits of its keys NaN (a wrong table on the device gives NaN rows, not a plausible number)."""
+    makes the logits of its keys NaN (a wrong table on the device gives NaN rows, not a plausible number).
+    Under USE_TMA, ``t_k``/``t_v`` are the page pool's [pages x PAGE, D] descriptors, read by unmasked tiles."""
     for n0 in range(start, end, BN):
         o_n = n0 + tl.arange(0, BN)
-        if USE_TMA and PAGED:
-            # the tile lies in one page (PAGE % BN == 0): one lookup, one TMA load of rows of the page
+        if USE_TMA and PAGED and not MASKED:
+            # the tile lies in one page (PAGE % BN == 0) and in the live length: one lookup, one TMA load of rows
+            # of the page (a masked edge tile takes the row path below, whose masked loads never read rows of the
+            # page past the live length: zeroing them here cost a V tile of shared memory, 3 -> 2 CTAs per SM)
             pg = tl.load(p_bt + (n0 // PAGE) * stride_bp).to(tl.int32)
             bad = (pg < 0) | (pg >= NUM_PAGES)
             row0 = tl.where(bad, 0, pg) * PAGE + n0 % PAGE
-            b_k = p_k.load([row0, 0])  # [BN, BD]
-            b_v = p_v.load([row0, 0])
-            if MASKED:
-                # rows of the page past the live length hold whatever was there: never let them reach p @ v
-                b_v = tl.where((o_n < hi)[:, None], b_v, 0.0)
-        elif USE_TMA:
+            b_k = t_k.load([row0, 0])  # [BN, BD]
+            b_v = t_v.load([row0, 0])
+        elif USE_TMA and not PAGED:
             b_k = p_k.load([n0, 0])  # [BN, BD]
             b_v = p_v.load([n0, 0])
         elif PAGED:
@@ -86,7 +87,7 @@ def _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, str
             b_k = tl.load(p_k + o_n64[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_kv, other=0.0)
             b_v = tl.load(p_v + o_n64[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_kv, other=0.0)
         b_s = mm(b_q, tl.trans(b_k), None, DOT_PREC, UPCAST)  # [BM, BN]
-        if PAGED and USE_TMA:
+        if PAGED and USE_TMA and not MASKED:
             b_s = tl.where(bad, float("nan"), b_s)
         elif PAGED:
             b_s = tl.where(bad[None, :], float("nan"), b_s)
@@ -208,10 +209,12 @@ def _decode_split_kernel(
     else:
         p_k = K + i_b64 * stride_kb + i_hkv.to(tl.int64) * stride_kh
         p_v = V + i_b64 * stride_vb + i_hkv.to(tl.int64) * stride_vh
+    t_k = p_k
+    t_v = p_v
     if USE_TMA and PAGED:
-        # every page's rows of this KV head as one [pages x page size, D] matrix
-        p_k = tl.make_tensor_descriptor(p_k, shape=[NUM_PAGES * PAGE, D], strides=[stride_ks, 1], block_shape=[BN, BD])
-        p_v = tl.make_tensor_descriptor(p_v, shape=[NUM_PAGES * PAGE, D], strides=[stride_vs, 1], block_shape=[BN, BD])
+        # every page's rows of this KV head as one [pages x page size, D] matrix (whole tiles; edge tiles use p_k)
+        t_k = tl.make_tensor_descriptor(p_k, shape=[NUM_PAGES * PAGE, D], strides=[stride_ks, 1], block_shape=[BN, BD])
+        t_v = tl.make_tensor_descriptor(p_v, shape=[NUM_PAGES * PAGE, D], strides=[stride_vs, 1], block_shape=[BN, BD])
     elif USE_TMA:
         # [L, D]: TMA zero-fills keys past the row's live length (never read stale cache slots)
         p_k = tl.make_tensor_descriptor(p_k, shape=[tl.maximum(L, 1), D], strides=[stride_ks, 1], block_shape=[BN, BD])
@@ -223,18 +226,21 @@ def _decode_split_kernel(
     f_lo = tl.where(dense, tl.max(tl.where(m_row, lo_r, 0), 0), SMAX)
     f_hi = tl.min(tl.where(m_row, pos + 1, SMAX), 0)
     ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
-    b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row,
-                                    p_bt, stride_bp, stride_kb, stride_vb, NUM_PAGES, BN, True, HAS_WINDOW or HAS_CHUNK,
-                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, PAGED, PAGE, USE_TMA, DOT_PREC, UPCAST)
-    b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, ph_a, ph_b, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row,
-                                    p_bt, stride_bp, stride_kb, stride_vb, NUM_PAGES, BN, False, HAS_WINDOW or HAS_CHUNK,
-                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, PAGED, PAGE, USE_TMA, DOT_PREC, UPCAST)
-    b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, ph_b, ph_end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms, o_i, m_row,
-                                    p_bt, stride_bp, stride_kb, stride_vb, NUM_PAGES, BN, True, HAS_WINDOW or HAS_CHUNK,
-                                    HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, PAGED, PAGE, USE_TMA, DOT_PREC, UPCAST)
+    b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, t_k, t_v, stride_ks, stride_kd,
+                                    stride_vs, stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms,
+                                    o_i, m_row, p_bt, stride_bp, stride_kb, stride_vb, NUM_PAGES, BN, True,
+                                    HAS_WINDOW or HAS_CHUNK, HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, PAGED, PAGE, USE_TMA,
+                                    DOT_PREC, UPCAST)
+    b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, t_k, t_v, stride_ks, stride_kd,
+                                    stride_vs, stride_vd, ph_a, ph_b, hi, pos, lo_r, o_d, m_d, p_km, stride_mq,
+                                    stride_ms, o_i, m_row, p_bt, stride_bp, stride_kb, stride_vb, NUM_PAGES, BN, False,
+                                    HAS_WINDOW or HAS_CHUNK, HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, PAGED, PAGE, USE_TMA,
+                                    DOT_PREC, UPCAST)
+    b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, t_k, t_v, stride_ks, stride_kd,
+                                    stride_vs, stride_vd, ph_b, ph_end, hi, pos, lo_r, o_d, m_d, p_km, stride_mq,
+                                    stride_ms, o_i, m_row, p_bt, stride_bp, stride_kb, stride_vb, NUM_PAGES, BN, True,
+                                    HAS_WINDOW or HAS_CHUNK, HAS_SOFTCAP, HAS_KMASK, KMASK_ROWS, PAGED, PAGE, USE_TMA,
+                                    DOT_PREC, UPCAST)
 
     if ADD_SINKS:
         # one split: the head's sink logit joins the denominator here (else in the merge)
