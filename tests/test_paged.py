@@ -274,6 +274,36 @@ def test_paged_varlen_forward_matches_reference_and_packed(feature, page, blocks
     assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-4
 
 
+def _rows_of_larger_pages(cache: torch.Tensor) -> torch.Tensor:
+    """The same pages as a view into a pool of twice-as-long pages (NaN beyond): page stride != page x row stride."""
+    big = torch.full((cache.shape[0], 2 * cache.shape[1], *cache.shape[2:]), float("nan"), dtype=cache.dtype,
+                     device=cache.device)
+    big[:, :cache.shape[1]] = cache
+    return big[:, :cache.shape[1]]
+
+
+@pytest.mark.parametrize("page", [64, 16], ids=["tiles", "rows"])
+def test_pool_view_with_a_longer_page_stride(page, device):
+    """A paged cache that is a view keeping the first rows of larger pages reads the right rows (the one-page-a-tile
+    TMA path indexes the pool as pages x page rows, so it must not take such a view)."""
+    B, HQ, HKV, D, max_pages = 2, 4, 2, 32, 3
+    kc, vc, table, _, _ = paged_cache(B, HKV, max_pages, page, D, device)
+    kv, vv = _rows_of_larger_pages(kc), _rows_of_larger_pages(vc)
+    assert kv.stride(0) != kv.shape[1] * kv.stride(1)
+    q = torch.randn(B, HQ, 1, D, device=device)
+    lens = torch.tensor([2 * page + page // 2, page + 5], dtype=torch.int32, device=device)
+    ref = reference.decode_attention(q.double(), kc.double(), vc.double(), cache_seqlens=lens, block_table=table)
+    out = kernels.decode_attention(q, kv, vv, cache_seqlens=lens, block_table=table)
+    assert rel_err(out, ref) < 1e-5
+    docs = [(min(70, 2 * page), 3 * page - 5), (9, 40)]
+    q, k, v, kc, vc, table, cq, ck = paged_documents(docs, page, HQ, HKV, D, device)
+    ref = reference.attention(q.double(), k.double(), v.double(), cu_seqlens_q=cq, cu_seqlens_k=ck)
+    with torch.no_grad():
+        out = kernels.attention(q, _rows_of_larger_pages(kc), _rows_of_larger_pages(vc), cu_seqlens_q=cq,
+                                cu_seqlens_k=ck, block_table=table)
+    assert rel_err(out, ref) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("page", [64, 16], ids=["tiles", "rows"])
 def test_gpu_paged_varlen_bf16(page, device):

@@ -23,7 +23,7 @@ import triton.language as tl
 from ..validation import MAX_MULTIPLIER
 from .qk_transform import packed_tables, qk_hat
 from .toolkit import LN2_C, LOG2E, LOG2E_C, autotuned, cdiv, compiled, dot_precision, key_bounds, launch, mm, \
-    named_strides, next_pow2, operand, padded_dim, tanh, tma_ok, upcast, with_sink
+    named_strides, next_pow2, operand, padded_dim, paged_tma_ok, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["Options", "attention_forward"]
 
@@ -407,13 +407,6 @@ def _sk_bucket(SK: int) -> int:
     return min(max(next_pow2(max(SK, 1)), 1024), 32768)
 
 
-def _pool_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether paged (num_pages, page, Hkv, D) caches can be read as [pages x page, D] TMA matrices per KV head:
-    pages packed back to back (page stride = page x row stride) and row indices within int32."""
-    return (tma_ok(k, v) and all(t.stride(0) == t.shape[1] * t.stride(1) for t in (k, v))
-            and k.shape[0] * k.shape[1] < 2**31)
-
-
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: Optional[torch.Tensor],
                        k_norm_weight: Optional[torch.Tensor], sinks: Optional[torch.Tensor], opt: Options, *,
                        return_lse: bool = True,
@@ -472,7 +465,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
         HQ=HQ, SQ=SQ, SK=SK, G=HQ // HKV, N_DOCS=n_docs, N_ITER=(n_docs - 1).bit_length(),
         WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, SK_BUCKET=_sk_bucket(SK),
         NUM_PAGES=k.shape[0] if bt is not None else 0, MAX_PAGES=bt.shape[1] if bt is not None else 0,
-        PAGED=bt is not None, PAGE=k.shape[1] if bt is not None else 16, PAGE_TMA=bt is not None and _pool_tma(k_hat, v),
+        PAGED=bt is not None, PAGE=k.shape[1] if bt is not None else 16,
+        PAGE_TMA=bt is not None and paged_tma_ok(k_hat, v),
         qk_scale=opt.scale / cap if cap is not None else opt.scale * LOG2E,
         softcap2=cap * LOG2E if cap is not None else 0.0,
         D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, VARLEN_K=cu_k is not None,

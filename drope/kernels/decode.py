@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..validation import MAX_MULTIPLIER
 from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, cdiv, dot_precision, exp2_rel, key_bounds, launch, mm, \
-    named_strides, next_pow2, operand, padded_dim, phases, tanh, tma_ok, upcast, with_sink
+    named_strides, next_pow2, operand, padded_dim, paged_tma_ok, phases, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["choose_num_splits", "decode_launch", "num_splits_for"]
 
@@ -436,8 +436,9 @@ def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            G=G, D=D, BD=BD, BM=BM, BN=BN, HAS_SEQLENS=cache_seqlens is not None, HAS_SCALE=rows is not None,
            HAS_WINDOW=window is not None, HAS_CHUNK=chunk is not None, HAS_SOFTCAP=softcap is not None,
            ADD_SINKS=sinks is not None and splits == 1, HAS_KMASK=km is not None,
-           KMASK_ROWS=km is not None and km.dim() == 3, USE_TMA=tma_ok(k_cache, v_cache) and (
-               not paged or (k_cache.shape[1] % BN == 0 and k_cache.shape[0] * k_cache.shape[1] < 2**31)),
+           KMASK_ROWS=km is not None and km.dim() == 3,
+           USE_TMA=((paged_tma_ok(k_cache, v_cache) and k_cache.shape[1] % BN == 0) if paged
+                    else tma_ok(k_cache, v_cache)),
            DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
            num_warps=num_warps, num_stages=num_stages)
     if splits > 1:

@@ -123,6 +123,14 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def paged_tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether paged (num_pages, page, Hkv, D) caches can be read as one [pages x page, D] TMA matrix per KV head:
+    :func:`tma_ok`, pages back to back (page stride = page x row stride: a view that keeps some rows of larger
+    pages is not) and row indices within int32."""
+    return (tma_ok(k, v) and all(t.stride(0) == t.shape[1] * t.stride(1) for t in (k, v))
+            and k.shape[0] * k.shape[1] < 2**31)
+
+
 def tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Triton's allocator for device-side TMA descriptors: ``size`` bytes on the current CUDA device (where
     Triton launches), from torch's caching allocator on the launch's ``stream`` (so the memory is not reused
