@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..validation import MAX_MULTIPLIER
 from .qk_transform import packed_tables, qk_hat
-from .toolkit import LN2_C, LOG2E, LOG2E_C, autotuned, cdiv, compiled, dot_precision, key_bounds, launch, mm, \
+from .toolkit import LN2_C, LOG2E, LOG2E_C, TRITON_VERSION, autotuned, cdiv, compiled, dot_precision, key_bounds, launch, mm, \
     named_strides, next_pow2, operand, padded_dim, paged_tma_ok, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["Options", "attention_forward"]
@@ -358,9 +358,6 @@ _TILES_PAGED_TMA = [(128, 64, 8, 3)]
 _TILES_PAGED_TMA_D256 = [(128, 32, 8, 3)]
 
 
-_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
-
-
 def _tiles(dtype: torch.dtype, BD: int, paged: bool = False, tma_page: int = 0, row_tables: bool = False):
     """Candidate tiles; ``tma_page``: the page size when a paged pool can be read through TMA, else 0;
     ``row_tables``: a key mask or packed documents (per-row key bounds read in the kernel)."""
@@ -374,7 +371,7 @@ def _tiles(dtype: torch.dtype, BD: int, paged: bool = False, tma_page: int = 0, 
         return _TILES_16BIT_D256
     # 128x64 with 4 warps spills at D=128 (sm_90a, 248 B of stack): 8 warps only there; Triton 3.6 (the GPU
     # machines') also spills 128x32 w4 s4 there with a key mask (28 B) or packed documents (16 B)
-    drop = {(128, 64, 4, 3)} | ({(128, 32, 4, 4)} if row_tables and _TRITON < (3, 9) else set())
+    drop = {(128, 64, 4, 3)} | ({(128, 32, 4, 4)} if row_tables and TRITON_VERSION < (3, 9) else set())
     return _TILES_16BIT if BD <= 64 else [t for t in _TILES_16BIT if t not in drop]
 
 

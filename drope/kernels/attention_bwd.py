@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .qk_transform import packed_tables, qk_epilogue, qk_hat, row_block
 from .visibility import full_keys, full_rows, visible
-from .toolkit import LOG2E_C, cdiv, defined_interpreted, dot_precision, key_bounds, launch, mm, named_strides, \
+from .toolkit import LOG2E_C, TRITON_VERSION, cdiv, defined_interpreted, dot_precision, key_bounds, launch, mm, named_strides, \
     next_pow2, operand, padded_dim, phases, tanh, tma_ok, upcast
 
 __all__ = ["attention_backward"]
@@ -386,9 +386,6 @@ def _dq_kernel(
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_md)
 
 
-_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
-
-
 def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional[int], pressure: int):
     """Tiles ``(BM, BN, num_warps, num_stages)`` of the dK/dV kernel and of the dQ kernel.
 
@@ -408,7 +405,7 @@ def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional
     if BD <= 64:
         return (32, 128, 8, 3), (128, 32, 8, 3)
     if BD <= 128:
-        if _TRITON < (3, 9):
+        if TRITON_VERSION < (3, 9):
             # Triton 3.6 (the GPU machines') spills the 128-key tiles at D=128 (160 B, 8 B with per_element), and
             # 32x64 w8 s2 with three masked-block features (20 B; 32x64 w8 s3 60 B, 16x64 w4 120 B): 16 query rows
             return (16, 64, 8, 2) if pressure >= 2 else (32, 64, 8, 2), (128, 32, 8, 3)

@@ -30,6 +30,8 @@ LN2 = math.log(2.0)
 # jit functions may read only constexpr globals
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
+# (major, minor) of the installed Triton: tile lists differ where an older compiler spills (3.6 on the GPU machines)
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
 def tf32_enabled() -> bool:
