@@ -33,3 +33,14 @@ def test_plan_arithmetic():
     assert {"tests/test_attention.py", "tests/test_attention_bwd.py", "tests/test_decode.py",
             "tests/test_hf_models.py", "tests/test_recalibrate.py", "tests/test_compile.py"} <= names
     assert not any("fp32" in t for g in fc.GROUPS for t in g.tests)
+
+
+def test_groups_still_run_without_pytest_timeout(monkeypatch):
+    # a GPU image without the plugin must not lose every group to "unrecognized arguments: --timeout"
+    g = fc.GROUPS[0]
+    monkeypatch.setattr(fc, "has_pytest_timeout", lambda: True)
+    assert f"--timeout={g.test_s}" in fc._pytest(g)
+    monkeypatch.setattr(fc, "has_pytest_timeout", lambda: False)
+    cmd = fc._pytest(g, "--collect-only")
+    assert not any(a.startswith("--timeout") for a in cmd) and cmd[-1] == "--collect-only"
+    assert list(g.tests) == cmd[3:3 + len(g.tests)]
