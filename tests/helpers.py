@@ -16,6 +16,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff if denom == 0 else diff / denom
 
 
+def cu_seqlens(docs, device="cpu"):
+    """Boundaries (cu_seqlens_q, cu_seqlens_k), int32, of packed documents given as (Lq, Lk) pairs."""
+    cq = torch.tensor([0] + [lq for lq, _ in docs], device=device).cumsum(0).to(torch.int32)
+    ck = torch.tensor([0] + [lk for _, lk in docs], device=device).cumsum(0).to(torch.int32)
+    return cq, ck
+
+
 def noncontiguous(x: torch.Tensor) -> torch.Tensor:
     """The same values as ``x`` (B, H, S, D) behind a (B, S, H, D) memory layout, as HF hands them."""
     return x.transpose(1, 2).contiguous().transpose(1, 2)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from drope import flash_attn as fa
-from helpers import rel_err
+from helpers import cu_seqlens, rel_err
 
 pytestmark = pytest.mark.interpreter
 
@@ -94,8 +94,7 @@ def test_packed_forms_equal_the_unpacked_one():
 
 def _varlen(lq, lk, H=4, HKV=2, D=16, seed=3):
     g = torch.Generator().manual_seed(seed)
-    cq = torch.tensor([0, *lq]).cumsum(0).to(torch.int32)
-    ck = torch.tensor([0, *lk]).cumsum(0).to(torch.int32)
+    cq, ck = cu_seqlens(list(zip(lq, lk, strict=True)))
     q = torch.randn(int(cq[-1]), H, D, generator=g)
     k, v = torch.randn(int(ck[-1]), HKV, D, generator=g), torch.randn(int(ck[-1]), HKV, D, generator=g)
     return q, k, v, cq, ck

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drope import kernels, reference
-from helpers import assert_rows_close, lowp_attention, poisoned_empty, rel_err
+from helpers import assert_rows_close, cu_seqlens, lowp_attention, poisoned_empty, rel_err
 
 pytestmark = pytest.mark.interpreter
 
@@ -216,8 +216,7 @@ VARLEN = {
 def paged_documents(docs, page, HQ, HKV, D, device, seed=0):
     """Packed q and keys/values, the same keys in shuffled pages (NaN elsewhere) with a block table, boundaries."""
     g = torch.Generator().manual_seed(seed)
-    cq = torch.tensor([0] + [a for a, _ in docs]).cumsum(0).to(torch.int32)
-    ck = torch.tensor([0] + [b for _, b in docs]).cumsum(0).to(torch.int32)
+    cq, ck = cu_seqlens(docs)
     TQ, TK = int(cq[-1]), int(ck[-1])
     q = torch.randn(1, HQ, TQ, D, generator=g)
     k, v = torch.randn(1, HKV, TK, D, generator=g), torch.randn(1, HKV, TK, D, generator=g)

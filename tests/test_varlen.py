@@ -11,7 +11,7 @@ from drope import kernels, reference
 from drope.kernels.attention import Options, attention_forward
 from drope.kernels.attention_bwd import attention_backward
 from drope.validation import check_attention, split_scale
-from helpers import assert_rows_close, lowp_attention, poisoned_empty, rel_err
+from helpers import assert_rows_close, cu_seqlens, lowp_attention, poisoned_empty, rel_err
 
 pytestmark = pytest.mark.interpreter
 
@@ -28,15 +28,9 @@ FEATURES = {
 }
 
 
-def boundaries(docs, device):
-    cq = torch.tensor([0] + [lq for lq, _ in docs], device=device).cumsum(0).to(torch.int32)
-    ck = torch.tensor([0] + [lk for _, lk in docs], device=device).cumsum(0).to(torch.int32)
-    return cq, ck
-
-
 def make(docs, feature: dict, device, *, HQ=4, HKV=2, D=32, dtype=torch.float64):
     """Random packed q (1, Hq, total_q, D), k/v (1, Hkv, total_k, D) and the keyword arguments (float64)."""
-    cq, ck = boundaries(docs, device)
+    cq, ck = cu_seqlens(docs, device)
     TQ, TK = int(cq[-1]), int(ck[-1])
     f64 = dict(device=device, dtype=torch.float64)
     q, k, v = torch.randn(1, HQ, TQ, D, **f64), torch.randn(1, HKV, TK, D, **f64), torch.randn(1, HKV, TK, D, **f64)
@@ -101,7 +95,7 @@ def test_documents_equal_their_contiguous_attention(device):
     q, k, v, kw = make(DOCS, {"window": 11}, device)
     q, k, v = q.float(), k.float(), v.float()
     out = kernels.attention(q, k, v, **cast(kw, torch.float32))
-    cq, ck = (t.tolist() for t in boundaries(DOCS, device))
+    cq, ck = (t.tolist() for t in cu_seqlens(DOCS, device))
     for d, (a, b, ka, kb) in enumerate(zip(cq[:-1], cq[1:], ck[:-1], ck[1:])):
         if b == a:
             continue
