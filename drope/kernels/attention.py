@@ -303,26 +303,16 @@ def _attn_fwd_kernel(
     nb_all = (tl.maximum(hi_blk - lo_blk, 0) + BN - 1) // BN
     nb_a = tl.minimum((tl.maximum(full_lo - lo_blk, 0) + BN - 1) // BN, nb_all)
     nb_b = tl.maximum(nb_a, tl.minimum(tl.maximum(full_hi - lo_blk, 0) // BN, nb_all))
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk, lo_blk + nb_a * BN, SK, p_km, stride_ms, BT, stride_bb,
-                              stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES, doc_u, k0_u,
-                              BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
-                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, TILE_TMA=TILE_TMA, DOT_PREC=DOT_PREC,
-                              UPCAST=UPCAST)
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk + nb_a * BN, lo_blk + nb_b * BN, SK, p_km, stride_ms, BT,
-                              stride_bb, stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES,
-                              doc_u, k0_u,
-                              BN=BN, BD=BD, D=D, MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
-                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, TILE_TMA=TILE_TMA, DOT_PREC=DOT_PREC,
-                              UPCAST=UPCAST)
-    acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stride_vs, stride_vd, b_sc,
-                              softcap2, lo_i, hi_i, lo_blk + nb_b * BN, lo_blk + nb_all * BN, SK, p_km, stride_ms, BT,
-                              stride_bb, stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES,
-                              doc_u, k0_u,
-                              BN=BN, BD=BD, D=D, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA, HAS_SOFTCAP=HAS_SOFTCAP,
-                              HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE, TILE_TMA=TILE_TMA, DOT_PREC=DOT_PREC,
-                              UPCAST=UPCAST)
+    # the three phases, unrolled: PH is a constexpr, so each picks its bounds and MASKED at compile time
+    for PH in tl.static_range(3):
+        start = lo_blk if PH == 0 else lo_blk + (nb_a if PH == 1 else nb_b) * BN
+        end = lo_blk + (nb_a if PH == 0 else (nb_b if PH == 1 else nb_all)) * BN
+        acc, b_l, b_m = _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stride_vs, stride_vd,
+                                  b_sc, softcap2, lo_i, hi_i, start, end, SK, p_km, stride_ms, BT, stride_bb,
+                                  stride_bp, stride_kb, stride_vb, CU_K, N_DOCS, N_ITER, NUM_PAGES, MAX_PAGES, doc_u,
+                                  k0_u, BN=BN, BD=BD, D=D, MASKED=PH != 1, PAD_D=PAD_D, USE_TMA=USE_TMA,
+                                  HAS_SOFTCAP=HAS_SOFTCAP, HAS_KMASK=HAS_KMASK, PAGED=PAGED, PAGE=PAGE,
+                                  TILE_TMA=TILE_TMA, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
 
     if HAS_SINKS:
         # the head's sink logit joins the denominator only
