@@ -253,27 +253,17 @@ def _dkdv_kernel(
         i_h = i_hk * G + g
         p_q = p_qb + i_h * stride_qh
         p_do = p_dob + i_h * stride_doh
-        for m0 in range(lo, ph_a, BM):
-            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, TAB, m0,
-                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
-                                     stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
-                                     scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
-                                     HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
-                                     UPCAST)
-        for m0 in range(ph_a, ph_b, BM):
-            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, TAB, m0,
-                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
-                                     stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
-                                     scale, softcap, BM, BD, False, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
-                                     HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
-                                     UPCAST)
-        for m0 in range(ph_b, ph_end, BM):
-            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, TAB, m0,
-                                     o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
-                                     stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs, HQ, SQ, SK, WINDOW, CHUNK,
-                                     scale, softcap, BM, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW,
-                                     HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK, COMPUTE_DV, USE_TMA, DOT_PREC,
-                                     UPCAST)
+        # the three phases, unrolled: PH is a constexpr, so each picks its bounds and MASKED at compile time
+        for PH in tl.static_range(3):
+            m_lo = lo if PH == 0 else (ph_a if PH == 1 else ph_b)
+            m_hi = ph_a if PH == 0 else (ph_b if PH == 1 else ph_end)
+            for m0 in range(m_lo, m_hi, BM):
+                b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, d_q, d_do, LSE, DELTA, SCALE, TAB, m0,
+                                         o_n, p_km, stride_ms, i_b, i_h, o_d, m_d, stride_qs, stride_qd, stride_dos,
+                                         stride_dod, stride_lb, stride_lh, stride_ls, stride_rb, stride_rh, stride_rs,
+                                         HQ, SQ, SK, WINDOW, CHUNK, scale, softcap, BM, BD, PH != 1, IS_CAUSAL, PACKED,
+                                         HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP, COMPUTE_DK,
+                                         COMPUTE_DV, USE_TMA, DOT_PREC, UPCAST)
     if COMPUTE_DK:
         if not (HAS_SCALE or HAS_SOFTCAP):
             b_dk = b_dk * scale
@@ -365,21 +355,15 @@ def _dq_kernel(
     lo = (lo // BN) * BN
     ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    for n0 in range(lo, ph_a, BN):
-        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, TAB, n0, o_m, o_d, m_d,
-                         p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap,
-                         BN, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP,
-                         USE_TMA, DOT_PREC, UPCAST)
-    for n0 in range(ph_a, ph_b, BN):
-        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, TAB, n0, o_m, o_d, m_d,
-                         p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap,
-                         BN, BD, False, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP,
-                         USE_TMA, DOT_PREC, UPCAST)
-    for n0 in range(ph_b, ph_end, BN):
-        b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, TAB, n0, o_m, o_d, m_d,
-                         p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK, softcap,
-                         BN, BD, True, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK, HAS_SOFTCAP,
-                         USE_TMA, DOT_PREC, UPCAST)
+    # the three phases, as in the dK/dV kernel
+    for PH in tl.static_range(3):
+        n_lo = lo if PH == 0 else (ph_a if PH == 1 else ph_b)
+        n_hi = ph_a if PH == 0 else (ph_b if PH == 1 else ph_end)
+        for n0 in range(n_lo, n_hi, BN):
+            b_dq = _dq_block(b_dq, b_q, b_do, b_lse2, b_delta, b_sc, p_k, p_v, d_k, d_v, TAB, n0, o_m, o_d, m_d,
+                             p_km, stride_ms, stride_ks, stride_kd, stride_vs, stride_vd, SQ, SK, WINDOW, CHUNK,
+                             softcap, BN, BD, PH != 1, IS_CAUSAL, PACKED, HAS_SCALE, HAS_WINDOW, HAS_CHUNK, HAS_KMASK,
+                             HAS_SOFTCAP, USE_TMA, DOT_PREC, UPCAST)
     if not (HAS_SCALE or HAS_SOFTCAP):
         b_dq = b_dq * scale
     p_dq = DQ + i_b * stride_dqb + i_h * stride_dqh + o_m64[:, None] * stride_dqs + o_d[None, :] * stride_dqd
