@@ -38,7 +38,7 @@ from ..validation import MAX_MULTIPLIER
 from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, cdiv, dot_precision, exp2_rel, key_bounds, launch, mm, \
     named_strides, next_pow2, operand, padded_dim, paged_tma_ok, phases, tanh, tma_ok, upcast, with_sink
 
-__all__ = ["choose_num_splits", "decode_launch", "num_splits_for"]
+__all__ = ["choose_num_splits", "decode_block_n", "decode_launch", "num_splits_for"]
 
 MAX_MULTIPLIER_C = tl.constexpr(MAX_MULTIPLIER)
 
@@ -144,10 +144,13 @@ def _decode_split_kernel(
     i_b = i_bh // HKV
     i_hkv = i_bh % HKV
     i_b64 = i_b.to(tl.int64)
+    # a device-side length outside [0, SMAX] (unchecked on a GPU: that would sync) reads nothing and makes the
+    # batch row's outputs NaN: never a clamped, plausible answer
+    bad_len = False
     if HAS_SEQLENS:
-        # clamped so that a bad device-side length can never address outside the cache
         L = tl.load(SEQLENS + i_b64 * stride_sl).to(tl.int32)
-        L = tl.minimum(tl.maximum(L, 0), SMAX)
+        bad_len = (L < 0) | (L > SMAX)
+        L = tl.where(bad_len, 0, L)
     else:
         L = SMAX
 
@@ -183,9 +186,12 @@ def _decode_split_kernel(
             k_lo = tl.maximum(k_lo, s_lo)
             k_end = tl.minimum(k_end, s_hi)
 
-    n_tiles = (tl.maximum(k_end - k_lo, 0) + BN - 1) // BN
+    # tiles start at multiples of BN (a paged TMA tile must lie in one page); the keys of the first tile before
+    # k_lo are masked there by the window / chunk bounds or the key mask
+    k_lo_blk = (k_lo // BN) * BN
+    n_tiles = (tl.maximum(k_end - k_lo_blk, 0) + BN - 1) // BN
     tiles_per_split = (n_tiles + NUM_SPLITS - 1) // NUM_SPLITS
-    lo = k_lo + i_split * tiles_per_split * BN
+    lo = k_lo_blk + i_split * tiles_per_split * BN
     last_i = (tl.minimum(i_m * BM + BM, G * SQ) - 1) // G
     hi = tl.minimum(tl.minimum(lo + tiles_per_split * BN, L - SQ + last_i + 1), k_end)
 
@@ -222,9 +228,10 @@ def _decode_split_kernel(
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
-    # tiles seen whole by every packed row skip the mask; only the split's edges pay for it
-    f_lo = tl.where(dense, tl.max(tl.where(m_row, lo_r, 0), 0), SMAX)
-    f_hi = tl.min(tl.where(m_row, pos + 1, SMAX), 0)
+    # tiles seen whole by every packed row skip the mask, so they must lie in [k_lo, k_end), where every key is
+    # attendable; only the split's edges pay for the mask
+    f_lo = tl.where(dense, tl.maximum(tl.max(tl.where(m_row, lo_r, 0), 0), k_lo), SMAX)
+    f_hi = tl.minimum(tl.min(tl.where(m_row, pos + 1, SMAX), 0), k_end)
     ph_a, ph_b, ph_end = phases(lo, hi, f_lo, f_hi, BN)
     b_acc, b_l, b_m = _decode_tiles(b_acc, b_l, b_m, b_q, b_sc, softcap2, p_k, p_v, t_k, t_v, stride_ks, stride_kd,
                                     stride_vs, stride_vd, lo, ph_a, hi, pos, lo_r, o_d, m_d, p_km, stride_mq, stride_ms,
@@ -250,6 +257,9 @@ def _decode_split_kernel(
     b_l_safe = tl.where(has, b_l, 1.0)
     b_o = b_acc / b_l_safe[:, None]
     b_lse = tl.where(has, (b_m + tl.log2(b_l_safe)) * lse_scale, float("-inf"))
+    if HAS_SEQLENS:
+        b_o = tl.where(bad_len, float("nan"), b_o)
+        b_lse = tl.where(bad_len, float("nan"), b_lse)
     p_o = (O + i_split.to(tl.int64) * stride_os + i_b64 * stride_ob + o_h[:, None].to(tl.int64) * stride_oh
            + o_i[:, None].to(tl.int64) * stride_om + o_d[None, :] * stride_od)
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
@@ -352,6 +362,11 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
+def decode_block_n(D: int) -> int:
+    """Keys per tile of the decode kernel for head dim D (tiles start at multiples of it)."""
+    return 64 if padded_dim(D) <= 128 else 32
+
+
 def _blocks(G: int, SQ: int, BD: int):
     """(BM, BN, num_warps, num_stages) for the packed G*Sq rows (BD: the padded head dim).
 
@@ -359,7 +374,7 @@ def _blocks(G: int, SQ: int, BD: int):
     """
     bm_cap = 64 if BD <= 128 else 32
     BM = min(bm_cap, max(16, next_pow2(G * SQ)))
-    BN = 64 if BD <= 128 else 32
+    BN = decode_block_n(BD)
     # three stages: two K/V tiles in flight while one is multiplied (decode is bound by HBM)
     return BM, BN, 4, 3
 

@@ -164,8 +164,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             of a (B, Smax, Hkv, D) buffer); positions at or past a row's live length are never read.
         cache_seqlens: (B,) int32 (int64 accepted) live lengths *including* the Sq new tokens, on q's
             device; None means every row holds Smax. Each must lie in [Sq, Smax]; checked on the host
-            only when the tensor lives on the CPU (no device sync). On the device a length is clamped
-            to [0, Smax]; rows whose position is then negative output zeros (LSE -inf).
+            only when the tensor lives on the CPU (no device sync). On the device a length outside
+            [0, Smax] gives NaN outputs and LSE for its batch row (never a clamped answer); a length in
+            [0, Sq) leaves the rows at negative positions seeing nothing: zeros, LSE -inf.
         softmax_scale: None (D**-0.5), a float in [0, 1e6], or a tensor of such multipliers of shape
             (Sq,), (B, Sq), (Hq,) or (B, Hq, Sq) (DroPE temperature on top of D**-0.5 goes in here).
         num_splits: None picks it with :func:`choose_num_splits` from the capacity Smax (or
