@@ -108,3 +108,23 @@ def test_length_past_capacity_gives_nan_rows(paged, device):
         assert out[0].isnan().all() and out[2].isnan().all()
         ref = reference.decode_attention(q[1:2].double(), k[1:2].double(), v[1:2].double(), cache_seqlens=lens[1:2])
         assert rel_err(out[1:2], ref) < 1e-5
+
+
+@pytest.mark.parametrize("page", [64, 128], ids=["page64", "page128"])
+@pytest.mark.parametrize("feature", ["window", "chunk"])
+def test_paged_varlen_forward_window_offsets(page, feature, device):
+    """The paged varlen forward (the audit of its tile path): key blocks are aligned to each document's first key,
+    so a window or chunk starting at any offset leaves the page-sized blocks every row sees (one lookup, a TMA load)
+    inside one page. Documents of 64 query rows (one 64-row program each) whose windows start at offsets spread
+    over a tile."""
+    from test_paged import paged_documents
+
+    docs = [(64, 64 + 200 + 37 * i) for i in range(8)]  # first visible key 200 + 37 i - W + 1 into each document
+    HQ_, HKV_, D = 2, 1, 32
+    q, k, v, kc, vc, table, cq, ck = paged_documents(docs, page, HQ_, HKV_, D, device, seed=page)
+    kw = dict(window=131) if feature == "window" else dict(chunk=157)
+    ref = reference.attention(q.double(), k.double(), v.double(), cu_seqlens_q=cq, cu_seqlens_k=ck, **kw)
+    with torch.no_grad():
+        out = kernels.attention(q, kc, vc, cu_seqlens_q=cq, cu_seqlens_k=ck, block_table=table, **kw)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-5
