@@ -189,7 +189,7 @@ def test_with_kvcache_without_append_int_lengths_leftpad_and_splits():
     (lambda q, k, v: fa.flash_attn_func(q, k, v, alibi_slopes=torch.ones(4)), "alibi_slopes is not supported"),
     (lambda q, k, v: fa.flash_attn_func(q, k, v, window_size=(4, 4)), "has a right side"),
     (lambda q, k, v: fa.flash_attn_func(q, k, v, window_size=(4,)), "window_size must be a pair"),
-    (lambda q, k, v: fa.flash_attn_func(q, k, v, softcap=-1.0), "softcap must be a float >= 0"),
+    (lambda q, k, v: fa.flash_attn_func(q, k, v, softcap=-1.0), r"softcap must be a float in \[0"),
     (lambda q, k, v: fa.flash_attn_func(q[0], k, v), r"q must be \(batch, seqlen, nheads, headdim\)"),
     (lambda q, k, v: fa.flash_attn_with_kvcache(q, k, v, rotary_cos=torch.ones(8, 8), rotary_sin=torch.ones(8, 8)),
      "rotary_cos / rotary_sin are not supported"),
@@ -206,8 +206,9 @@ def test_with_kvcache_without_append_int_lengths_leftpad_and_splits():
         "k-without-v", "noncausal-rows", "append-without-lengths", "splits", "max-seqlen"])
 def test_unsupported_arguments_are_refused(call, match):
     q, k, v = inputs(2, 6, 9, 4, 2, 16)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(fa.FlashAttnInputError, match=match) as info:
         call(q, k, v)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
 
 
 def test_one_import_changes(monkeypatch):
@@ -220,3 +221,190 @@ def test_one_import_changes(monkeypatch):
     q, k, v = inputs(1, 8, 8, 2, 2, 16)
     ref, _ = oracle(q, k, v, causal=True)
     assert rel_err(flash_attn_func(q, k, v, causal=True), ref) < 1e-5
+
+
+# ---- where flash-attn computes what drope's contract refuses: drope.flash_attn gives flash-attn's result -------------
+
+
+@pytest.mark.parametrize("window_size", [torch.tensor([5, 0]), (torch.tensor(5), torch.tensor(0)), [5, 0]],
+                         ids=["tensor", "tensor-pair", "list"])
+def test_window_size_as_flash_tests_pass_it(window_size):
+    q, k, v = inputs(1, 9, 14, 2, 1, 16, seed=11)
+    ref, _ = oracle(q, k, v, causal=True, window_size=(5, 0))
+    assert rel_err(fa.flash_attn_func(q, k, v, causal=True, window_size=window_size), ref) < 1e-5
+
+
+@pytest.mark.parametrize("D", [20, 59], ids=["D20", "D59"])
+def test_head_dims_not_a_multiple_of_8_are_padded(D):
+    """flash-attn pads such head dims with zeros and slices the output; the default scale is the original D**-0.5."""
+    q, k, v = inputs(2, 11, 17, 4, 2, D, seed=D)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = oracle(*leaves, causal=True, window_size=(6, 0))
+    do = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * do).sum(), leaves)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse, _ = fa.flash_attn_func(*ins, causal=True, window_size=(6, 0), return_attn_probs=True)
+    assert out.shape == q.shape and rel_err(out, ref) < 1e-5 and (lse.double() - ref_lse).abs().max() < 1e-5
+    for name, a, b in zip("qkv", torch.autograd.grad((out.double() * do).sum(), ins), want):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-4, f"d{name}"
+    # varlen and the kvcache (with an append) at the same head dim
+    qv, kv_, vv, cq, ck = _varlen([4, 7], [9, 7], D=D)
+    out = fa.flash_attn_varlen_func(qv, kv_, vv, cq, ck, 7, 9, causal=True)
+    for d in range(2):
+        a, b, ka, kb = int(cq[d]), int(cq[d + 1]), int(ck[d]), int(ck[d + 1])
+        assert rel_err(out[a:b], oracle(qv[None, a:b], kv_[None, ka:kb], vv[None, ka:kb], causal=True)[0][0]) < 1e-5
+    kc, vc = torch.zeros(2, 32, 2, D), torch.zeros(2, 32, 2, D)
+    kc[:, :10], vc[:, :10] = k[:, :10], v[:, :10]
+    lens = torch.tensor([10, 6], dtype=torch.int32)
+    step = fa.flash_attn_with_kvcache(q[:, :2], kc, vc, k[:, 10:12], v[:, 10:12], cache_seqlens=lens, causal=True)
+    for b in range(2):
+        L = int(lens[b])
+        assert torch.equal(kc[b, L:L + 2], k[b, 10:12]), "the new keys were written into the caller's cache"
+        keys, vals = torch.cat((k[b:b + 1, :L], k[b:b + 1, 10:12]), 1), torch.cat((v[b:b + 1, :L], v[b:b + 1, 10:12]), 1)
+        assert rel_err(step[b:b + 1], oracle(q[b:b + 1, :2], keys, vals, causal=True)[0]) < 1e-5
+
+
+def test_causal_with_more_queries_than_keys_gives_zero_rows():
+    """flash-attn's bottom-right causal mask with seqlen_q > seqlen_k: the first rows see no key and are zeros."""
+    q, k, v = inputs(2, 13, 5, 4, 2, 16, seed=12)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = oracle(*leaves, causal=True, window_size=(3, 0))
+    do = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * do).sum(), leaves)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse, _ = fa.flash_attn_func(*ins, causal=True, window_size=(3, 0), return_attn_probs=True)
+    assert torch.equal(out[:, :8], torch.zeros_like(out[:, :8])) and torch.isneginf(lse[:, :, :8]).all()
+    assert rel_err(out, ref) < 1e-5 and (lse[:, :, 8:].double() - ref_lse[:, :, 8:]).abs().max() < 1e-5
+    for name, a, b in zip("qkv", torch.autograd.grad((out.double() * do).sum(), ins), want):
+        assert rel_err(a, b) < 1e-4, f"d{name}"
+    # varlen: a sequence with more queries than keys, forward and backward
+    qv, kv_, vv, cq, ck = _varlen([6, 3], [4, 9], seed=13)
+    ins = [t.clone().requires_grad_() for t in (qv, kv_, vv)]
+    out = fa.flash_attn_varlen_func(*ins, cq, ck, 6, 9, causal=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), ins)
+    for d in range(2):
+        a, b, ka, kb = int(cq[d]), int(cq[d + 1]), int(ck[d]), int(ck[d + 1])
+        lv = [t.double().requires_grad_() for t in (qv[None, a:b], kv_[None, ka:kb], vv[None, ka:kb])]
+        ref, _ = oracle(*lv, causal=True)
+        assert rel_err(out[a:b], ref[0]) < 1e-5
+        gq, gk, gv = torch.autograd.grad((ref[0] * dout[a:b].double()).sum(), lv)
+        assert rel_err(grads[0][a:b], gq[0]) < 1e-4 and rel_err(grads[1][ka:kb], gk[0]) < 1e-4
+        assert rel_err(grads[2][ka:kb], gv[0]) < 1e-4
+
+
+def test_kvcache_lengths_below_seqlen_q_and_more_new_tokens_than_queries():
+    B, H, HKV, D, smax = 2, 4, 2, 16, 24
+    g = torch.Generator().manual_seed(14)
+    kc, vc = torch.randn(B, smax, HKV, D, generator=g), torch.randn(B, smax, HKV, D, generator=g)
+    q = torch.randn(B, 4, H, D, generator=g)
+    # lengths 2 and 9 for 4 query rows: row 0 of batch 0 sits before the first key (zeros)
+    lens = torch.tensor([2, 9], dtype=torch.int32)
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, return_softmax_lse=True)
+    for b in range(B):
+        L = int(lens[b])
+        ref, ref_lse = oracle(q[b:b + 1], kc[b:b + 1, :L], vc[b:b + 1, :L], causal=True)
+        assert rel_err(out[b:b + 1], ref) < 1e-5
+        fin = torch.isfinite(ref_lse[0])
+        assert torch.equal(torch.isfinite(lse[b]), fin) and (lse[b].double()[fin] - ref_lse[0][fin]).abs().max() < 1e-5
+    # three new tokens appended for one query row (seqlen_new != seqlen_q)
+    k_new, v_new = torch.randn(B, 3, HKV, D, generator=g), torch.randn(B, 3, HKV, D, generator=g)
+    kc2, vc2 = kc.clone(), vc.clone()
+    step = fa.flash_attn_with_kvcache(q[:, -1:], kc2, vc2, k_new, v_new, cache_seqlens=lens, causal=True)
+    for b in range(B):
+        L = int(lens[b])
+        assert torch.equal(kc2[b, L:L + 3], k_new[b]) and torch.equal(kc2[b, :L], kc[b, :L])
+        ref, _ = oracle(q[b:b + 1, -1:], kc2[b:b + 1, :L + 3], vc2[b:b + 1, :L + 3], causal=True)
+        assert rel_err(step[b:b + 1], ref) < 1e-5
+
+
+def test_single_row_right_window_and_a_larger_cache_batch():
+    """A right window side is moot for a query that is the last of its keys: flash computes it, so does drope."""
+    q, k, v = inputs(2, 1, 30, 4, 2, 16, seed=15)
+    ref, _ = oracle(q, k, v, window_size=(7, 5))
+    assert rel_err(fa.flash_attn_func(q, k, v, window_size=(7, 5)), ref) < 1e-5
+    qv, kv_, vv, cq, ck = _varlen([1, 1, 0], [12, 30, 3], seed=16)
+    out = fa.flash_attn_varlen_func(qv, kv_, vv, cq, ck, 1, 30, window_size=(4, 9))
+    for d in range(2):
+        a, b, ka, kb = int(cq[d]), int(cq[d + 1]), int(ck[d]), int(ck[d + 1])
+        assert rel_err(out[a:b], oracle(qv[None, a:b], kv_[None, ka:kb], vv[None, ka:kb], window_size=(4, 9))[0][0]) \
+            < 1e-5
+    # a cache of 5 batch rows serves a batch of 2 (rows 0 and 1)
+    kc, vc = torch.randn(5, 30, 2, 16), torch.randn(5, 30, 2, 16)
+    out = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=20)
+    assert rel_err(out, oracle(q, kc[:2, :20], vc[:2, :20])[0]) < 1e-5
+
+
+def test_paged_varlen_forward_with_grad_enabled_runs_and_its_backward_raises():
+    lq, lk = [3, 2], [20, 9]
+    q, k, v, cq, ck = _varlen(lq, lk, seed=17)
+    page, table = 16, torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    kc, vc = torch.zeros(4, page, 2, 16), torch.zeros(4, page, 2, 16)
+    for d in range(2):
+        for p in range(0, lk[d], page):
+            n = min(page, lk[d] - p)
+            kc[table[d, p // page], :n] = k[int(ck[d]) + p:int(ck[d]) + p + n]
+            vc[table[d, p // page], :n] = v[int(ck[d]) + p:int(ck[d]) + p + n]
+    qg = q.clone().requires_grad_()
+    out = fa.flash_attn_varlen_func(qg, kc, vc, cq, ck, 3, 20, causal=True, block_table=table)
+    assert rel_err(out, fa.flash_attn_varlen_func(q, k, v, cq, ck, 3, 20, causal=True)) < 1e-6
+    with pytest.raises(RuntimeError, match="no backward through a paged KV cache"):
+        out.sum().backward()
+
+
+def _pages(B=2, page=16, pages=3, D=16):
+    g = torch.Generator().manual_seed(18)
+    kc, vc = torch.randn(B * pages, page, 2, D, generator=g), torch.randn(B * pages, page, 2, D, generator=g)
+    table = torch.arange(B * pages, dtype=torch.int32).reshape(B, pages)
+    return torch.randn(B, 1, 4, D, generator=g), kc, vc, table
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, block_table=t, cache_seqlens=torch.tensor(
+        [40, 49], dtype=torch.int32)), r"max\(cache_seqlens\) \(= 49\) exceeds the capacity addressable by block_table"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, kc[:2, :1], vc[:2, :1], block_table=t,
+                                                     cache_seqlens=torch.tensor([48, 3], dtype=torch.int32)),
+     r"max\(cache_seqlens\) \+ seqlen_new \(= 49\)"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, block_table=t, cache_seqlens=2 ** 40),
+     r"cache_seqlens=1099511627776 is outside \[0, the capacity"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, block_table=t[0], cache_seqlens=3),
+     r"block_table must be \(batch, max_num_blocks_per_seq\)"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, block_table=t + 4, cache_seqlens=3),
+     r"block_table holds block index 9, outside \[0, 6\)"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, block_table=t, cache_seqlens=30,
+                                                     cache_leftpad=torch.tensor([2.5, 0.0])), "cache_leftpad must be"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, block_table=t, cache_seqlens=30,
+                                                     cache_leftpad=torch.tensor([-5, 0], dtype=torch.int32)),
+     r"cache_leftpad\[0\] = -5 is outside \[0, cache_seqlens\[0\] = 30\]"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, block_table=t, cache_seqlens=30, cache_leftpad=[1, 2]),
+     "cache_leftpad must be"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, block_table=t, cache_seqlens=-1),
+     r"cache_seqlens=-1 is outside"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, block_table=t, softcap=float("nan")),
+     "softcap must be a float"),
+    (lambda q, kc, vc, t: fa.flash_attn_func(q, q, q, softcap=float("nan")), "softcap must be a float"),
+    (lambda q, kc, vc, t: fa.flash_attn_func(q, q, q, window_size=torch.tensor([1.5, 0.0])), "window_size must"),
+    (lambda q, kc, vc, t: fa.flash_attn_with_kvcache(q, kc, vc, kc[:2, :1, :1], vc[:2, :1, :1], block_table=t,
+                                                     cache_seqlens=3), r"k / v must be \(batch, seqlen_new, nheads_k"),
+], ids=["capacity", "capacity-append", "huge-int-length", "table-1d", "table-index", "leftpad-float",
+        "leftpad-negative", "leftpad-list", "negative-int-length", "softcap-nan-kvcache", "softcap-nan", "window-float",
+        "new-shape"])
+def test_kvcache_refusals_in_flash_terms(call, match):
+    """What flash-attn raises a RuntimeError for is a FlashAttnInputError (a RuntimeError and a ValueError) whose
+    message quotes the caller's own names and values (lengths before the append, flash's layouts)."""
+    q, kc, vc, table = _pages()
+    with pytest.raises(RuntimeError, match=match) as info:
+        call(q, kc, vc, table)
+    assert isinstance(info.value, ValueError)
+
+
+def test_readme_migration_example_runs():
+    """README's flash-attn migration example, run as written (the code block of its flash-attn section)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### flash-attn's interface"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "from drope.flash_attn import" in code
+    exec(compile(code, "README.md (flash-attn example)", "exec"), {})
