@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .kernels import ops
 from .kernels.interface import attention, decode_attention
-from .validation import MAX_MULTIPLIER, _boundaries, host_values
+from .validation import KERNEL_DTYPES, MAX_MULTIPLIER, _boundaries, host_values
 
 __all__ = ["FlashAttnInputError", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
            "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
@@ -381,6 +381,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     cap = _common(0.0, alibi_slopes, softcap, softmax_scale)
     B, SQ, H, D = q.shape
     HKV = k_cache.shape[2]
+    # what the attention would refuse is refused before the append writes into the caches
+    if not 1 <= D <= 256:
+        raise FlashAttnInputError(f"headdim must be in [1, 256] (flash-attn's limit too), got {D}")
+    if q.dtype not in KERNEL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise FlashAttnInputError(f"q, k_cache and v_cache must share one dtype among float16, bfloat16, float32; got "
+                                  f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if HKV == 0 or H % HKV:
+        raise FlashAttnInputError(f"nheads ({H}) must be a multiple of nheads_k ({HKV})")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v), ("block_table", block_table)):
+        if t is not None and t.device != q.device:
+            raise FlashAttnInputError(f"{name} is on {t.device} but q is on {q.device}")
     if paged:
         _dims("block_table", block_table, 2, "(batch, max_num_blocks_per_seq) int32")
         if block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):

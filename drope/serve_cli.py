@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def checkpoint_view(model_dir: str, root: str) -> str:
     """A directory under ``root`` holding links to every file of ``model_dir`` and a ``config.json`` without
     ``architectures`` (so transformers serve loads it through AutoModelForCausalLM); returns its path."""
-    view = os.path.join(root, os.path.basename(os.path.normpath(model_dir)) or "model")
+    # the checkpoint's own folder name ("." or "/" name no folder: "model")
+    name = os.path.basename(os.path.abspath(model_dir))
+    view = os.path.join(root, name if name not in ("", ".", "..") else "model")
     os.makedirs(view)
     for name in os.listdir(model_dir):
         if name != "config.json":
@@ -68,6 +70,17 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"drope serve: model must be a local checkpoint directory with a config.json, got {args.model!r}",
               file=sys.stderr)
+        return 2
+    config_path = os.path.join(args.model, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        print(f"drope serve: {config_path} is not a readable JSON file ({e})", file=sys.stderr)
+        return 2
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        print(f"drope serve: {config_path} must hold a JSON object with a model_type (a transformers config), got "
+              f"{type(config).__name__ if not isinstance(config, dict) else 'no model_type'}", file=sys.stderr)
         return 2
     if not 0 < args.port < 65536:
         print(f"drope serve: --port must be in 1..65535, got {args.port}", file=sys.stderr)

@@ -175,3 +175,98 @@ def test_extreme_but_legal_inputs_equal_the_reference():
     assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0])) and rel_err(out, ref) < 1e-5
     dec = kernels.decode_attention(qf[:, :, -1:], kf, vf, sinks=sinks, num_splits=3)
     assert torch.equal(dec[0, 0], torch.zeros_like(dec[0, 0])) and torch.isfinite(dec).all()
+
+
+# ---- drope.flash_attn (issue 30): flash-attn's kvcache surface ------------------------------------------------------
+# per argument, values flash-attn computes with (drope must give its result) and bad ones (FlashAttnInputError:
+# a ValueError and a RuntimeError); each example makes at most one argument bad
+FLASH_GOOD = {
+    "cache_seqlens": ["int", "tensor", "zero"],
+    "cache_leftpad": [None, "ok"],
+    "block_table": [None, "ok"],
+    "softcap": [0.0, 2.0],
+    "window_size": [(-1, -1), (3, 0), "tensor"],
+    "append": [None, "same", "more"],
+    "D": [16, 20],
+}
+FLASH_BAD = {
+    "cache_seqlens": ["negative", "huge-int", "past-capacity", "float", "shape"],
+    "cache_leftpad": ["negative", "past-length", "float", "list"],
+    "block_table": ["1d", "index", "float"],
+    "softcap": [float("nan"), -1.0, float("inf")],
+    "window_size": [(1.5, 0), (2,), "triple"],
+    "append": ["shape", "dtype"],
+    "D": [264],
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_flash_kvcache_sweep(data):
+    from drope import flash_attn as fa
+    from helpers import flash_oracle
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    bad = data.draw(st.sampled_from([None, None, *FLASH_BAD]))
+    pick = {n: data.draw(st.sampled_from(FLASH_BAD[n] if n == bad else FLASH_GOOD[n])) for n in FLASH_GOOD}
+    B, HKV, G, page, pages = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), 2, 16, 3
+    SQ, D, cap = data.draw(st.integers(1, 3)), pick["D"], page * pages
+    causal = SQ > 1 or data.draw(st.booleans())
+    q = torch.randn(B, SQ, HKV * G, D, generator=g).to(DEVICE)
+    logical_k = torch.randn(B, cap, HKV, D, generator=g).to(DEVICE)
+    logical_v = torch.randn(B, cap, HKV, D, generator=g).to(DEVICE)
+    kw = dict(causal=causal, softcap=pick["softcap"], return_softmax_lse=False)
+    kw["window_size"] = {"tensor": torch.tensor([4, 0]), "triple": (1, 0, 0)}.get(pick["window_size"],
+                                                                                  pick["window_size"])
+    table = torch.randperm(B * pages + 1, generator=g)[:B * pages].reshape(B, pages).to(torch.int32)
+    if pick["block_table"] is None:
+        kc, vc = logical_k.clone(), logical_v.clone()
+    else:
+        kc = torch.zeros(B * pages + 1, page, HKV, D, device=DEVICE)
+        vc = torch.zeros_like(kc)
+        for b in range(B):
+            for p in range(pages):
+                kc[table[b, p]], vc[table[b, p]] = logical_k[b, p * page:(p + 1) * page], logical_v[b, p * page:(p + 1)
+                                                                                                     * page]
+        kw["block_table"] = {"ok": table, "1d": table[0], "index": table + B * pages, "float": table.float()}[
+            pick["block_table"]].to(DEVICE)
+    new = {None: 0, "same": SQ, "more": SQ + 2, "shape": SQ, "dtype": SQ}[pick["append"]]
+    lens = torch.randint(0, cap - new - 1, (B,), generator=g).to(torch.int32)
+    lens = {"int": lens[:1].expand(B).clone(), "zero": lens * 0}.get(pick["cache_seqlens"], lens)
+    kw["cache_seqlens"] = {"int": int(lens[0]), "negative": -3, "huge-int": 2 ** 40, "past-capacity": lens + cap,
+                           "float": lens.float(), "shape": lens[:1].repeat(B + 1)}.get(pick["cache_seqlens"], lens)
+    if isinstance(kw["cache_seqlens"], torch.Tensor):
+        kw["cache_seqlens"] = kw["cache_seqlens"].to(DEVICE)
+    if new:
+        k_new = torch.randn(B, new, HKV, D + (pick["append"] == "shape"), generator=g).to(DEVICE)
+        v_new = torch.randn(B, new, HKV, D + (pick["append"] == "shape"), generator=g).to(DEVICE)
+        if pick["append"] == "dtype":
+            k_new, v_new = k_new.double(), v_new.double()
+        kw.update(k=k_new, v=v_new)
+    pad = torch.randint(0, 3, (B,), generator=g).to(torch.int32)
+    if pick["cache_leftpad"] is not None:
+        kw["cache_leftpad"] = {"ok": torch.minimum(pad, lens), "negative": pad - 5, "past-length": lens + new + 1,
+                               "float": pad.float(), "list": pad.tolist()}[pick["cache_leftpad"]]
+        if isinstance(kw["cache_leftpad"], torch.Tensor):
+            kw["cache_leftpad"] = kw["cache_leftpad"].to(DEVICE)
+    before = [t.clone() for t in (q, kc, vc)]
+    try:
+        out = fa.flash_attn_with_kvcache(q, kc, vc, **kw)
+    except ValueError as e:
+        assert isinstance(e, fa.FlashAttnInputError) and isinstance(e, RuntimeError) and str(e)
+        assert bad is not None, f"a call flash-attn computes was refused: {e}"
+        assert _same(q, before[0]) and _same(kc, before[1]) and _same(vc, before[2]), "a refused call changed input"
+        return
+    assert bad is None, f"bad {bad}={pick[bad]!r} was accepted"
+    assert _same(q, before[0])
+    L = lens.tolist() if not isinstance(kw["cache_seqlens"], int) else [kw["cache_seqlens"]] * B
+    lp = kw["cache_leftpad"].tolist() if "cache_leftpad" in kw else [0] * B
+    win = tuple(int(w) for w in kw["window_size"])
+    for b in range(B):
+        keys = torch.cat((logical_k[b, :L[b]], kw["k"][b])) if new else logical_k[b, :L[b]]
+        vals = torch.cat((logical_v[b, :L[b]], kw["v"][b])) if new else logical_v[b, :L[b]]
+        ref, _ = flash_oracle(q[b:b + 1], keys[None, lp[b]:], vals[None, lp[b]:], causal=causal, window_size=win,
+                              softcap=pick["softcap"])
+        assert rel_err(out[b:b + 1], ref) < 1e-4, f"batch row {b}"
+        if new and pick["block_table"] is None:
+            assert torch.equal(kc[b, L[b]:L[b] + new], kw["k"][b]) and _same(kc[b, :L[b]], before[1][b, :L[b]])

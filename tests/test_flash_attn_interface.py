@@ -6,40 +6,13 @@ keys [i + Sk - Sq - left, i + Sk - Sq + right]; empty rows are zeros), in float6
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from drope import flash_attn as fa
-from helpers import cu_seqlens, rel_err
+from helpers import cu_seqlens, flash_oracle as oracle, rel_err
 
 pytestmark = pytest.mark.interpreter
-
-
-def oracle(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, softmax_scale=None):
-    """flash-attn's attention in float64: q (B, Sq, H, D), k / v (B, Sk, Hkv, D) -> (out, lse (B, H, Sq))."""
-    q, k, v = q.double(), k.double(), v.double()
-    B, SQ, H, D = q.shape
-    SK, HKV = k.shape[1], k.shape[2]
-    k, v = k.repeat_interleave(H // HKV, 2), v.repeat_interleave(H // HKV, 2)
-    s = torch.einsum("bihd,bjhd->bhij", q, k) * (softmax_scale if softmax_scale is not None else D ** -0.5)
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(SQ)[:, None] + (SK - SQ)
-    j = torch.arange(SK)[None, :]
-    left, right = window_size
-    keep = torch.ones(SQ, SK, dtype=torch.bool)
-    if causal:
-        keep &= j <= i
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    s = s.masked_fill(~keep, -math.inf)
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    return torch.einsum("bhij,bjhd->bihd", p, v), lse
 
 
 def inputs(B, SQ, SK, H, HKV, D, *, seed=0, dtype=torch.float32):

@@ -1,5 +1,6 @@
 """The "drope_triton" attention + mask functions: registration, every dispatch path, packing, fallback, errors."""
 
+import importlib.util
 import types
 import warnings
 
@@ -440,3 +441,23 @@ def test_config_attribute_switches_every_layer(monkeypatch, kind):
     with pytest.raises(ValueError, match="not a registered attention implementation.*set_attn_implementation"):
         model.config.attn_implementation = "drope_tritonn"
     assert model.config._attn_implementation == "sdpa"
+    # None (transformers' default depends on the model) and a flash-attention release that is not installed are
+    # refused by name, as model.set_attn_implementation would resolve or refuse them (issue 30's sweep)
+    for value, match in ((None, "None is not resolved by the config.*set_attn_implementation"),
+                         ({"": None}, "None is not resolved"),
+                         ("flash_attention_2", "flash-attention package is not installed")):
+        if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is not None:
+            continue
+        with pytest.raises(ValueError, match=match):
+            model.config.attn_implementation = value
+        assert model.config._attn_implementation == "sdpa"
+
+
+def test_unregistered_private_implementation_is_a_clear_error():
+    """``config._attn_implementation = "bogus"`` (the private attribute, unchecked by transformers) on a DroPE model:
+    the forward raises a ValueError naming it and the registered ones (was a bare KeyError)."""
+    model = drope_model("llama", qk_norm="head", temperature=POSITION_TEMP)
+    model.config._attn_implementation = "bogus"
+    with pytest.raises(ValueError, match="'bogus' is not a registered attention implementation.*sdpa"):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5]], device=model.device))

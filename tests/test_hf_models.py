@@ -438,3 +438,16 @@ def test_a_failed_continuous_batching_request_raises():
         model.generate_batch(inputs=[[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False,
                                                                                     eos_token_id=-1),
                              continuous_batching_config=SMALL_CB())
+
+
+def test_continuous_batching_empty_prompt_is_refused():
+    """An empty prompt in a continuous batch is refused by name (transformers returned tokens copied from the
+    neighbouring request, or raised a reshape error alone)."""
+    from transformers import GenerationConfig
+
+    model = drope_model("llama", qk_norm="head", device="cpu")
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match=r"inputs\[1\] is an empty prompt"):
+        model.generate_batch(inputs=[[5, 6, 7], []], generation_config=GenerationConfig(max_new_tokens=2,
+                                                                                       do_sample=False),
+                             continuous_batching_config=SMALL_CB())

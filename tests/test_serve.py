@@ -137,3 +137,30 @@ def test_bad_arguments_are_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "drope.cli", "serve", str(MINI), "--attn-implementation", "drope_triton"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'drope_triton'" in r.stderr
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "", '{"hidden_size": 8}'],
+                         ids=["invalid-json", "a-list", "empty", "no-model_type"])
+def test_unreadable_config_is_a_usage_error(tmp_path, capsys, content):
+    from drope.cli import main
+
+    (tmp_path / "config.json").write_text(content)
+    assert main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "drope serve:" in err and "config.json" in err and "Traceback" not in err
+
+
+def test_checkpoint_view_of_the_current_directory(tmp_path, monkeypatch):
+    """`drope serve .` inside a checkpoint: the view is named after the folder, not '.' (was a FileExistsError)."""
+    from drope.serve_cli import checkpoint_view
+
+    ckpt = tmp_path / "my-model"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama_drope", "architectures": ["X"]}))
+    (ckpt / "weights.bin").write_text("w")
+    monkeypatch.chdir(ckpt)
+    root = tmp_path / "views"
+    root.mkdir()
+    view = Path(checkpoint_view(".", str(root)))
+    assert view.name == "my-model" and (view / "weights.bin").resolve() == (ckpt / "weights.bin").resolve()
+    assert "architectures" not in json.loads((view / "config.json").read_text())

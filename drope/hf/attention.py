@@ -460,13 +460,35 @@ def _known_implementations() -> list:
     return ["eager", *AttentionInterface._global_mapping]
 
 
+def _flash_unavailable(value: str) -> bool:
+    """Whether ``value`` names a flash-attention release (``flash_attention_N``, ``paged|...`` too) whose package is
+    not installed: transformers' own availability check, which ``set_attn_implementation`` runs."""
+    import re
+
+    import transformers.utils as tu
+
+    m = re.fullmatch(r"(?:paged\|)?flash_attention_(\d+)", value)
+    if m is None:
+        return False
+    available = getattr(tu, f"is_flash_attn_{m.group(1)}_available", None)
+    return available is None or not available()
+
+
 def _check_implementation(value) -> None:
     if isinstance(value, dict):
         for sub in value.values():
             _check_implementation(sub)
         return
+    if value is None:
+        raise ValueError("attn_implementation None is not resolved by the config (transformers' default depends on "
+                         "the model: sdpa where it supports it, else eager); call model.set_attn_implementation(None), "
+                         "or assign a name, e.g. config.attn_implementation = 'sdpa'")
+    if isinstance(value, str) and _flash_unavailable(value):
+        raise ValueError(f"attn_implementation {value!r}: its flash-attention package is not installed (transformers' "
+                         "availability check); install it, or use 'sdpa' or 'drope_triton' "
+                         "(model.set_attn_implementation(name) runs the same check)")
     known = _known_implementations()
-    if value is not None and value not in known:
+    if value not in known:
         hub = " (a hub kernel is loaded by model.set_attn_implementation(...) or from_pretrained(...))" if (
             isinstance(value, str) and "/" in value) else ""
         raise ValueError(f"attn_implementation {value!r} is not a registered attention implementation{hub}; "

@@ -199,7 +199,12 @@ class DropeAttention(nn.Module):
         if impl == "eager" or impl is None:
             interface = eager_attention_forward
         else:
-            interface = ALL_ATTENTION_FUNCTIONS[impl]
+            try:
+                interface = ALL_ATTENTION_FUNCTIONS[impl]
+            except KeyError:
+                raise ValueError(f"config._attn_implementation {impl!r} is not a registered attention implementation; "
+                                 f"registered: eager, {', '.join(ALL_ATTENTION_FUNCTIONS.valid_keys())} (switch with "
+                                 "model.set_attn_implementation(name))") from None
         out, weights = interface(self, q, k, v, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, **extra, **kwargs)
@@ -332,6 +337,11 @@ class _DynamicAttention:
     def generate_batch(self, *args, **kwargs):
         """transformers' continuous batching, with a failed request raised (transformers only logs it and
         returns the request with no tokens)."""
+        inputs = args[0] if args else kwargs.get("inputs")
+        for i, prompt in enumerate(inputs or ()):
+            if len(prompt) == 0:
+                raise ValueError(f"generate_batch: inputs[{i}] is an empty prompt; every request needs at least one "
+                                 "token (e.g. the tokenizer's BOS)")
         results = super().generate_batch(*args, **kwargs)
         failed = {rid: out.error for rid, out in results.items() if getattr(out, "error", None)}
         if failed:
