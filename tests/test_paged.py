@@ -365,3 +365,28 @@ def test_paged_varlen_refusals(change, match, device):
         kw["block_table"] = table[:, :2]  # 2 pages of 16 rows: document 5 has 53 keys
     with pytest.raises(ValueError, match=match):
         kernels.attention(q, kc, vc, **kw)
+
+
+@pytest.mark.parametrize("page,docs", [(16, DOCS), (64, [(70, 200), (3, 40), (9, 9)])], ids=["rows", "tiles"])
+def test_paged_varlen_keys_past_the_table_give_nan_rows(page, docs, device):
+    """A document with more keys than its block_table row holds (unchecked on a GPU: check_values=False here): the
+    rows that would read past the table are NaN, never keys read as zeros; the other documents are exact."""
+    HQ, HKV, D = 2, 1, 16
+    q, k, v, kc, vc, table, cq, ck = paged_documents(docs, page, HQ, HKV, D, device)
+    longest = max(lk for _, lk in docs)
+    cut = table[:, :-(-longest // page) - 1]  # one page short of the longest document
+    d_long = max(range(len(docs)), key=lambda d: docs[d][1])
+    with torch.no_grad():
+        out = kernels.attention(q, kc, vc, cu_seqlens_q=cq, cu_seqlens_k=ck, block_table=cut, check_values=False)
+    good = kernels.attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck)
+    a, b = int(cq[d_long]), int(cq[d_long + 1])
+    cap = cut.shape[1] * page
+    lq, lk = docs[d_long]
+    # query row i of the long document sees keys 0 .. lk - lq + i: those past the capacity are NaN rows
+    reads_past = torch.arange(lq, device=device) + (lk - lq) >= cap
+    assert out[:, :, a:b][:, :, reads_past].isnan().all()
+    assert not out[:, :, a:b][:, :, ~reads_past].isnan().any()
+    others = torch.ones(q.shape[2], dtype=torch.bool, device=device)
+    others[a:b] = False
+    others[a:b][~reads_past] = True
+    assert torch.allclose(out[:, :, others], good[:, :, others], atol=1e-5)

@@ -101,13 +101,16 @@ def _fwd_loop(acc, b_l, b_m, b_q, p_k, p_v, t_k, t_v, stride_ks, stride_kd, stri
             if MASKED:
                 d_n = _doc_index(CU_K, o_n, N_DOCS, N_ITER)
                 loc = o_n - tl.load(CU_K + d_n).to(tl.int32)
-                ok_n = (o_n < SK) & (loc < MAX_PAGES * PAGE)
+                live = o_n < SK
             else:
                 d_n = o_n * 0 + doc_u
                 loc = o_n - k0_u
-                ok_n = loc < MAX_PAGES * PAGE
+                live = o_n >= 0
+            # a key past its block_table row (lengths unchecked on the device) or on a page outside the cache is never
+            # read: its logits are NaN, never a plausible number
+            ok_n = live & (loc < MAX_PAGES * PAGE)
             pg = tl.load(BT + d_n.to(tl.int64) * stride_bb + (loc // PAGE) * stride_bp, mask=ok_n, other=-1)
-            bad = ok_n & ((pg < 0) | (pg >= NUM_PAGES))
+            bad = live & ((pg < 0) | (pg >= NUM_PAGES))
             ok_n = ok_n & ~bad
             row = tl.where(ok_n, pg, 0).to(tl.int64) * stride_kp + (loc % PAGE).to(tl.int64) * stride_ks
             row_v = tl.where(ok_n, pg, 0).to(tl.int64) * stride_vp + (loc % PAGE).to(tl.int64) * stride_vs
