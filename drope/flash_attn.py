@@ -444,7 +444,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k is not None and (new != SQ or D % 8):
         # the append alone (any number of new tokens, any head dim), then attention without it
         with torch.no_grad():
-            ops.kv_append(kc, vc, k_new, v_new, lens, block_table)
+            ops.kv_append(k_cache=kc, v_cache=vc, k_new=k_new, v_new=v_new, cache_seqlens=lens,
+                          block_table=block_table)
         k_new = v_new = None
     if D % 8:
         q, kc, vc = _pad8(q, kc, vc)  # copies, as flash-attn's own padding

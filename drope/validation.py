@@ -6,7 +6,6 @@ Every check raises ``ValueError`` naming the argument and what is accepted, so t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from numbers import Real
 from typing import Optional, Tuple
@@ -25,7 +24,7 @@ KEY_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8)
 
 
 class DeviceError(ValueError, RuntimeError):
-    """A kernel was called on tensors it cannot run on (CPU tensors without the interpreter)."""
+    """A kernel was called on tensors of a device it has no kernel for (drope's run on CUDA and CPU tensors)."""
 
 
 @dataclass(frozen=True)
@@ -336,25 +335,6 @@ def split_scale(softmax_scale, shape: AttentionShape, device,
     elif t.dim() == 2:
         t = t[:, None, :]
     return 1.0, t.expand(B, HQ, SQ)
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def check_kernel_device(q: torch.Tensor, op: str) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter; never a silent fallback."""
-    if q.device.type == "cuda":
-        return
-    if q.device.type == "cpu" and interpreter_enabled():
-        return
-    if q.device.type == "cpu":
-        raise DeviceError(
-            f"drope.kernels.{op} got CPU tensors: move them to a CUDA GPU, or run Triton's interpreter by setting "
-            "TRITON_INTERPRET=1 in the environment before importing drope (slow; for tests), or call "
-            f"drope.reference.{op} for a pure-PyTorch path"
-        )
-    raise DeviceError(f"drope.kernels.{op} runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {q.device}")
 
 
 def check_paged(q, k_cache, v_cache, block_table, *, kernel: bool, values: bool = True, rows: Optional[int] = None,

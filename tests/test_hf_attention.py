@@ -14,6 +14,7 @@ from transformers.masking_utils import (AttentionMaskInterface, and_masks, causa
 
 import drope
 from drope.hf import attention as hfa
+from drope.kernels import ops
 from helpers import rel_err
 from hf_tiny import DEVICE, VOCAB, drope_model, logits, rope_model, tiny_tokenizer, to_device
 
@@ -50,30 +51,30 @@ def _oracle(q, k, v, valid, scale, w, eps, window=None, sinks=None, softcap=None
     return (p @ v).transpose(1, 2)  # (B, Sq, Hq, D)
 
 
-def _spy(monkeypatch, module=None):
-    """Record (function, packed?) of every call into ``module`` (the kernels' adapter, or the SDPA path)."""
-    module = hfa.kernel_path if module is None else module
+def _spy(monkeypatch):
+    """Record (function, packed?) of every call the layer makes into drope.kernels."""
     calls = []
-    for name in ("attention", "decode_attention"):
-        fn = getattr(module, name)
+    for name in ("attention", "attention_with_cache"):
+        fn = getattr(drope.kernels, name)
 
         def wrapped(*args, _fn=fn, _name=name, **kwargs):
             calls.append((_name, kwargs.get("cu_seqlens") is not None))
             return _fn(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, wrapped)
+        monkeypatch.setattr(drope.kernels, name, wrapped)
     return calls
 
 
 def _path(monkeypatch, path):
-    """(device, module the layer must call) for the kernels or the exact CPU SDPA path."""
-    if path == "sdpa":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        return "cpu", hfa.sdpa_path
-    return DEVICE, hfa.kernel_path
+    """The device for the kernels (Triton: compiled on a GPU, the interpreter on a CPU) or drope's PyTorch CPU
+    kernels (what CPU users without the interpreter run)."""
+    if path == "torch":
+        monkeypatch.setattr(ops, "cpu_backend", lambda: "torch")
+        return "cpu"
+    return DEVICE
 
 
-PATHS = [pytest.param("kernels", marks=pytest.mark.interpreter), "sdpa"]
+PATHS = [pytest.param("kernels", marks=pytest.mark.interpreter), "torch"]
 FEATURES = {"plain": {}, "qnorm-rowscale": {}, "window-sinks": {"window": 6, "sinks": True},
             "window-softcap": {"window": 9, "softcap": 0.7}}
 
@@ -82,16 +83,16 @@ FEATURES = {"plain": {}, "qnorm-rowscale": {}, "window-sinks": {"window": 6, "si
 # the left; a tuple: those slots), expected kernel call
 CASES = [
     ("prefill", 2, 37, 0, 37, (0, 0), ("attention", False)),
-    ("decode", 2, 1, 28, 29, (0, 0), ("decode_attention", False)),
-    ("static-decode", 2, 1, 20, 32, (0, 0), ("decode_attention", False)),
-    ("static-chunk", 2, 5, 16, 32, (0, 0), ("decode_attention", False)),
-    ("static-prefill", 2, 21, 0, 32, (0, 0), ("decode_attention", False)),
+    ("decode", 2, 1, 28, 29, (0, 0), ("attention_with_cache", False)),
+    ("static-decode", 2, 1, 20, 32, (0, 0), ("attention_with_cache", False)),
+    ("static-chunk", 2, 5, 16, 32, (0, 0), ("attention_with_cache", False)),
+    ("static-prefill", 2, 21, 0, 32, (0, 0), ("attention_with_cache", False)),
     ("padded-prefill", 3, 19, 0, 19, (0, 7, 18), ("attention", False)),
-    ("padded-decode", 2, 1, 23, 24, (0, 9), ("decode_attention", False)),
-    ("padded-static-decode", 2, 2, 21, 30, (5, 0), ("decode_attention", False)),
-    ("padded-chunk", 2, 20, 10, 30, (3, 12), ("decode_attention", False)),
+    ("padded-decode", 2, 1, 23, 24, (0, 9), ("attention_with_cache", False)),
+    ("padded-static-decode", 2, 2, 21, 30, (5, 0), ("attention_with_cache", False)),
+    ("padded-chunk", 2, 20, 10, 30, (3, 12), ("attention_with_cache", False)),
     ("holes-prefill", 2, 23, 0, 23, ((2, 3, 9), (0, 17, 18)), ("attention", False)),
-    ("holes-decode", 2, 1, 27, 28, ((4, 5, 20), ()), ("decode_attention", False)),
+    ("holes-decode", 2, 1, 27, 28, ((4, 5, 20), ()), ("attention_with_cache", False)),
 ]
 
 
@@ -100,7 +101,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_dispatch_paths_match_masked_oracle(monkeypatch, case, feature, path):
     name, B, SQ, past, SK, pads, expected = case
-    device, module = _path(monkeypatch, path)
+    device = _path(monkeypatch, path)
     norm = feature != "plain"
     extra = FEATURES[feature]
     g = torch.Generator().manual_seed(len(name) + SQ)
@@ -129,7 +130,7 @@ def test_dispatch_paths_match_masked_oracle(monkeypatch, case, feature, path):
     assert mask.shape == (B, 1, 1, SK) and mask.dtype == torch.int8 and torch.equal(mask[:, 0, 0].cpu(), want)
     assert hfa.drope_mask(B, q_length=SQ, kv_length=SK, q_offset=past, mask_function=mask_fn) is None or SK > L
     dev = [None if t is None else t.to(device) for t in (q, k, v, w, rows, sinks)]
-    calls = _spy(monkeypatch, module)
+    calls = _spy(monkeypatch)
     out, weights = hfa.drope_attention_forward(MODULE, *dev[:3], mask, scaling=0.3, drope_q_norm_weight=dev[3],
                                                drope_norm_eps=1e-6, drope_row_scale=dev[4], s_aux=dev[5],
                                                softcap=softcap, sliding_window=window)
@@ -197,7 +198,7 @@ def test_packed_batch_equals_documents_alone(monkeypatch, flash_kwargs, kind):
 def test_position_restart_with_cache_attends_across_as_eager(monkeypatch, path):
     """Issue 14, silent result 5: with a cache (the default use_cache=True) transformers does not split
     documents at restarting position_ids; neither does drope_triton."""
-    device, _ = _path(monkeypatch, path)
+    device = _path(monkeypatch, path)
     model = drope_model("llama", qk_norm="head", device=device)
     g = torch.Generator().manual_seed(9)
     ids = torch.randint(3, VOCAB, (2, 14), generator=g)
@@ -225,15 +226,16 @@ def test_rows_of_packed_documents(monkeypatch):
     assert rel_err(out, ref) < TOL
 
 
-def test_cpu_sdpa_path_is_exact_and_never_the_reference(monkeypatch):
-    """Without the interpreter, CPU tensors run the SDPA path (no warning); drope.reference is not called."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_cpu_torch_kernels_are_exact_and_never_the_reference(monkeypatch):
+    """Without the interpreter, CPU tensors run drope's PyTorch kernels (no warning); drope.reference is not called."""
+    monkeypatch.setattr(ops, "cpu_backend", lambda: "torch")
 
     def no_reference(*args, **kwargs):
         raise AssertionError("drope.reference called on the CPU path")
 
     monkeypatch.setattr(drope.reference, "attention", no_reference)
     monkeypatch.setattr(drope.reference, "decode_attention", no_reference)
+    monkeypatch.setattr(drope.reference, "rms_norm", no_reference)
     model = drope_model("qwen2", qk_norm="head", temperature=POSITION_TEMP, device="cpu")
     batch = tiny_tokenizer()(["the fox", "dropping positional embeddings"], padding=True, return_tensors="pt")
     ref = logits(model, "eager", batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -275,54 +277,11 @@ def test_bad_input():
         hfa.drope_mask(1, q_length=6, kv_length=6, mask_function=and_masks(sliding_window_overlay(3)))
 
 
-SDPA_CASES = {
-    # name: (B, Hq, Hkv, Sq, Sk, D, kwargs of the call)
-    "causal-gqa": (2, 4, 2, 37, 37, 16, {}),
-    "bottom-right": (2, 4, 1, 9, 40, 24, {}),
-    "window": (1, 4, 2, 1100, 1100, 16, {"window": 300}),
-    "chunk": (2, 2, 2, 70, 70, 16, {"chunk": 16}),
-    "window-chunk-sinks": (1, 4, 2, 50, 61, 40, {"window": 9, "chunk": 20, "sinks": True}),
-    "packed-window": (1, 4, 2, 30, 30, 16, {"cu_seqlens": [0, 7, 19, 30], "window": 5}),
-    "decode-window-chunk-sinks": (2, 4, 2, 3, 45, 16, {"window": 9, "chunk": 20, "sinks": True}),
-    "head-scale-norm": (2, 4, 2, 17, 17, 16, {"scale": "head", "norm": True}),
-    "row-head-scale": (2, 4, 2, 17, 23, 16, {"scale": "row-head"}),
-}
-
-
-@pytest.mark.parametrize("case", list(SDPA_CASES))
-def test_sdpa_path_equals_the_reference(case):
-    """The CPU SDPA path against drope.reference in float64: blocks (BLOCK=512 queries), bands, sinks, scales."""
-    B, HQ, HKV, SQ, SK, D, kw = SDPA_CASES[case]
-    g = torch.Generator().manual_seed(len(case))
-    q = torch.randn(B, HQ, SQ, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, HKV, SK, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, HKV, SK, D, generator=g, dtype=torch.float64)
-    args = {key: kw[key] for key in ("window", "chunk") if key in kw}
-    if kw.get("sinks"):
-        args["sinks"] = torch.randn(HQ, generator=g, dtype=torch.float64)
-    if "cu_seqlens" in kw:
-        args["cu_seqlens"] = torch.tensor(kw["cu_seqlens"], dtype=torch.int32)
-    if kw.get("scale") == "head":
-        args["softmax_scale"] = 0.1 + torch.rand(HQ, generator=g, dtype=torch.float64)
-    elif kw.get("scale") == "row-head":
-        args["softmax_scale"] = 0.1 + torch.rand(B, HQ, SQ, generator=g, dtype=torch.float64)
-    if kw.get("norm"):
-        args["q_norm_weight"] = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
-    out = hfa.sdpa_path.attention(q, k, v, **args)
-    ref = drope.reference.attention(q, k, v, **args)
-    assert rel_err(out, ref) < 1e-10
-    if "cu_seqlens" not in args and "q_norm_weight" not in args and SQ <= 16:
-        lens = torch.tensor([SK] * B, dtype=torch.int32)
-        dec = {key: val for key, val in args.items() if key != "q_norm_weight"}
-        assert rel_err(hfa.sdpa_path.decode_attention(q, k, v, cache_seqlens=lens, **dec),
-                       drope.reference.decode_attention(q, k, v, cache_seqlens=lens, **dec)) < 1e-10
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_training_gradients_match_eager(monkeypatch, layout, path):
     """Recalibration path: loss and every parameter gradient through drope_triton equal eager's."""
-    device, _ = _path(monkeypatch, path)
+    device = _path(monkeypatch, path)
     model = drope_model("llama", qk_norm="head", temperature={"mode": "position", "coef": 0.3, "train_length": 4},
                         device=device)
     model.train()

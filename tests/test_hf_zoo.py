@@ -1,8 +1,8 @@
 """drope_triton equals eager on every decoder architecture of the zoo (tests/hf_tiny.py::ZOO), with its windows,
 chunks, sinks and soft-caps switched on and shorter than the prompt: logits, a left-padded batch, cached generate.
 
-Two paths: "kernels" (drope.kernels: Triton's interpreter on CPU, compiled on CUDA) and "sdpa" (the exact CPU
-path, TRITON_INTERPRET=0). Each case also checks that the features it switched on reached the attention calls,
+Two paths: "kernels" (drope.kernels: Triton's interpreter on CPU, compiled on CUDA) and "torch" (drope's exact
+PyTorch CPU kernels, what runs without the interpreter). Each case also checks that the features it switched on reached the attention calls,
 so a model whose window silently stopped mattering fails.
 """
 
@@ -12,34 +12,29 @@ import transformers
 from transformers import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
+import drope
 from drope.hf import attention as hfa
+from drope.kernels import ops
 from helpers import rel_err, with_cache
 from hf_tiny import DEVICE, VOCAB, ZOO, zoo_model
 
 TOL = 1e-4  # fp32, relative error against eager
-PATHS = [pytest.param("kernels", marks=pytest.mark.interpreter), "sdpa"]
+PATHS = [pytest.param("kernels", marks=pytest.mark.interpreter), "torch"]
 
 
 def _use_path(monkeypatch, path):
-    """The device for ``path``, with the environment that selects it; a spy on the features reaching attention."""
-    if path == "sdpa":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    """The device for ``path`` (drope's PyTorch CPU kernels for "torch"); a spy on the features reaching the kernels."""
+    if path == "torch":
+        monkeypatch.setattr(ops, "cpu_backend", lambda: "torch")
     seen = set()
-    ops_of = hfa._ops
+    for name in ("attention", "attention_with_cache"):
+        fn = getattr(drope.kernels, name)
 
-    class Spy:
-        def __init__(self, ops):
-            self.ops = ops
-
-        def attention(self, *args, **kwargs):
+        def spy(*args, _fn=fn, **kwargs):
             seen.update(k for k in ("window", "chunk", "sinks", "softcap") if kwargs.get(k) is not None)
-            return self.ops.attention(*args, **kwargs)
+            return _fn(*args, **kwargs)
 
-        def decode_attention(self, *args, **kwargs):
-            seen.update(k for k in ("window", "chunk", "sinks", "softcap") if kwargs.get(k) is not None)
-            return self.ops.decode_attention(*args, **kwargs)
-
-    monkeypatch.setattr(hfa, "_ops", lambda device: Spy(ops_of(device)))
+        monkeypatch.setattr(drope.kernels, name, spy)
     mask_fn = AttentionMaskInterface._global_mapping[hfa.ATTN_IMPLEMENTATION]
 
     def mask_spy(*args, **kwargs):
@@ -49,7 +44,7 @@ def _use_path(monkeypatch, path):
         return mask
 
     monkeypatch.setitem(AttentionMaskInterface._global_mapping, hfa.ATTN_IMPLEMENTATION, mask_spy)
-    return ("cpu" if path == "sdpa" else DEVICE), seen
+    return ("cpu" if path == "torch" else DEVICE), seen
 
 
 def _run(model, impl, fn):

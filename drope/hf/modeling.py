@@ -44,7 +44,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2For
 from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
 
-from .. import reference
+from ..kernels.cpu.prologue import rms_norm
 from .attention import ATTN_IMPLEMENTATION
 from .temperature import check_head_coefs, forward_temperature, layer_temperature, temperature_rows, validate_temperature
 
@@ -84,8 +84,8 @@ def check_drope_config(config) -> None:
 
 
 class DropeRMSNorm(nn.Module):
-    """The QK-norm module: :func:`drope.reference.rms_norm` over the last dim in fp32 (weight included,
-    as in the kernel's prologue), back in the input's dtype. ``weight`` is (Hq*D,) / (Hkv*D,) for the
+    """The QK-norm module: the kernels' RMSNorm arithmetic over the last dim in fp32 (weight included, as in the
+    kernel's prologue), back in the input's dtype. ``weight`` is (Hq*D,) / (Hkv*D,) for the
     all-heads norm, (D,) per head."""
 
     def __init__(self, size: int, eps: float = 1e-6):
@@ -94,7 +94,7 @@ class DropeRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.rms_norm(x.float(), self.weight.float(), self.variance_epsilon).to(x.dtype)
+        return rms_norm(x.float(), self.weight.float(), self.variance_epsilon).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

@@ -4,4 +4,4 @@ The public functions (:mod:`drope.kernels.interface`) are backed by PyTorch oper
 namespace (:mod:`drope.kernels.ops`), so torch.compile and torch.export trace them as single nodes.
 """
 from .decode import choose_num_splits  # noqa: F401
-from .interface import attention, decode_attention, qk_norm_rope  # noqa: F401
+from .interface import attention, attention_with_cache, decode_attention, qk_norm_rope  # noqa: F401

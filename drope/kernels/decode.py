@@ -38,7 +38,7 @@ from ..validation import MAX_MULTIPLIER
 from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, cdiv, dot_precision, exp2_rel, key_bounds, launch, mm, \
     named_strides, next_pow2, operand, padded_dim, paged_tma_ok, phases, tanh, tma_ok, upcast, with_sink
 
-__all__ = ["choose_num_splits", "decode_block_n", "decode_launch", "num_splits_for"]
+__all__ = ["choose_num_splits", "decode_block_n", "decode_launch", "num_splits_for", "prefer_fused"]
 
 MAX_MULTIPLIER_C = tl.constexpr(MAX_MULTIPLIER)
 
@@ -377,6 +377,30 @@ def _blocks(G: int, SQ: int, BD: int):
     BN = decode_block_n(BD)
     # three stages: two K/V tiles in flight while one is multiplied (decode is bound by HBM)
     return BM, BN, 4, 3
+
+
+# Warp-instructions of one 64-key tile's main loop, compiled for sm_90a, D 128, bf16 (`python -m drope.kernels.inspect
+# --arch sm_90a --op decode|prefill_fwd --dtype bf16 --heads 32 --kv-heads 8 --seq 32768 --head-dim 128 [--q-len N]`,
+# 2026-12-07, Triton 3.9): the split-KV kernel per packed row block (4 warps; 255, 391, 401 instructions at 16, 32
+# and 64 rows) and the fused forward per query block (128 x 64 with 8 warps: 350; 64 x 64 with 4 warps: 378).
+_DECODE_TILE = {16: 255 * 4, 32: 391 * 4, 64: 401 * 4}
+_FUSED_TILES = ((128, 350 * 8), (64, 378 * 4))
+
+
+def prefer_fused(G: int, SQ: int) -> bool:
+    """Whether Sq new query rows (G query heads per KV head) against a cache cost less in the fused forward than in
+    the split-KV kernel, by the compiled kernels' instruction counts per key tile (``_DECODE_TILE``, ``_FUSED_TILES``).
+
+    The split-KV kernel packs the G x Sq rows of a KV group into blocks of up to 64 and reads each K/V tile once per
+    block; the forward runs each head's Sq rows in blocks of 64 or 128. By these counts the forward costs less from
+    Sq = 17 at G = 1, 33 at G = 2, 49 at G = 4 and 57 at G = 8 (the two stay within a few percent of each other
+    beyond); below that the split-KV kernel. Measured on the compiled code, not timed: on a GPU occupancy and
+    bandwidth may move it (``benchmarks/test_crossover.py`` times both once a GPU runs it).
+    """
+    BM = min(64, max(16, next_pow2(G * SQ)))
+    split = cdiv(G * SQ, BM) * _DECODE_TILE[BM]
+    fused = G * min(cdiv(SQ, bm) * cost for bm, cost in _FUSED_TILES)
+    return fused < split
 
 
 def num_splits_for(shape, device: torch.device, *, max_seqlen: Optional[int] = None, window: Optional[int] = None,

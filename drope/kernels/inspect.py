@@ -38,7 +38,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 
-from ..validation import interpreter_enabled
+from .toolkit import defined_interpreted as interpreter_enabled
 from . import toolkit
 
 __all__ = ["ARCHS", "Shape", "StandInDriver", "stand_in", "record_op", "compile_launch", "compile_entries", "analyse",

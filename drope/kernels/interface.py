@@ -15,9 +15,9 @@ import torch
 from ..validation import check_attention, check_decode, check_norm_weight, check_qkv, check_rope, query_boundaries, \
     split_scale
 from . import ops
-from .decode import num_splits_for
+from .decode import num_splits_for, prefer_fused
 
-__all__ = ["attention", "decode_attention", "qk_norm_rope", "run_attention", "run_decode"]
+__all__ = ["attention", "attention_with_cache", "decode_attention", "qk_norm_rope", "run_attention", "run_decode"]
 
 
 def _autocast_inputs(q, k, v):
@@ -136,10 +136,13 @@ def run_attention(q, k, v, const: float, rows: Optional[torch.Tensor], *, causal
     needs_grad = _needs_grad(q, k, v, q_norm_weight, k_norm_weight, sinks)
     # a traced graph (export) may be run later with inputs that require grad: keep the LSE the backward needs
     lse_too = return_lse or needs_grad or torch.compiler.is_compiling()
+    cos, sin = _tables(rope)
     out, lse = ops.attention_fwd(
-        q, k, v, q_norm_weight, k_norm_weight, sinks, None if rows is None else rows.detach(), *_tables(rope),
-        cu_seqlens, key_mask, cu_seqlens_k, block_table, causal, float(const), float(norm_eps), window, chunk,
-        None if softcap is None else float(softcap), lse_too, needs_grad=needs_grad)
+        q=q, k=k, v=v, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, sinks=sinks,
+        scale_rows=None if rows is None else rows.detach(), rope_cos=cos, rope_sin=sin, cu_seqlens=cu_seqlens,
+        key_mask=key_mask, cu_seqlens_k=cu_seqlens_k, block_table=block_table, causal=causal, scale=float(const),
+        norm_eps=float(norm_eps), window=window, chunk=chunk, softcap=None if softcap is None else float(softcap),
+        return_lse=lse_too, needs_grad=needs_grad)
     return (out, lse) if return_lse else out
 
 
@@ -225,10 +228,90 @@ def run_decode(q, k_cache, v_cache, const: float, rows: Optional[torch.Tensor], 
     """:func:`decode_attention` on arguments already checked (``const`` / ``rows`` as in :func:`run_attention`,
     ``num_splits`` resolved: :func:`drope.kernels.decode.num_splits_for`)."""
     if k_new is not None:
-        ops.kv_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-    out, lse = ops.decode(q, k_cache, v_cache, cache_seqlens, rows, sinks, key_mask, float(const), num_splits, window,
-                          chunk, None if softcap is None else float(softcap), block_table)
+        ops.kv_append(k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, cache_seqlens=cache_seqlens,
+                      block_table=block_table)
+    out, lse = ops.decode(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, scale_rows=rows,
+                          sinks=sinks, key_mask=key_mask, scale=float(const), num_splits=num_splits, window=window,
+                          chunk=chunk, softcap=None if softcap is None else float(softcap), block_table=block_table)
     return (out, lse) if return_lse else out
+
+
+def attention_with_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                         cache_seqlens: Optional[torch.Tensor] = None, softmax_scale=None,
+                         q_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6,
+                         window: Optional[int] = None, chunk: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
+                         softcap: Optional[float] = None, key_mask: Optional[torch.Tensor] = None,
+                         return_lse: bool = False, check_values: bool = True):
+    """Sq new query rows against a KV cache of Smax slots: the kernels pick the fused forward or the split-KV one.
+
+    Semantics are :func:`decode_attention`'s (query row i of batch b at position ``cache_seqlens[b] - Sq + i``,
+    keys ``0 .. that position``, windows, chunks, sinks, soft-cap, key masks of (B, Smax) or (B, Sq, Smax)), plus a
+    per-head query RMSNorm (``q_norm_weight``, (D,) or (Hq, D)) and a backward. The choice reads shapes and the
+    autograd state only, never tensor values:
+
+    - a gradient: the fused forward (differentiable). With ``cache_seqlens`` the rows of each batch row are packed
+      as one document of its live keys (eager only: the packing needs the lengths on the host, a sync on a GPU;
+      under torch.compile it raises). A per-row key mask has no backward and is refused;
+    - no gradient, ``cache_seqlens=None`` (every slot live), a (B, Smax) or no key mask, and
+      :func:`drope.kernels.decode.prefer_fused` (the compiled kernels' instruction counts): the fused forward;
+    - otherwise the split-KV kernel (the query norm first, :func:`qk_norm_rope`).
+
+    Returns:
+        out (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` with ``return_lse``.
+
+    Raises:
+        ValueError: input outside :func:`decode_attention`'s contract (naming the argument), a ``q_norm_weight`` of
+            the wrong shape, a per-row key mask with a gradient, or lengths under torch.compile with a gradient.
+    """
+    shape = check_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
+                         num_splits=None, kernel=True, window=window, chunk=chunk, sinks=sinks, softcap=softcap,
+                         key_mask=key_mask, values=check_values)
+    check_norm_weight("q_norm_weight", q_norm_weight, shape.HQ, shape.D, q)
+    kw = dict(window=window, chunk=chunk, sinks=sinks, softcap=softcap, return_lse=return_lse)
+    grad = _needs_grad(q, k_cache, v_cache, q_norm_weight, sinks)
+    if grad and key_mask is not None and key_mask.dim() == 3:
+        raise ValueError("attention_with_cache: a per-row key_mask (B, Sq, Smax) has no backward; pass a (B, Smax) "
+                         "key mask, or call it without grad")
+    if grad and cache_seqlens is not None:
+        return _packed_rows(q, k_cache, v_cache, cache_seqlens, shape, softmax_scale, q_norm_weight, norm_eps,
+                            key_mask, kw)
+    const, rows = split_scale(softmax_scale, shape, q.device)
+    if grad or (cache_seqlens is None and (key_mask is None or key_mask.dim() == 2)
+                and prefer_fused(shape.G, shape.SQ)):
+        return run_attention(q, k_cache, v_cache, const, rows, q_norm_weight=q_norm_weight, norm_eps=norm_eps,
+                             key_mask=key_mask, **kw)
+    if q_norm_weight is not None:
+        q = qk_norm_rope(q, q_norm_weight, eps=norm_eps)
+    splits = num_splits_for(shape, q.device, window=window, chunk=chunk)
+    return run_decode(q, k_cache, v_cache, const, rows, splits, cache_seqlens=cache_seqlens, key_mask=key_mask,
+                      **kw)
+
+
+def _packed_rows(q, k_cache, v_cache, cache_seqlens, shape, softmax_scale, q_norm_weight, norm_eps, key_mask, kw):
+    """The differentiable path with ragged lengths: batch row b's Sq queries and its live keys as document b of one
+    packed row (the fused forward's ``cu_seqlens`` / ``cu_seqlens_k``); the lengths are read on the host."""
+    if torch.compiler.is_compiling():
+        raise ValueError("attention_with_cache: a gradient with cache_seqlens (a StaticCache or padding) needs the "
+                         "lengths on the host, and under torch.compile the live length is a device value; pass "
+                         "cache_seqlens=None (every slot live) with a (B, Smax) key_mask, or run eagerly")
+    B, HQ, SQ, D = q.shape
+    lens = [int(n) for n in cache_seqlens.tolist()]
+    dev = q.device
+    cu_q = torch.arange(0, (B + 1) * SQ, SQ, dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0] + lens, device=dev).cumsum(0).to(torch.int32)
+    keys = [torch.cat([t[b, :, :n] for b, n in enumerate(lens)], 1)[None] for t in (k_cache, v_cache)]
+    km = None if key_mask is None else torch.cat([key_mask[b, :n] for b, n in enumerate(lens)])[None]
+    scale = softmax_scale
+    if isinstance(softmax_scale, torch.Tensor):
+        const, rows = split_scale(softmax_scale, shape, dev)
+        scale = (rows * const).transpose(0, 1).reshape(1, HQ, B * SQ)
+    out = attention(q.transpose(0, 1).reshape(1, HQ, B * SQ, D), *keys, softmax_scale=scale,
+                    q_norm_weight=q_norm_weight, norm_eps=norm_eps, key_mask=km, cu_seqlens=cu_q, cu_seqlens_k=cu_k,
+                    check_values=False, **kw)
+    if kw["return_lse"]:
+        out, lse = out
+        return out.view(HQ, B, SQ, D).transpose(0, 1), lse.view(HQ, B, SQ).transpose(0, 1)
+    return out.view(HQ, B, SQ, D).transpose(0, 1)
 
 
 def qk_norm_rope(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -259,4 +342,6 @@ def qk_norm_rope(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     if rope is not None and shape.D % 2:
         raise ValueError(f"rope needs an even head dim, got D={shape.D}")
-    return ops.qk_norm_rope(x, weight, *_tables(rope), pos0, float(eps), needs_grad=_needs_grad(x, weight))
+    cos, sin = _tables(rope)
+    return ops.qk_norm_rope(x=x, weight=weight, rope_cos=cos, rope_sin=sin, pos0=pos0, eps=float(eps),
+                            needs_grad=_needs_grad(x, weight))

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validation import DeviceError, check_kernel_device, interpreter_enabled
+from ..validation import DeviceError
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -270,20 +270,13 @@ def compiled(t: torch.Tensor) -> bool:
 
 
 def check_device(t: torch.Tensor, op: str) -> None:
-    """``validation.check_kernel_device``, which also lets ``meta`` tensors through while recording.
-
-    Also catches ``TRITON_INTERPRET=1`` set after drope was imported: the kernels were then defined
-    as compiled GPU functions, and Triton would fail with "0 active drivers".
-    """
-    if t.device.type == "meta" and is_recording():
+    """Where the Triton kernels run: CUDA tensors, CPU tensors in Triton's interpreter (drope's kernels defined under
+    ``TRITON_INTERPRET=1``; otherwise CPU tensors take the PyTorch kernels of :mod:`drope.kernels.cpu`, never this
+    one), and ``meta`` tensors while the inspector records."""
+    dev = t.device.type
+    if dev == "cuda" or (dev == "cpu" and defined_interpreted()) or (dev == "meta" and is_recording()):
         return
-    check_kernel_device(t, op)
-    if t.device.type == "cpu" and not defined_interpreted():
-        raise DeviceError(
-            f"drope.kernels.{op}: TRITON_INTERPRET=1 was set after drope was imported, so the kernels were "
-            "defined for a GPU and cannot run in Triton's interpreter; set it before the import (export "
-            "TRITON_INTERPRET=1 in the shell, or os.environ before `import drope`), or call "
-            f"drope.reference.{op}")
+    raise DeviceError(f"drope.kernels.{op} runs on CUDA or CPU tensors, got {t.device}")
 
 
 @functools.lru_cache(maxsize=1)

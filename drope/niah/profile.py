@@ -12,7 +12,7 @@ from typing import Dict, Iterator, Optional, Union
 
 import torch
 
-from ..validation import interpreter_enabled
+from ..kernels.ops import cpu_backend
 
 MB = 1024.0 ** 2
 # bytes per (Hq, L, L) score element on the drope.reference path: float32 logits, probabilities and
@@ -103,13 +103,13 @@ def attention_path(attn: str, device: torch.device) -> Dict[str, object]:
     if attn == "eager":
         return {"path": "eager (materialises the scores)", "quadratic": True, "slow": ""}
     if attn == "drope_triton":
-        if interpreter_enabled():
-            return {"path": "drope's Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)", "quadratic": False,
-                    "slow": "Triton's interpreter runs every kernel program in Python"}
         if device.type == "cuda":
             return {"path": "drope's fused Triton kernels", "quadratic": False, "slow": ""}
-        # drope/hf/sdpa_path.py: exact, O(L) memory (a soft-capped model's calls run drope.reference)
-        return {"path": "the HF layer's SDPA-based CPU path", "quadratic": False, "slow": ""}
+        if cpu_backend() == "interpreter":
+            return {"path": "drope's Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)", "quadratic": False,
+                    "slow": "Triton's interpreter runs every kernel program in Python"}
+        # drope/kernels/cpu: exact, O(L) memory (soft-capped logits in bounded blocks)
+        return {"path": "drope's CPU kernels (PyTorch's flash attention)", "quadratic": False, "slow": ""}
     return {"path": attn, "quadratic": False, "slow": ""}
 
 

@@ -1,0 +1,219 @@
+"""The operators' PyTorch kernels for CPU tensors (drope.kernels.cpu), what CPU users run without Triton's
+interpreter: every feature against the float64 reference, forward, LSE and every gradient, through the public
+functions (``ops.cpu_backend`` forced to "torch" here; in this test process Triton's interpreter is on)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from drope import flash_attn, kernels, reference
+from drope.kernels import ops
+from helpers import assert_rows_close, lowp_attention, rel_err
+from test_paged import paged_cache, paged_documents
+
+
+@pytest.fixture(autouse=True)
+def torch_cpu_kernels(monkeypatch):
+    monkeypatch.setattr(ops, "cpu_backend", lambda: "torch")
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def features(name, B, HQ, HKV, SQ, SK, D):
+    g = _g(1)
+    return {
+        "plain": {},
+        "bottom-right": {},
+        "noncausal": dict(causal=False),
+        "rope-norms-rows": dict(rope=reference.rope_tables(SK, D), q_norm_weight=0.5 + torch.rand(HQ, D, generator=g),
+                                k_norm_weight=0.5 + torch.rand(D, generator=g),
+                                softmax_scale=0.1 + 0.2 * torch.rand(B, SQ, generator=g)),
+        "head-scale-window-sinks": dict(softmax_scale=0.1 + 0.2 * torch.rand(HQ, generator=g), window=7,
+                                        sinks=torch.randn(HQ, generator=g)),
+        "chunk": dict(chunk=5),
+        "softcap-rows-window": dict(softcap=3.0, softmax_scale=0.1 + 0.2 * torch.rand(B, HQ, SQ, generator=g),
+                                    window=9, sinks=torch.randn(HQ, generator=g)),
+        "key-mask": dict(key_mask=torch.rand(B, SK, generator=g) > 0.3),
+        "key-mask-noncausal": dict(causal=False, key_mask=torch.rand(B, SK, generator=g) > 0.3),
+    }[name]
+
+
+CASES = [("plain", 2, 4, 2, 24, 24), ("bottom-right", 2, 4, 1, 9, 30), ("noncausal", 1, 4, 4, 20, 13),
+         ("rope-norms-rows", 2, 4, 2, 24, 24), ("head-scale-window-sinks", 2, 4, 2, 17, 30), ("chunk", 1, 2, 1, 23, 23),
+         ("softcap-rows-window", 2, 4, 2, 12, 20), ("key-mask", 2, 4, 2, 20, 26), ("key-mask-noncausal", 2, 2, 1, 7, 15)]
+
+
+def _f64(kw):
+    return {n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                tuple(t.double() for t in v) if isinstance(v, tuple) else v) for n, v in kw.items()}
+
+
+@pytest.mark.parametrize("feature,B,HQ,HKV,SQ,SK", CASES, ids=[c[0] for c in CASES])
+def test_attention_forward_lse_and_gradients(feature, B, HQ, HKV, SQ, SK):
+    D = 16
+    g = _g(hash(feature) % 1000)
+    q, k, v = (torch.randn(B, h, s, D, generator=g) for h, s in ((HQ, SQ), (HKV, SK), (HKV, SK)))
+    kw = features(feature, B, HQ, HKV, SQ, SK, D)
+    names = [n for n in ("q_norm_weight", "k_norm_weight", "sinks") if n in kw]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, *(kw[n] for n in names))]
+    out, lse = kernels.attention(*leaves[:3], return_lse=True, **{**kw, **dict(zip(names, leaves[3:]))})
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref, ref_lse = reference.attention(*leaves64[:3], return_lse=True,
+                                       **{**_f64(kw), **dict(zip(names, leaves64[3:]))})
+    assert rel_err(out, ref) < 1e-5
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-5
+    dout, dlse = torch.randn_like(ref), torch.randn_like(ref_lse)
+    got = torch.autograd.grad((out * dout).sum() + (torch.where(fin, lse, 0.0) * dlse).sum(), leaves)
+    want = torch.autograd.grad((ref * dout).sum() + (torch.where(fin, ref_lse, 0.0) * dlse).sum(), leaves64)
+    for name, a, b in zip(["q", "k", "v", *names], got, want):
+        assert a.dtype == leaves[["q", "k", "v", *names].index(name)].dtype
+        assert rel_err(a, b) < 1e-4, f"d{name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("feature", ["plain", "bottom-right", "rope-norms-rows", "head-scale-window-sinks",
+                                     "key-mask"])
+def test_attention_low_precision_per_row_rule(feature, dtype):
+    B, HQ, HKV, SQ, SK, D = 2, 4, 2, 40, 40 if feature != "bottom-right" else 70, 32
+    g = _g(7)
+    q, k, v = (torch.randn(B, h, s, D, generator=g).to(dtype) for h, s in ((HQ, SQ), (HKV, SK), (HKV, SK)))
+    kw = features(feature, B, HQ, HKV, SQ, SK, D)
+    out = kernels.attention(q, k, v, **kw)
+    ref = reference.attention(q.double(), k.double(), v.double(), **_f64(kw))
+    low = lowp_attention(q, k, v, **kw)
+    assert out.dtype == dtype
+    assert_rows_close(out, ref, low, floor=2e-3 if dtype == torch.bfloat16 else 5e-4)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["packed", "varlen"])
+def test_packed_documents(varlen):
+    D, HQ, HKV = 16, 4, 2
+    g = _g(3)
+    cq = torch.tensor([0, 7, 7, 20, 24], dtype=torch.int32)
+    ck = torch.tensor([0, 9, 12, 25, 31], dtype=torch.int32) if varlen else None
+    q = torch.randn(1, HQ, 24, D, generator=g)
+    k, v = (torch.randn(1, HKV, 31 if varlen else 24, D, generator=g) for _ in range(2))
+    kw = dict(cu_seqlens=cq, cu_seqlens_k=ck, window=6, q_norm_weight=0.5 + torch.rand(D, generator=g))
+    if not varlen:
+        kw["rope"] = reference.rope_tables(24, D)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = kernels.attention(*leaves, **kw)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.attention(*leaves64, **_f64(kw))
+    assert rel_err(out, ref) < 1e-5
+    dout = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((out * dout).sum(), leaves), torch.autograd.grad((ref * dout).sum(), leaves64)):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_paged_varlen_forward_and_a_bad_table_raises():
+    q, k, v, kc, vc, table, cq, ck = paged_documents([(3, 40), (0, 0), (21, 21), (9, 70)], 16, 4, 2, 16, "cpu")
+    with torch.no_grad():
+        out = kernels.attention(q, kc, vc, cu_seqlens_q=cq, cu_seqlens_k=ck, block_table=table, window=13)
+    ref = reference.attention(q.double(), k.double(), v.double(), cu_seqlens_q=cq, cu_seqlens_k=ck, window=13)
+    assert rel_err(out, ref) < 1e-5
+    with torch.no_grad(), pytest.raises(ValueError, match="page index outside"):
+        kernels.attention(q, kc, vc, cu_seqlens_q=cq, cu_seqlens_k=ck, block_table=table - 100, check_values=False)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("feature", ["plain", "window-sinks-rows", "chunk-keymask-rows", "softcap"])
+def test_decode(feature, paged):
+    B, HQ, HKV, SQ, D, page, pages = 3, 8, 2, 3, 16, 16, 5
+    kc, vc, table, k, v = paged_cache(B, HKV, pages, page, D, "cpu")
+    g = _g(5)
+    q = torch.randn(B, HQ, SQ, D, generator=g)
+    lens = torch.tensor([80, SQ, 41], dtype=torch.int32)
+    kw = {"plain": {}, "window-sinks-rows": dict(window=9, sinks=torch.randn(HQ, generator=g),
+                                                 softmax_scale=0.1 + 0.2 * torch.rand(B, SQ, generator=g)),
+          "chunk-keymask-rows": dict(chunk=16, key_mask=torch.rand(B, SQ, 80, generator=g) > 0.2,
+                                     softmax_scale=0.1 + 0.2 * torch.rand(B, HQ, SQ, generator=g)),
+          "softcap": dict(softcap=2.0)}[feature]
+    caches = (kc, vc) if paged else (k, v)
+    with torch.no_grad():
+        out, lse = kernels.decode_attention(q, *caches, cache_seqlens=lens, block_table=table if paged else None,
+                                            return_lse=True, **kw)
+    ref, ref_lse = reference.decode_attention(q.double(), kc.double(), vc.double(), cache_seqlens=lens,
+                                              block_table=table, return_lse=True, **_f64(kw))
+    assert rel_err(out, ref) < 1e-5
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-5
+
+
+def test_decode_append_and_bad_lengths_or_pages_give_nan_rows():
+    B, HQ, HKV, SQ, D, page, pages = 3, 4, 2, 2, 16, 16, 4
+    kc, vc, table, _, _ = paged_cache(B, HKV, pages, page, D, "cpu")
+    q = torch.randn(B, HQ, SQ, D, generator=_g(6))
+    k_new, v_new = torch.randn(B, HKV, SQ, D, generator=_g(7)), torch.randn(B, HKV, SQ, D, generator=_g(8))
+    lens = torch.tensor([30, 64, 2], dtype=torch.int32)
+    ref_k, ref_v = kc.double(), vc.double()
+    ref = reference.decode_attention(q.double(), ref_k, ref_v, cache_seqlens=lens, block_table=table,
+                                     k_new=k_new.double(), v_new=v_new.double())
+    with torch.no_grad():
+        out = kernels.decode_attention(q, kc, vc, cache_seqlens=lens, block_table=table, k_new=k_new, v_new=v_new)
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(kc.double().nan_to_num(7.0), ref_k.nan_to_num(7.0))
+    bad_table = table.clone()
+    bad_table[0, 1] = 99
+    with torch.no_grad():
+        out = kernels.decode_attention(q, kc, vc, cache_seqlens=torch.tensor([30, 70, 5], dtype=torch.int32),
+                                       block_table=bad_table, check_values=False)
+    assert out[0].isnan().all() and out[1].isnan().all() and not out[2].isnan().any()
+
+
+def test_qk_norm_rope_and_flash_attn_on_torch_kernels():
+    x = torch.randn(2, 4, 10, 16, generator=_g(9)).requires_grad_()
+    w = (0.5 + torch.rand(4, 16, generator=_g(10))).requires_grad_()
+    rope = reference.rope_tables(20, 16)
+    y = kernels.qk_norm_rope(x, w, rope, pos0=3)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference.apply_rope(reference.rms_norm(x64, w64, 1e-6), rope[0][3:13].double(), rope[1][3:13].double())
+    gy = torch.randn_like(y)
+    assert rel_err(y, ref) < 1e-6
+    for a, b in zip(torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(ref, (x64, w64), gy.double())):
+        assert rel_err(a, b) < 1e-5
+    q, kk, vv = (torch.randn(2, 12, h, 16, generator=_g(11)) for h in (4, 2, 2))
+    out = flash_attn.flash_attn_func(q, kk, vv, causal=True, window_size=(5, 0))
+    want = reference.attention(q.transpose(1, 2).double(), kk.transpose(1, 2).double(), vv.transpose(1, 2).double(),
+                               window=6).transpose(1, 2)
+    assert rel_err(out, want) < 1e-5
+
+
+def test_compile_and_export_trace_the_cpu_kernels():
+    q, k, v = (torch.randn(2, h, 16, 16, generator=_g(12)) for h in (4, 2, 2))
+    w = 0.5 + torch.rand(16, generator=_g(13))
+
+    def loss(q, k, v, w):
+        out, lse = kernels.attention(q, k, v, q_norm_weight=w, window=5, return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_cpu_users_need_no_environment_variable(tmp_path):
+    """A fresh process without TRITON_INTERPRET: drope.kernels and drope.flash_attn run on CPU tensors (the torch
+    kernels), exact, and say which backend they use."""
+    code = ("import torch; from drope import kernels, reference; from drope.kernels import ops\n"
+            "q, k, v = (torch.randn(1, h, 64, 32) for h in (4, 2, 2))\n"
+            "out = kernels.attention(q, k, v, window=20)\n"
+            "ref = reference.attention(q.double(), k.double(), v.double(), window=20)\n"
+            "print(ops.cpu_backend(), float((out.double() - ref).norm() / ref.norm()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    backend, err = r.stdout.split()
+    assert backend == "torch" and float(err) < 1e-5 and not math.isnan(float(err))
