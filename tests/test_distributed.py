@@ -17,6 +17,7 @@ import torch
 import drope.distributed as dd
 from cp_worker import run_ranks
 from drope import reference
+from drope.distributed.balance import balance, collective_bytes, forward_tiles, rank_tiles
 from drope.distributed.collectives import SIG_LEN
 from helpers import rel_err
 
@@ -404,3 +405,62 @@ def test_merge_rejects_bad_lists():
                              ([o, o[..., :2]], [m, m], "outs[1]"), ([o], [m.int()], "lses[0]")):
         with pytest.raises(ValueError, match=word.replace("[", r"\[").replace("]", r"\]")):
             dd.merge_attention_states(outs, lses)
+
+
+# ---------------------------------------------------------------- work balance (arithmetic, no group)
+
+def _realistic(S0: int, W: int, block: int = 128) -> int:
+    """The multiple of 2W query blocks nearest S0 (a length every layout and tile splits evenly)."""
+    step = 2 * W * block
+    return max(step, round(S0 / step) * step)
+
+
+@pytest.mark.parametrize("tile", [(128, 64), (128, 128), (64, 64)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_head_tail_balances_causal_work_across_ranks(tile):
+    """From the forward kernel's tile counts: head-tail keeps every rank within 1.05x of the mean for W = 2..8 at
+    128k..1M positions, contiguous shards cost the last rank about (2W - 1) / W times the mean."""
+    for S0 in (131072, 262144, 524288, 1048576):
+        for W in range(2, 9):
+            S = _realistic(S0, W)
+            kw = dict(block_m=tile[0], block_n=tile[1])
+            assert balance(S, W, "headtail", **kw) <= 1.05, (S, W)
+            assert balance(S, W, "headtail", window=4096, **kw) <= 1.05, (S, W)
+            assert balance(S, W, "contiguous", **kw) == pytest.approx((2 * W - 1) / W, rel=0.01), (S, W)
+
+
+@pytest.mark.parametrize("layout", ["headtail", "contiguous"])
+@pytest.mark.parametrize("opts", [dict(), dict(window=700), dict(chunk=1000), dict(causal=False)],
+                         ids=["causal", "window", "chunk", "noncausal"])
+def test_ranks_do_no_more_tiles_than_one_device(layout, opts):
+    """Runs cut at multiples of the query block: the ranks' tiles add up to the single-device call's."""
+    S, W = 6 * 2 * 128, 6
+    assert sum(rank_tiles(S, W, layout, **opts)) == forward_tiles(S, S, **opts)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(window=5), dict(chunk=7), dict(window=9, chunk=6), dict(causal=False)],
+                         ids=["causal", "window", "chunk", "window-chunk", "noncausal"])
+def test_forward_tiles_follow_the_visible_keys(opts):
+    """Against a count from the visibility of every (row, key) pair: a query block visits the key blocks from the
+    lowest key any of its rows sees to one past the highest."""
+    block_m, block_n = 4, 3
+    for Sq, Sk in ((13, 13), (5, 29), (16, 16), (9, 40)):
+        want = 0
+        for m0 in range(0, Sq, block_m):
+            seen = [j for i in range(m0, min(m0 + block_m, Sq)) for j in range(Sk) if _sees(Sk - Sq + i, j, **opts)]
+            if seen:
+                want += -(-(max(seen) + 1 - min(seen)) // block_n)
+        assert forward_tiles(Sq, Sk, block_m=block_m, block_n=block_n, **opts) == want, (Sq, Sk)
+
+
+def _sees(p: int, j: int, causal: bool = True, window=None, chunk=None) -> bool:
+    if not causal:
+        return True
+    return j <= p and (window is None or j > p - window) and (chunk is None or j // chunk == p // chunk)
+
+
+def test_collective_bytes_of_a_llama_8b_layer():
+    """docs/context_parallel.md's example: Llama 3 8B (Hkv 8, D 128, bf16), 128k positions, 8 ranks."""
+    b = collective_bytes(131072, 8, B=1, Hkv=8, D=128)
+    assert b["gathered_kv_buffer"] == 512 * 2**20
+    assert b["forward_all_gather"] == b["backward_all_gather"] == 448 * 2**20
+    assert b["backward_reduce_scatter"] == 896 * 2**20
