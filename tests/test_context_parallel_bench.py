@@ -29,3 +29,29 @@ def test_torchrun_dry_run(tmp_path):
     assert all(len(op["rank_ms"]) == 2 for op in report["ops"].values())
     assert report["checks"]["prefill_rel_err"] < 1e-4 and report["checks"]["decode_rel_err"] < 1e-4
     assert report["collective_bytes_per_layer"]["gathered_kv_buffer"] == 2 * 1 * 1 * 64 * 16 * 4
+
+
+def test_simulation_summary_and_report_table():
+    """The cp rows of a record (as benchmarks/test_context_parallel.py writes them) and their table in the report."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import cases, records, report
+    from benchmarks.context_parallel import summary
+
+    stats = summary([[10.0, 11.0, 12.0], [20.0, 19.0, 21.0]], single_ms=30.0)
+    assert stats["rank_ms"] == [11.0, 20.0] and stats["step_ms"] == [20.0, 19.0, 21.0]
+    assert stats["balance"] == pytest.approx(20 / 15.5) and stats["efficiency"] == pytest.approx(30 / 40)
+    pre, dec = cases.cp_prefill_cases()[0], cases.cp_decode_cases()[0]
+    rows = [records.result_entry(pre, "headtail-W2", stats["step_ms"], peak_mem_mb=12.0, W=2, layout="headtail",
+                                 balance=stats["balance"], tiles_balance=1.0, efficiency=stats["efficiency"],
+                                 tflops_per_gpu=123.4, gathered_kv_mb=64.0),
+            records.result_entry(dec, "sharded-W2", [0.5, 0.6], peak_mem_mb=None, W=2, merge_ms=0.01,
+                                 efficiency=0.9)]
+    assert rows[0]["tflops"] == pytest.approx(cases.attention_flops(1, 8, pre.S, pre.S, 128, causal=True) / 20e-3 / 1e12)
+    assert rows[1]["gbps"] is not None and rows[1]["tokens_per_s"] == pytest.approx(1 / 0.55e-3)
+    record = {"device": "synthetic", "torch": "x", "triton": "x", "git_sha": "x", "synthetic": True,
+              "ceilings": {"copy_gbps": 1.0, "matmul_tflops": 1.0}, "results": rows, "skipped": [], "failed": []}
+    records.validate_record(record)
+    text = report.render_markdown(record)
+    assert "## cp_prefill" in text and "## cp_decode" in text
+    assert "1.290 / 1.000" in text and "123.4" in text and "0.0100" in text
