@@ -102,7 +102,8 @@ def _prefill(case, rank, world, counter, dd, torch, group):
         scale = scale[..., dd.positions(case["q"].shape[2], group=group, layout=layout)]
     counter.take()
     out, lse = dd.attention(q, k, v, group=group, layout=layout, softmax_scale=scale, q_norm_weight=params["qw"],
-                            k_norm_weight=params["kw"], sinks=params["sinks"], return_lse=True, **case["kwargs"])
+                            k_norm_weight=params["kw"], sinks=params["sinks"], cu_seqlens=case.get("cu"),
+                            return_lse=True, **case["kwargs"])
     fwd = counter.take()
     loss = (out.float() * local("dout")).sum() + (lse * local("dlse")).sum()
     loss.backward()
@@ -178,6 +179,8 @@ def _errors(case, rank, world, counter, dd, torch, group):
         "unshard_mismatch": lambda: dd.unshard(torch.randn(1, 2, 4 + 2 * rank, 3)),
         "op_mismatch": lambda: dd.attention(*qkv(8)) if rank == 0 else dd.unshard(torch.randn(4, 4, 4)),
         "cu_seqlens": lambda: dd.attention(*qkv(8), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)),
+        "documents_mismatch": lambda: dd.attention(*qkv(8), cu_seqlens=torch.tensor([0, 5 + (rank == 1), 24],
+                                                                                      dtype=torch.int32)),
         "decode_grad": lambda: dd.decode_attention(torch.randn(1, 2, 1, 16, requires_grad=True), *qkv(8)[1:],
                                                    cache_seqlens=torch.tensor([4])),
         "decode_lengths": lambda: dd.decode_attention(torch.randn(1, 2, 1, 16), *qkv(8)[1:],

@@ -51,14 +51,15 @@ def assemble(parts, W: int, layout: str, dim: int = 2) -> torch.Tensor:
 # ---------------------------------------------------------------- case lists (options; tensors made per run)
 
 def P(W, layout="headtail", B=1, HQ=2, HKV=1, S=None, D=16, dtype=torch.float32, causal=True, window=None, chunk=None,
-      softcap=None, sinks=False, qw=None, kw=None, scale=None, grad_kv=True):
+      softcap=None, sinks=False, qw=None, kw=None, scale=None, grad_kv=True, docs=False):
     S = S or 16 * W
     spec = dict(kind="prefill", W=W, layout=layout, B=B, HQ=HQ, HKV=HKV, S=S, D=D, dtype=dtype, causal=causal,
-                window=window, chunk=chunk, softcap=softcap, sinks=sinks, qw=qw, kw=kw, scale=scale, grad_kv=grad_kv)
+                window=window, chunk=chunk, softcap=softcap, sinks=sinks, qw=qw, kw=kw, scale=scale, grad_kv=grad_kv,
+                docs=docs)
     parts = [f"W{W}", layout, f"B{B}-Hq{HQ}-Hkv{HKV}-S{S}-D{D}", SHORT[dtype]] + (["noncausal"] if not causal else [])
     parts += [f"{n}{spec[n]}" for n in ("window", "chunk", "softcap") if spec[n] is not None]
     parts += [f"{n}-{spec[n]}" for n in ("qw", "kw", "scale") if spec[n] is not None]
-    parts += (["sinks"] if sinks else []) + ([] if grad_kv else ["q-grad-only"])
+    parts += (["sinks"] if sinks else []) + ([] if grad_kv else ["q-grad-only"]) + (["docs"] if docs else [])
     spec["name"] = "-".join(parts)
     return spec
 
@@ -71,10 +72,14 @@ PREFILL_2 = [
     P(2, causal=False, HQ=2, HKV=2, sinks=True, scale="head", softcap=4.0),
     P(2, dtype=torch.float16, qw="head", kw="head", scale="rows"),
     P(2, dtype=torch.bfloat16, window=9, grad_kv=False),
+    P(2, docs=True, window=5, sinks=True, qw="head", scale="rows"),
+    P(2, docs=True, layout="contiguous", causal=False, kw="shared"),
 ]
 PREFILL_3 = [
     P(3, HQ=4, HKV=2, window=20, chunk=16, sinks=True, softcap=6.0, qw="head", kw="shared", scale="rows"),
-    P(3, layout="contiguous", B=2, causal=False, scale="float", qw="head"),
+    P(3, layout="contiguous", causal=False, scale="float", qw="head"),
+    P(3, docs=True, chunk=6, kw="head", softcap=5.0),
+    P(3, docs=True, causal=False, sinks=True),
 ]
 
 
@@ -122,6 +127,10 @@ def make(spec) -> dict:
         case["scale"] = {None: None, "float": 0.3, "rows": torch.rand(B, HQ, S) * 0.4 + 0.1,
                          "row1": torch.rand(B, 1, S) * 0.4 + 0.1, "head": torch.rand(HQ) * 0.4 + 0.1}[spec["scale"]]
         case["kwargs"] = {n: spec[n] for n in ("causal", "window", "chunk", "softcap")}
+        if spec["docs"]:
+            # random documents, one of them empty, boundaries falling anywhere in the rank's chunks
+            cuts = sorted(torch.randperm(S - 1)[:4].add(1).tolist())
+            case["cu"] = torch.tensor([0, *cuts, cuts[-1], S], dtype=torch.int32)
     elif spec["kind"] == "decode":
         B, HQ, HKV, SQ, D, W = (spec[n] for n in ("B", "HQ", "HKV", "SQ", "D", "W"))
         case["q"] = torch.randn(B, HQ, SQ, D)
@@ -147,7 +156,7 @@ def reference_prefill(case):
     extra = {n: None if case[n] is None else case[n].double().requires_grad_() for n in ("qw", "kw", "sinks")}
     scale = case["scale"].double() if isinstance(case["scale"], torch.Tensor) else case["scale"]
     out, lse = reference.attention(q, k, v, softmax_scale=scale, q_norm_weight=extra["qw"], k_norm_weight=extra["kw"],
-                                   sinks=extra["sinks"], return_lse=True, **case["kwargs"])
+                                   sinks=extra["sinks"], cu_seqlens=case.get("cu"), return_lse=True, **case["kwargs"])
     ((out * case["dout"].double()).sum() + (lse * case["dlse"].double()).sum()).backward()
     grads = {"dq": q.grad, "dk": k.grad, "dv": v.grad, **{"d" + n: None if t is None else t.grad for n, t in extra.items()}}
     return out.detach(), lse.detach(), grads
@@ -319,7 +328,8 @@ ERRORS = {  # sub-case: (what ranks 0 and 2 report, what rank 1 reports); "x|y":
     "decode_mismatch": ("differ|Sq", "differ|Sq"),
     "unshard_mismatch": ("differ|x_local.shape[2]", "differ|x_local.shape[2]"),
     "op_mismatch": ("different operations", "different operations"),
-    "cu_seqlens": ("cu_seqlens", "cu_seqlens"),
+    "cu_seqlens": ("cu_seqlens|S=24", "cu_seqlens|S=24"),
+    "documents_mismatch": ("differ|cu_seqlens (checksum)", "differ|cu_seqlens (checksum)"),
     "decode_grad": ("inference-only", "inference-only"),
     "decode_lengths": ("rejected", "cache_seqlens"),
     "shard_not_divisible": ("x:|S % 6", "x:|S % 6"),

@@ -6,7 +6,9 @@ sequence-major, so the gathered keys are a strided (B, Hkv, S, D) view), puts th
 each run of consecutive local query rows with one call of :func:`drope.kernels.attention`: a run of global rows
 [a, b) under drope's bottom-right causal alignment is exactly ``attention(q_run, k[..., :b, :], v[..., :b, :])``,
 so windows, chunks, soft-caps, sinks and per-row scales work unchanged (positions are relative to Sk). Without a
-causal mask every local row sees every key: one call on the keys in the order they were gathered.
+causal mask every local row sees every key: one call on the keys in the order they were gathered. Packed documents
+(global ``cu_seqlens``, as ring-flash-attention's llama3 variant): a run becomes one varlen call over the documents
+it meets, each with its rows in the run and its keys up to the run's end (the whole document without a causal mask).
 
 The backward gathers K/V again instead of keeping them (memory: only local tensors are saved), calls the kernels'
 backward operator ``drope::attention_bwd`` on each run (no recomputed forward), sums dK/dV over the runs in fp32 and
@@ -22,7 +24,7 @@ The q-norm and k-norm weight and sink gradients are this rank's share: the sum o
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,7 +39,8 @@ __all__ = ["attention"]
 _FIELDS = ("B", "Hq", "Hkv", "rows of q", "rows of k", "rows of v", "D", "q dtype", "k dtype", "v dtype", "device",
            "layout", "causal", "window", "chunk", "softcap", "softmax_scale", "softmax_scale.shape[0]",
            "softmax_scale.shape[1]", "softmax_scale.shape[2]", "q_norm_weight.shape[0]", "q_norm_weight.shape[1]",
-           "k_norm_weight.shape[0]", "k_norm_weight.shape[1]", "sinks.shape[0]", "norm_eps", "k/v require grad")
+           "k_norm_weight.shape[0]", "k_norm_weight.shape[1]", "sinks.shape[0]", "norm_eps", "k/v require grad",
+           "cu_seqlens.shape[0]", "cu_seqlens (checksum)")
 register_signature("drope.distributed.attention", _FIELDS)
 
 
@@ -58,11 +61,8 @@ def autocast_inputs(q, k, v):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def _check_local(q, k, v, *, layout, causal, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, window, chunk,
-                 sinks, softcap, cu_seqlens) -> AttentionShape:
-    if cu_seqlens is not None:
-        raise ValueError("cu_seqlens: packed documents are not supported by drope.distributed.attention yet; shard "
-                         "one sequence per call (or call drope.kernels.attention on each rank's whole documents)")
+def _check_local(q, k, v, *, world, layout, causal, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, window,
+                 chunk, sinks, softcap, cu_seqlens) -> AttentionShape:
     check_layout(layout)
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=None,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps, window=window,
@@ -75,11 +75,39 @@ def _check_local(q, k, v, *, layout, causal, softmax_scale, q_norm_weight, k_nor
     if layout == "headtail" and shape.SQ % 2:
         raise ValueError(f"q: the head-tail layout needs S % 2W == 0 (two equal chunks per rank); this rank holds "
                          f"{shape.SQ} rows, an odd number")
+    if cu_seqlens is not None:
+        _check_documents(cu_seqlens, shape, world * shape.SQ, q)
     return shape
 
 
-def _signature(q, k, v, *, layout, causal, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, window, chunk,
-               sinks, softcap) -> List[float]:
+def _check_documents(cu_seqlens, shape: AttentionShape, S: int, q: Tensor) -> None:
+    """Global boundaries of documents packed along the sequence: int32 (N+1,), 0 .. S, non-decreasing, B == 1."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.dtype != torch.int32:
+        got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) else \
+            type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of N+1 global document boundaries, got {got}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if shape.B != 1:
+        raise ValueError(f"cu_seqlens: packed documents live in one sequence (B == 1), got B={shape.B}")
+    if torch.compiler.is_compiling():
+        return
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != S or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the global length S={S} (non-decreasing), got "
+                         f"{bounds[:4]}{'...' if len(bounds) > 4 else ''}{bounds[-1:] if len(bounds) > 4 else ''}")
+
+
+def _checksum(cu_seqlens) -> Optional[float]:
+    """A position-weighted sum of the boundaries (eager only: it reads them), so ranks with different documents differ."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or torch.compiler.is_compiling():
+        return None
+    return float(sum((i + 1) * int(b) for i, b in enumerate(cu_seqlens.tolist())) % 2**50)
+
+
+def _signature(q, k, v, *, world, layout, causal, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, window,
+               chunk, sinks, softcap, cu_seqlens) -> List[float]:
     """The fields every rank must agree on (valid or not: a rejected input still sends one)."""
     tensors = all(isinstance(t, Tensor) for t in (q, k, v))
     B, HQ, SQ, D = dims(q, 4)
@@ -93,15 +121,52 @@ def _signature(q, k, v, *, layout, causal, softmax_scale, q_norm_weight, k_norm_
         *(x if isinstance(x, number) else None for x in (window, chunk, softcap)),
         scale_kind if isinstance(scale_kind, number) else None, *dims(softmax_scale, 3),
         *dims(q_norm_weight, 2), *dims(k_norm_weight, 2), dims(sinks, 1)[0],
-        norm_eps if isinstance(norm_eps, number) else None, grad_kv])
+        norm_eps if isinstance(norm_eps, number) else None, grad_kv, dims(cu_seqlens, 1)[0], _checksum(cu_seqlens)])
 
 
-def _runs(group: Group, S_local: int, layout: str, causal: bool) -> List[Tuple[int, int, int]]:
-    """``(local row start, local row end, key end)``: each run of consecutive global rows and the keys it reads (a
-    causal run of global rows [s, e) reads keys [0, e); without a causal mask one run reads them all)."""
-    if not causal:
-        return [(0, S_local, S_local * group.size)]
-    return [(a, b, s + b - a) for a, b, s in segments(group.size, group.rank, S_local, layout)]
+class _Call(NamedTuple):
+    """One kernel call: local query rows [a, b) against the gathered keys [k0, k1); with documents, their boundaries
+    within the call (int32 lists: the rows of each document, the keys of each document)."""
+
+    a: int
+    b: int
+    k0: int
+    k1: int
+    cu_q: Optional[List[int]] = None
+    cu_k: Optional[List[int]] = None
+
+
+def _calls(group: Group, S_local: int, layout: str, causal: bool, bounds: Optional[List[int]]) -> List[_Call]:
+    """The kernel calls of this rank: one per run of consecutive global rows [s, e), against keys [0, e) when causal
+    (bottom-right alignment makes the run's rows the last of them). Without a causal mask and documents, one call of
+    every local row against every key, in gathered order. With documents (global ``bounds``), each document d =
+    [ds, de) meeting the run contributes its rows in the run and its keys [ds, min(e, de)) (causal) or [ds, de):
+    consecutive documents' keys tile one slice, so the kernel's varlen path (``cu_seqlens_q`` / ``cu_seqlens_k``,
+    each document's rows the last of its keys) takes the run in one call."""
+    S = S_local * group.size
+    if not causal and bounds is None:
+        return [_Call(0, S_local, 0, S)]
+    calls = []
+    for a, b, s in segments(group.size, group.rank, S_local, layout):
+        e = s + b - a
+        if bounds is None:
+            calls.append(_Call(a, b, 0, e))
+            continue
+        docs = [(ds, de) for ds, de in zip(bounds[:-1], bounds[1:]) if de > ds and ds < e and de > s]
+        ends = [min(e, de) if causal else de for ds, de in docs]
+        cu_q, cu_k = [0], [0]
+        for (ds, de), end in zip(docs, ends):
+            cu_q.append(cu_q[-1] + min(e, de) - max(s, ds))
+            cu_k.append(cu_k[-1] + end - ds)
+        calls.append(_Call(a, b, docs[0][0], ends[-1], cu_q, cu_k))
+    return calls
+
+
+def _boundaries(call: _Call, device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    if call.cu_q is None:
+        return None, None
+    return (torch.tensor(call.cu_q, dtype=torch.int32, device=device),
+            torch.tensor(call.cu_k, dtype=torch.int32, device=device))
 
 
 def _gather_kv(k: Tensor, v: Tensor, group: Group, layout: str, causal: bool) -> Tuple[Tensor, Tensor]:
@@ -123,30 +188,35 @@ def _rows(scale_rows: Optional[Tensor], a: int, b: int) -> Optional[Tensor]:
 
 @torch.library.custom_op("drope::cp_attention", mutates_args=())
 def _cp_attention(q: Tensor, k: Tensor, v: Tensor, q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor],
-                  sinks: Optional[Tensor], scale_rows: Optional[Tensor], group_name: str, world_size: int, rank: int,
-                  layout: str, causal: bool, scale: float, norm_eps: float, window: Optional[int],
-                  chunk: Optional[int], softcap: Optional[float], check: List[float]) -> Tuple[Tensor, Tensor]:
+                  sinks: Optional[Tensor], scale_rows: Optional[Tensor], cu_seqlens: Optional[Tensor], group_name: str,
+                  world_size: int, rank: int, layout: str, causal: bool, scale: float, norm_eps: float,
+                  window: Optional[int], chunk: Optional[int], softcap: Optional[float],
+                  check: List[float]) -> Tuple[Tensor, Tensor]:
     group = Group(group_name, world_size, rank)
     if check:
         exchange(group, check, device=q.device)
-    K, V = _gather_kv(k, v, group, layout, causal)
+    bounds = None if cu_seqlens is None else cu_seqlens.tolist()
+    K, V = _gather_kv(k, v, group, layout, causal or bounds is not None)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     with torch.no_grad():
-        for a, b, e in _runs(group, q.shape[2], layout, causal):
+        for call in _calls(group, q.shape[2], layout, causal, bounds):
+            a, b, k0, k1 = call[:4]
             rows = _rows(scale_rows, a, b)
-            o, m = kernels.attention(q[:, :, a:b], K[:, :, :e], V[:, :, :e], causal=causal,
+            cu_q, cu_k = _boundaries(call, q.device)
+            o, m = kernels.attention(q[:, :, a:b], K[:, :, k0:k1], V[:, :, k0:k1], causal=causal,
                                      softmax_scale=scale if rows is None else rows, q_norm_weight=q_norm_weight,
                                      k_norm_weight=k_norm_weight, norm_eps=norm_eps, window=window, chunk=chunk,
-                                     sinks=sinks, softcap=softcap, return_lse=True)
+                                     sinks=sinks, softcap=softcap, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                     return_lse=True)
             out[:, :, a:b] = o
             lse[:, :, a:b] = m
     return out, lse
 
 
 @_cp_attention.register_fake
-def _(q, k, v, q_norm_weight, k_norm_weight, sinks, scale_rows, group_name, world_size, rank, layout, causal, scale,
-      norm_eps, window, chunk, softcap, check):
+def _(q, k, v, q_norm_weight, k_norm_weight, sinks, scale_rows, cu_seqlens, group_name, world_size, rank, layout,
+      causal, scale, norm_eps, window, chunk, softcap, check):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -157,35 +227,39 @@ def _empty(like: Tensor) -> Tensor:
 @torch.library.custom_op("drope::cp_attention_bwd", mutates_args=())
 def _cp_attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor], sinks: Optional[Tensor],
-                      scale_rows: Optional[Tensor], group_name: str, world_size: int, rank: int, layout: str,
-                      causal: bool, scale: float, norm_eps: float, window: Optional[int], chunk: Optional[int],
-                      softcap: Optional[float], kv_grad: bool,
+                      scale_rows: Optional[Tensor], cu_seqlens: Optional[Tensor], group_name: str, world_size: int,
+                      rank: int, layout: str, causal: bool, scale: float, norm_eps: float, window: Optional[int],
+                      chunk: Optional[int], softcap: Optional[float], kv_grad: bool,
                       needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     group = Group(group_name, world_size, rank)
     need_q, need_qw, need_kw, need_sinks = needs
-    K, V = _gather_kv(k, v, group, layout, causal)
+    bounds = None if cu_seqlens is None else cu_seqlens.tolist()
+    ordered = causal or bounds is not None
+    K, V = _gather_kv(k, v, group, layout, ordered)
     B, HKV, S, D = K.shape
     dq = q.new_empty(q.shape) if need_q else _empty(q)
     # dK and dV of every key, in the gathered buffer's (S, 2, B, Hkv, D) order
     dkv = torch.zeros((S, 2, B, HKV, D), dtype=torch.float32, device=q.device) if kv_grad else None
     dqw = dkw = dsinks = None
-    for a, b, e in _runs(group, q.shape[2], layout, causal):
+    for call in _calls(group, q.shape[2], layout, causal, bounds):
+        a, b, k0, k1 = call[:4]
+        cu_q, cu_k = _boundaries(call, q.device)
         gq, gk, gv, gqw, gkw, gs = torch.ops.drope.attention_bwd(
-            dout[:, :, a:b], None if dlse is None else dlse[:, :, a:b], q[:, :, a:b], K[:, :, :e], V[:, :, :e],
+            dout[:, :, a:b], None if dlse is None else dlse[:, :, a:b], q[:, :, a:b], K[:, :, k0:k1], V[:, :, k0:k1],
             out[:, :, a:b], lse[:, :, a:b], q_norm_weight, k_norm_weight, sinks, _rows(scale_rows, a, b), None, None,
-            None, None, None, causal, scale, norm_eps, window, chunk, softcap,
+            cu_q, None, cu_k, causal, scale, norm_eps, window, chunk, softcap,
             [need_q, kv_grad, kv_grad, need_qw, need_kw, need_sinks])
         if need_q:
             dq[:, :, a:b] = gq
         if kv_grad:
-            dkv[:e, 0] += gk.permute(2, 0, 1, 3)
-            dkv[:e, 1] += gv.permute(2, 0, 1, 3)
+            dkv[k0:k1, 0] += gk.permute(2, 0, 1, 3)
+            dkv[k0:k1, 1] += gv.permute(2, 0, 1, 3)
         dqw = gqw if dqw is None else dqw + gqw
         dkw = gkw if dkw is None else dkw + gkw
         dsinks = gs if dsinks is None else dsinks + gs
     dk, dv = _empty(q), _empty(q)
     if kv_grad:
-        mine = scatter_rows(rank_major_order(dkv, world_size, layout) if causal else dkv, group_name, world_size)
+        mine = scatter_rows(rank_major_order(dkv, world_size, layout) if ordered else dkv, group_name, world_size)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         dk.copy_(mine[:, 0].permute(1, 2, 0, 3))
@@ -195,33 +269,33 @@ def _cp_attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor
 
 
 @_cp_attention_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks, scale_rows, group_name, world_size, rank,
-      layout, causal, scale, norm_eps, window, chunk, softcap, kv_grad, needs):
+def _(dout, dlse, q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks, scale_rows, cu_seqlens, group_name,
+      world_size, rank, layout, causal, scale, norm_eps, window, chunk, softcap, kv_grad, needs):
     like = (q_norm_weight, k_norm_weight, sinks)
     return (q.new_empty(q.shape) if needs[0] else _empty(q), k.new_empty(k.shape) if kv_grad else _empty(q),
             v.new_empty(v.shape) if kv_grad else _empty(q),
             *(t.new_empty(t.shape) if need and t is not None else _empty(q) for t, need in zip(like, needs[1:])))
 
 
-_N_INPUTS = 18
+_N_INPUTS = 19
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, qw, kw, sinks, rows, *flags, check = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], qw, kw, sinks, rows)
+    q, k, v, qw, kw, sinks, rows, cu, *flags, check = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], qw, kw, sinks, rows, cu)
     ctx.flags = tuple(flags)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, qw, kw, sinks, rows = ctx.saved_tensors
+    q, k, v, out, lse, qw, kw, sinks, rows, cu = ctx.saved_tensors
     n = ctx.needs_input_grad
     if dout is None:
         dout = torch.zeros_like(out)
     kv_grad = bool(n[1] or n[2])
     needs = [bool(n[0]), bool(n[3]) and qw is not None, bool(n[4]) and kw is not None, bool(n[5]) and sinks is not None]
-    grads = torch.ops.drope.cp_attention_bwd(dout, dlse, q, k, v, out, lse, qw, kw, sinks, rows, *ctx.flags, kv_grad,
-                                             needs)
+    grads = torch.ops.drope.cp_attention_bwd(dout, dlse, q, k, v, out, lse, qw, kw, sinks, rows, cu, *ctx.flags,
+                                             kv_grad, needs)
     return (*(g if need else None for g, need in zip(grads, (n[0], n[1], n[2], n[3], n[4], n[5]))),
             *([None] * (_N_INPUTS - 6)))
 
@@ -254,7 +328,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, layout: str = "hea
             S_local) fp32 (any form the kernel takes with Sq = S_local). The DroPE temperature depends on the global
             position: build it from :func:`drope.distributed.positions`.
         return_lse: also return the fp32 log-sum-exp of the local rows, (B, Hq, S_local) (differentiable).
-        cu_seqlens: packed documents; not supported yet (a ValueError says so).
+        cu_seqlens: optional int32 (N+1,) *global* boundaries of documents packed along the sequence (B == 1; the
+            same tensor on every rank): each document attends within itself, positions restarting at 0, as
+            ``drope.kernels.attention(..., cu_seqlens=)`` on the full sequence. Each run of local rows becomes one
+            varlen kernel call over the documents it meets. The boundaries are read on the host (a sync on a GPU).
         check_ranks: first all-gather a small signature of every rank's shapes, dtypes and options, so that ranks
             that disagree (or a rank whose input is invalid) raise on every rank instead of crashing or hanging in
             the K/V all-gather. On a GPU it costs one small collective and a host sync per call.
@@ -273,12 +350,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, layout: str = "hea
     """
     g = resolve_group(group)
     q, k, v = autocast_inputs(q, k, v)
-    opts = dict(layout=layout, causal=causal, softmax_scale=softmax_scale, q_norm_weight=q_norm_weight,
+    opts = dict(world=g.size, layout=layout, causal=causal, softmax_scale=softmax_scale, q_norm_weight=q_norm_weight,
                 k_norm_weight=k_norm_weight, norm_eps=norm_eps, window=window, chunk=chunk, sinks=sinks,
-                softcap=softcap)
+                softcap=softcap, cu_seqlens=cu_seqlens)
     error, shape = None, None
     try:
-        shape = _check_local(q, k, v, cu_seqlens=cu_seqlens, **opts)
+        shape = _check_local(q, k, v, **opts)
     except ValueError as e:
         error = e
     sig = _signature(q, k, v, **opts) if check_ranks else []
@@ -288,6 +365,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, layout: str = "hea
         exchange(g, sig, device=q.device if isinstance(q, Tensor) else None, local_error=error)
     const, rows = split_scale(softmax_scale, shape, q.device)
     out, lse = torch.ops.drope.cp_attention(
-        q, k, v, q_norm_weight, k_norm_weight, sinks, None if rows is None else rows.detach(), g.name, g.size, g.rank,
-        layout, causal, float(const), float(norm_eps), window, chunk, None if softcap is None else float(softcap), sig)
+        q, k, v, q_norm_weight, k_norm_weight, sinks, None if rows is None else rows.detach(), cu_seqlens, g.name,
+        g.size, g.rank, layout, causal, float(const), float(norm_eps), window, chunk,
+        None if softcap is None else float(softcap), sig)
     return (out, lse) if return_lse else out
