@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_torchrun_dry_run(tmp_path):
     out = tmp_path / "cp.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "scripts" / "context_parallel_bench.py"), "--dry-run", "--timeout", "60", "--out", str(out)]
     try:
@@ -47,7 +48,8 @@ def test_simulation_summary_and_report_table():
                                  tflops_per_gpu=123.4, gathered_kv_mb=64.0),
             records.result_entry(dec, "sharded-W2", [0.5, 0.6], peak_mem_mb=None, W=2, merge_ms=0.01,
                                  efficiency=0.9)]
-    assert rows[0]["tflops"] == pytest.approx(cases.attention_flops(1, 8, pre.S, pre.S, 128, causal=True) / 20e-3 / 1e12)
+    flops = cases.attention_flops(1, 8, pre.S, pre.S, 128, causal=True)
+    assert rows[0]["tflops"] == pytest.approx(flops / 20e-3 / 1e12)
     assert rows[1]["gbps"] is not None and rows[1]["tokens_per_s"] == pytest.approx(1 / 0.55e-3)
     record = {"device": "synthetic", "torch": "x", "triton": "x", "git_sha": "x", "synthetic": True,
               "ceilings": {"copy_gbps": 1.0, "matmul_tflops": 1.0}, "results": rows, "skipped": [], "failed": []}

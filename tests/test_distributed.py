@@ -107,7 +107,8 @@ DECODE_3 = [
     Dc(3, lens=[[10, 9], [2, 0], [1, 4]], smax=[12, 4, 6], SQ=4, window=6, sinks=True, scale="rows"),
 ]
 LAYOUT_2 = [dict(kind="layout", W=2, name="layout-W2-headtail-dim2", layout="headtail", dim=2, shape=(2, 3, 16, 4)),
-            dict(kind="layout", W=2, name="layout-W2-contiguous-dim-1", layout="contiguous", dim=-1, shape=(2, 3, 4, 8))]
+            dict(kind="layout", W=2, name="layout-W2-contiguous-dim-1", layout="contiguous", dim=-1,
+                 shape=(2, 3, 4, 8))]
 LAYOUT_3 = [dict(kind="layout", W=3, name="layout-W3-headtail-dim1", layout="headtail", dim=1, shape=(2, 12, 5))]
 
 
@@ -158,7 +159,8 @@ def reference_prefill(case):
     out, lse = reference.attention(q, k, v, softmax_scale=scale, q_norm_weight=extra["qw"], k_norm_weight=extra["kw"],
                                    sinks=extra["sinks"], cu_seqlens=case.get("cu"), return_lse=True, **case["kwargs"])
     ((out * case["dout"].double()).sum() + (lse * case["dlse"].double()).sum()).backward()
-    grads = {"dq": q.grad, "dk": k.grad, "dv": v.grad, **{"d" + n: None if t is None else t.grad for n, t in extra.items()}}
+    grads = {"dq": q.grad, "dk": k.grad, "dv": v.grad}
+    grads.update({"d" + n: None if t is None else t.grad for n, t in extra.items()})
     return out.detach(), lse.detach(), grads
 
 
@@ -354,7 +356,8 @@ def test_errors_raise_on_every_rank(ranks, sub):
 
 def test_every_function_needs_a_process_group():
     q = torch.randn(1, 2, 8, 16)
-    calls = [lambda: dd.attention(q, q, q), lambda: dd.decode_attention(q[:, :, :1], q, q, cache_seqlens=torch.tensor([8])),
+    calls = [lambda: dd.attention(q, q, q),
+             lambda: dd.decode_attention(q[:, :, :1], q, q, cache_seqlens=torch.tensor([8])),
              lambda: dd.shard(q), lambda: dd.unshard(q), lambda: dd.positions(8)]
     for call in calls:
         with pytest.raises(ValueError, match="group"):

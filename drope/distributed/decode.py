@@ -79,7 +79,8 @@ def merge_attention_states(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> Tu
         raise ValueError(f"outs must hold (B, H, S, D) tensors, got shape {shape}")
     for i, (o, m) in enumerate(zip(outs, lses)):
         if tuple(o.shape) != shape or not o.is_floating_point():
-            raise ValueError(f"outs[{i}] must be a floating-point tensor of shape {shape}, got {tuple(o.shape)} {o.dtype}")
+            raise ValueError(f"outs[{i}] must be a floating-point tensor of shape {shape}, got {tuple(o.shape)} "
+                             f"{o.dtype}")
         if tuple(m.shape) != shape[:3] or not m.is_floating_point():
             raise ValueError(f"lses[{i}] must be a floating-point tensor of shape {shape[:3]}, got {tuple(m.shape)} "
                              f"{m.dtype}")

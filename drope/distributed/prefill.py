@@ -19,7 +19,7 @@ The q-norm and k-norm weight and sink gradients are this rank's share: the sum o
 | operator | what | collectives |
 |---|---|---|
 | ``drope::cp_attention`` | forward: (out, lse) of the local rows | signature check (``check_ranks``), K/V all-gather |
-| ``drope::cp_attention_bwd`` | dq, dk, dv and the weight/sink shares | K/V all-gather, dK/dV reduce-scatter (if needed) |
+| ``drope::cp_attention_bwd`` | dq, dk, dv, weight/sink shares | K/V all-gather, dK/dV reduce-scatter (if needed) |
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _check_documents(cu_seqlens, shape: AttentionShape, S: int, q: Tensor) -> No
 
 
 def _checksum(cu_seqlens) -> Optional[float]:
-    """A position-weighted sum of the boundaries (eager only: it reads them), so ranks with different documents differ."""
+    """A position-weighted sum of the boundaries (eager only: it reads them): ranks given other documents differ."""
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or torch.compiler.is_compiling():
         return None
     return float(sum((i + 1) * int(b) for i, b in enumerate(cu_seqlens.tolist())) % 2**50)
