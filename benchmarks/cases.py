@@ -24,7 +24,7 @@ TRAIN_LEN = 2048
 NORM_EPS = 1e-6
 
 OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled",
-       "varlen_prefill", "paged_decode", "model_generate_batch")
+       "varlen_prefill", "paged_decode", "model_generate_batch", "cp_prefill", "cp_decode")
 # serving: queries of each document in a varlen prefill (a chunk of a long prompt against its cache)
 VARLEN_CHUNK = 512
 
@@ -71,7 +71,7 @@ class Case:
 
     @property
     def is_decode(self) -> bool:
-        return self.op in ("decode", "model_decode", "model_decode_compiled", "paged_decode")
+        return self.op in ("decode", "model_decode", "model_decode_compiled", "paged_decode", "cp_decode")
 
 
 def params(cases: Sequence[Case], providers: Sequence[str]) -> list:
@@ -106,8 +106,9 @@ def decode_kv_bytes(B: int, Hkv: int, S: int, D: int, elem_bytes: int) -> int:
 
 
 def case_flops(case: Case) -> Optional[float]:
-    """Attention FLOPs of a prefill case (Sq = Sk = S, causal), None for the other ops."""
-    if case.op == "prefill_fwd":
+    """Attention FLOPs of a prefill case (Sq = Sk = S, causal), None for the other ops. A context-parallel case counts
+    the whole sequence (its TFLOP/s are the W devices' together)."""
+    if case.op in ("prefill_fwd", "cp_prefill"):
         return attention_flops(case.B, case.H, case.S, case.S, case.D, causal=True)
     if case.op == "prefill_fwd_bwd":
         return attention_flops(case.B, case.H, case.S, case.S, case.D, causal=True, backward=True)
@@ -119,8 +120,8 @@ def case_flops(case: Case) -> Optional[float]:
 
 
 def case_bytes(case: Case) -> Optional[int]:
-    """K/V bytes read by a decode case, None for the other ops."""
-    if case.op in ("decode", "paged_decode"):
+    """K/V bytes read by a decode case, None for the other ops (a context-parallel case: all shards together)."""
+    if case.op in ("decode", "paged_decode", "cp_decode"):
         return decode_kv_bytes(case.B, case.Hkv, case.S, case.D, torch.empty((), dtype=case.torch_dtype).element_size())
     return None
 
@@ -164,6 +165,25 @@ def serving_cases() -> List[Case]:
     return ([Case("varlen_prefill", 8, H, HKV, S, D, quick=S == 16384) for S in (4096, 16384, 32768)]
             + [Case("paged_decode", B, H, HKV, S, D, quick=(B, S) == (16, 32768))
                for B in (1, 16) for S in (32768, 131072)])
+
+
+# context parallelism simulated on one GPU: a quarter of a Llama 3 8B layer's heads (the balance, the efficiency and the
+# bytes per head do not depend on the head count; one full pass at 1M positions takes seconds), ranks 2..8
+CP_PREFILL_HEADS = (8, 2, 128)  # Hq, Hkv, D
+CP_SEQLENS = (131072, 262144, 524288, 1048576)
+CP_WORLDS = (2, 4, 8)
+
+
+def cp_prefill_cases() -> List[Case]:
+    """Context-parallel prefill: bf16 causal, Hq 8, Hkv 2, D 128, B 1, S 128k..1M (quick: 128k and 256k)."""
+    H, HKV, D = CP_PREFILL_HEADS
+    return [Case("cp_prefill", 1, H, HKV, S, D, quick=S <= 262144) for S in CP_SEQLENS]
+
+
+def cp_decode_cases() -> List[Case]:
+    """Decode over a cache sharded by rank: Hq 32, Hkv 8, D 128, bf16; (B, S) = (1, 128k), (16, 128k), (1, 1M)."""
+    H, HKV, D = DECODE_HEADS
+    return [Case("cp_decode", B, H, HKV, S, D, quick=S == 131072) for B, S in ((1, 131072), (16, 131072), (1, 1048576))]
 
 
 def temperature(mode: str, *, coef: float = TEMP_COEF, train_len: int = TRAIN_LEN) -> dict:

@@ -23,8 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PREFILL_OPS = ("prefill_fwd", "prefill_fwd_bwd")
 OPS = ("prefill_fwd", "prefill_fwd_bwd", "decode", "model_prefill", "model_decode", "model_decode_compiled",
-       "varlen_prefill", "paged_decode", "model_generate_batch")
+       "varlen_prefill", "paged_decode", "model_generate_batch", "cp_prefill", "cp_decode")
 SERVING_OPS = ("varlen_prefill", "paged_decode")
+CP_OPS = ("cp_prefill", "cp_decode")
 PROVIDER_ORDER = ("drope_triton", "unfused", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flex",
                   "flash_attn", "sdpa", "eager")
 
@@ -147,6 +148,16 @@ def render_markdown(record: Dict[str, Any]) -> str:
             body = [[str(r["B"]), str(r["S"]), r["provider"], _f(r["ms"]), _f(r.get("tflops"), "{:.1f}"),
                      _f(r.get("gbps"), "{:.0f}"), _x(base[_case_key(r)] / r["ms"] if _case_key(r) in base else None),
                      _f(r.get("peak_mem_mb"), "{:.0f}")] for r in rows]
+        elif op in CP_OPS:
+            # W ranks simulated one after the other on one GPU: the step is the busiest rank (no communication)
+            header = ["B", "S", "H", "Hkv", "D", "provider", "step ms", "balance (measured / tiles)", "efficiency",
+                      "TFLOP/s per GPU" if op == "cp_prefill" else "merge ms", "gathered K/V MB", "peak MB"]
+            body = [[str(r["B"]), str(r["S"]), str(r["H"]), str(r["Hkv"]), str(r["D"]), r["provider"], _f(r["ms"]),
+                     f"{_f(r.get('balance'), '{:.3f}')} / {_f(r.get('tiles_balance'), '{:.3f}')}",
+                     _f(r.get("efficiency"), "{:.2f}"),
+                     _f(r.get("tflops_per_gpu") if op == "cp_prefill" else r.get("merge_ms"), "{:.1f}"
+                        if op == "cp_prefill" else "{:.4f}"),
+                     _f(r.get("gathered_kv_mb"), "{:.0f}"), _f(r.get("peak_mem_mb"), "{:.0f}")] for r in rows]
         elif op == "model_generate_batch":
             # B prompts (S the longest); sdpa and paged|eager are continuous batching, the others padded generate
             header = ["prompts", "longest", "provider", "first call ms", "ms", "tokens/s", "vs sdpa",
