@@ -6,9 +6,8 @@ Every check raises ``ValueError`` naming the argument and what is accepted, so t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from numbers import Real
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -27,8 +26,9 @@ class DeviceError(ValueError, RuntimeError):
     """A kernel was called on tensors of a device it has no kernel for (drope's run on CUDA and CPU tensors)."""
 
 
-@dataclass(frozen=True)
-class AttentionShape:
+class AttentionShape(NamedTuple):
+    """Sizes of one call (a tuple: built on every call, so built cheaply)."""
+
     B: int
     HQ: int
     HKV: int
@@ -63,38 +63,43 @@ def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
 
 
 def _check_same_device(ref: torch.Tensor, **tensors) -> None:
+    dev = ref.device
     for name, t in tensors.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {ref.device}; all tensors must share one device")
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but q is on {dev}; all tensors must share one device")
 
 
 def check_qkv(q, k, v, *, kernel: bool) -> AttentionShape:
     """Shapes, dtypes and devices of q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D)."""
-    _check_tensor("q", q, 4, "(B, Hq, Sq, D)")
-    _check_tensor("k", k, 4, "(B, Hkv, Sk, D)")
-    _check_tensor("v", v, 4, "(B, Hkv, Sk, D)")
-    B, HQ, SQ, D = q.shape
-    if k.shape != v.shape:
+    for name, t, layout in (("q", q, "(B, Hq, Sq, D)"), ("k", k, "(B, Hkv, Sk, D)"), ("v", v, "(B, Hkv, Sk, D)")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            _check_tensor(name, t, 4, layout)
+    qs, ks = q.shape, k.shape
+    B, HQ, SQ, D = qs
+    if ks != v.shape:
         raise ValueError(f"k and v must have the same shape (B, Hkv, Sk, D), got k {_shape(k)} and v {_shape(v)}")
-    if k.shape[0] != B:
-        raise ValueError(f"k/v batch size {k.shape[0]} does not match q's batch size {B}")
-    HKV, SK = k.shape[1], k.shape[2]
-    if k.shape[3] != D:
-        raise ValueError(f"k/v head dim {k.shape[3]} does not match q's head dim {D}; D must be the same for q, k, v")
+    _, HKV, SK, DK = ks
+    if ks[0] != B:
+        raise ValueError(f"k/v batch size {ks[0]} does not match q's batch size {B}")
+    if DK != D:
+        raise ValueError(f"k/v head dim {DK} does not match q's head dim {D}; D must be the same for q, k, v")
     if HKV == 0 or HQ % HKV != 0:
         raise ValueError(f"the number of query heads Hq={HQ} must be a multiple of the number of key/value heads Hkv={HKV}")
     if D < 1:
         raise ValueError(f"head dim D must be at least 1, got q of shape {_shape(q)}")
-    if not (q.dtype == k.dtype == v.dtype):
+    dt = q.dtype
+    if k.dtype != dt or v.dtype != dt:
         raise ValueError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if kernel:
-        if q.dtype not in KERNEL_DTYPES:
+        if dt not in KERNEL_DTYPES:
             raise ValueError(f"q/k/v dtype {q.dtype} is not supported; accepted: float16, bfloat16, float32")
-        if D not in KERNEL_HEAD_DIMS:
+        if D > 256 or D % 8:
             raise ValueError(f"head dim D={D} is not supported; accepted: a multiple of 8 from 8 to 256")
-    elif not q.dtype.is_floating_point:
+    elif not dt.is_floating_point:
         raise ValueError(f"q/k/v must be floating point, got {q.dtype}")
-    _check_same_device(q, k=k, v=v)
+    dev = q.device
+    if k.device != dev or v.device != dev:
+        _check_same_device(q, k=k, v=v)
     return AttentionShape(B, HQ, HKV, SQ, SK, D)
 
 
@@ -287,7 +292,7 @@ def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_no
         shape = check_paged(q, k, v, block_table, kernel=kernel, values=values, rows=cu_seqlens.numel() - 1,
                             names=("k", "v"))
         capacity = shape.SK
-        shape = replace(shape, SK=(cu_seqlens.numel() - 1) * capacity)
+        shape = shape._replace(SK=(cu_seqlens.numel() - 1) * capacity)
     else:
         shape = check_qkv(q, k, v, kernel=kernel)
     if not isinstance(causal, bool):

@@ -43,12 +43,17 @@ def features(name, B, HQ, HKV, SQ, SK, D):
                                     window=9, sinks=torch.randn(HQ, generator=g)),
         "key-mask": dict(key_mask=torch.rand(B, SK, generator=g) > 0.3),
         "key-mask-noncausal": dict(causal=False, key_mask=torch.rand(B, SK, generator=g) > 0.3),
+        # more rows than a masked block (BLOCK = 512): bands, block edges, chunk edges inside blocks
+        "long-window": dict(window=300),
+        "long-chunk-keymask-sinks": dict(chunk=200, key_mask=torch.rand(B, SK, generator=g) > 0.1,
+                                         sinks=torch.randn(HQ, generator=g)),
     }[name]
 
 
 CASES = [("plain", 2, 4, 2, 24, 24), ("bottom-right", 2, 4, 1, 9, 30), ("noncausal", 1, 4, 4, 20, 13),
          ("rope-norms-rows", 2, 4, 2, 24, 24), ("head-scale-window-sinks", 2, 4, 2, 17, 30), ("chunk", 1, 2, 1, 23, 23),
-         ("softcap-rows-window", 2, 4, 2, 12, 20), ("key-mask", 2, 4, 2, 20, 26), ("key-mask-noncausal", 2, 2, 1, 7, 15)]
+         ("softcap-rows-window", 2, 4, 2, 12, 20), ("key-mask", 2, 4, 2, 20, 26), ("key-mask-noncausal", 2, 2, 1, 7, 15),
+         ("long-window", 1, 4, 2, 1100, 1100), ("long-chunk-keymask-sinks", 1, 2, 1, 700, 750)]
 
 
 def _f64(kw):

@@ -110,13 +110,16 @@ def _merge(o1, l1, o2, l2):
 def _core(q, k, v, *, p0, causal, window, chunk, keys, scale):
     """(out, lse) of prepared q (B, Hq, Sq, D) against k, v (B, Hkv, Sk, D), logits ``q.k * scale``."""
     B, HQ, SQ, D = q.shape
+    pieces = [p for p in plan(SQ, k.shape[2], p0, causal, window, chunk, keys is not None) if p[3] > p[2]]
+    if len(pieces) == 1 and pieces[0][:2] == (0, SQ) and not pieces[0][5]:
+        # one call covers every row (plain causal or full attention): its own output, no copy
+        return _FLASH(q, k[:, :, pieces[0][2]:pieces[0][3]], v[:, :, pieces[0][2]:pieces[0][3]], 0.0, pieces[0][4],
+                      scale=scale)
     out = q.new_zeros(B, HQ, SQ, v.shape[-1])
     lse = torch.full((B, HQ, SQ), float("-inf"), dtype=torch.float32)
     done = None
-    for piece in plan(SQ, k.shape[2], p0, causal, window, chunk, keys is not None):
+    for piece in pieces:
         a, e, lo, hi, flag, _ = piece
-        if hi <= lo:
-            continue
         mask, has = _piece_mask(piece, p0, causal, window, chunk, keys, q.dtype, q.device)
         o, l = _FLASH(q[:, :, a:e], k[:, :, lo:hi], v[:, :, lo:hi], 0.0, flag, attn_mask=mask, scale=scale)
         if has is not None:
@@ -246,10 +249,19 @@ def attention_forward(q, k, v, q_norm_weight, k_norm_weight, sinks, scale_rows, 
         qh, kh = _prepared(q, k, q_norm_weight, k_norm_weight, rope_cos, rope_sin, cu_seqlens_q, cu_seqlens_k,
                            norm_eps, k.shape[2] if block_table is None else SK)
         qs, sc = _scaled(qh, None if softcap is not None else scale_rows, scale)
+        keys = None if key_mask is None else key_mask != 0
+        docs = _documents(SQ, SK, cu_seqlens_q, cu_seqlens_k)
+        if len(docs) == 1 and docs[0][1:] == (0, SQ, 0, SK) and block_table is None and softcap is None:
+            # one problem: the kernel's output is the result (no copy into a second buffer)
+            out, lse = _core(qs, kh.to(qs.dtype), v.to(qs.dtype), p0=SK - SQ, causal=causal, window=window,
+                             chunk=chunk, keys=keys, scale=sc)
+            out = out.to(q.dtype)
+            if sinks is not None:
+                out, lse = _sinked(out, lse, sinks)
+            return out, (lse if return_lse else lse.new_empty((0,)))
         out = torch.empty_like(q)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        keys = None if key_mask is None else key_mask != 0
-        for d, a, b, ka, kb in _documents(SQ, SK, cu_seqlens_q, cu_seqlens_k):
+        for d, a, b, ka, kb in docs:
             if block_table is not None:
                 kd, vd = _paged_keys(kh, block_table, d, kb - ka), _paged_keys(v, block_table, d, kb - ka)
             else:
