@@ -5,8 +5,9 @@ Importing this package registers ``"drope_triton"`` with transformers' ``Attenti
 with the Auto classes; ``import drope`` imports it as soon as transformers is imported.
 """
 
-from . import attention, modeling
+from . import attention, batching, modeling
 from .attention import ATTN_IMPLEMENTATION, drope_attention_forward, drope_mask
+from .batching import KERNEL_REPO, continuous_batching_attention
 from .convert import to_drope
 from .modeling import (
     DropeAttention,
@@ -30,7 +31,8 @@ attention.register()
 modeling.register()
 
 __all__ = [
-    "ATTN_IMPLEMENTATION", "drope_attention_forward", "drope_mask", "to_drope", "DropeAttention",
+    "ATTN_IMPLEMENTATION", "KERNEL_REPO", "continuous_batching_attention", "drope_attention_forward", "drope_mask",
+    "to_drope", "DropeAttention",
     "GemmaDropeConfig", "GemmaDropeForCausalLM", "GemmaDropeModel",
     "LlamaDropeConfig", "LlamaDropeForCausalLM", "LlamaDropeModel", "Qwen2DropeConfig", "Qwen2DropeForCausalLM",
     "Qwen2DropeModel", "Qwen3DropeConfig", "Qwen3DropeForCausalLM", "Qwen3DropeModel", "get_temperature",

@@ -246,6 +246,9 @@ def _attn_fwd_kernel(
             # a row at a negative position sees nothing whatever its chunk (hi_i <= k0_i): no negative division
             pos_i = tl.maximum(pos_i, 0)
         lo_i = tl.maximum(lo_i, k0_i + (pos_i // CHUNK) * CHUNK)
+    if PACKED:
+        # rows after the last boundary (a batch padded to a fixed size) see nothing: zeros, never a neighbour's keys
+        hi_i = tl.where(rows < tl.load(CU + N_DOCS), hi_i, lo_i)
     p_km = KMASK
     if HAS_KMASK:
         # attendable keys span [k_lo, k_hi) of this batch row; with holes every block is masked

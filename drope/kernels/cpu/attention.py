@@ -259,7 +259,7 @@ def attention_forward(q, k, v, q_norm_weight, k_norm_weight, sinks, scale_rows, 
             if sinks is not None:
                 out, lse = _sinked(out, lse, sinks)
             return out, (lse if return_lse else lse.new_empty((0,)))
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q)  # rows after the last boundary (a padded batch) see nothing: zeros
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32)
         for d, a, b, ka, kb in docs:
             if block_table is not None:
