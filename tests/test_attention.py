@@ -401,7 +401,7 @@ def test_packed_documents_gpu(dtype, device):
 def test_tma_and_pointer_paths_agree(layout, device):
     """Aligned K/V go through TMA descriptors; a misaligned base or a non-unit D stride falls back to
     pointer loads (the recorded launch says which), with the same results."""
-    from drope.kernels.toolkit import recording
+    from drope.inspect import recording
 
     c = Case(1, 4, 2, 50, 70, 32, window=30, sinks=True, scale="rows")
     (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(c, device)
