@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from drope.cli import main
-from drope.niah import profile, report, runner
+from drope.niah import decode, loading, profile, report, results, runner
 from drope.niah.runner import NIAHError, RunConfig, SlowPathWarning, apply_rope_scaling, greedy_generate
 from drope.niah.tasks import PromptBuilder
-from test_niah_common import save_tiny_model, tiny_config, train_tokenizer
+from niah_helpers import save_tiny_model, tiny_config, train_tokenizer
 
 FAST = ["--trials", "1", "--max-new-tokens", "4", "--warmup", "0", "--no-progress"]
 
@@ -85,7 +85,7 @@ def test_greedy_matches_generate(model_dir):
 def test_scoring_through_the_runner(model_dir, tmp_path, monkeypatch):
     """A generation that reads the answers (all, or half of them) scores 1 (or partial 0.5) in the results."""
     tok = train_tokenizer()
-    real = runner.greedy_generate
+    real = decode.greedy_generate
     state = {}
 
     def oracle(model, input_ids, max_new_tokens, eos_ids, device):
@@ -97,7 +97,7 @@ def test_scoring_through_the_runner(model_dir, tmp_path, monkeypatch):
         state["trial"] += 1
         return g
 
-    monkeypatch.setattr(runner, "greedy_generate", oracle)
+    monkeypatch.setattr(decode, "greedy_generate", oracle)
     state["builder"] = PromptBuilder(tok)
     for task, half, expected in [("multiquery", False, (1.0, 1.0)), ("multivalue", True, (0.0, 0.5))]:
         state.update(task=task, depth=0.5, trial=0, half=half)
@@ -230,14 +230,14 @@ def test_runner_drope_triton_matches_eager(model_dir, tmp_path):
 
 
 def test_out_of_memory_and_ctrl_c_keep_finished_cells(model_dir, tmp_path, monkeypatch, capsys):
-    real = runner.greedy_generate
+    real = decode.greedy_generate
 
     def oom_at_256(model, input_ids, *args):
         if len(input_ids) == 256:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, input_ids, *args)
 
-    monkeypatch.setattr(runner, "greedy_generate", oom_at_256)
+    monkeypatch.setattr(decode, "greedy_generate", oom_at_256)
     out = tmp_path / "oom"
     assert _niah("--model", model_dir, "--lengths", "128,256", "--tasks", "single", "--depths", "1", "--out", out,
                  *FAST) == 1
@@ -249,7 +249,7 @@ def test_out_of_memory_and_ctrl_c_keep_finished_cells(model_dir, tmp_path, monke
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "greedy_generate", interrupt)
+    monkeypatch.setattr(decode, "greedy_generate", interrupt)
     assert _niah("--model", model_dir, "--lengths", "128,256", "--tasks", "single", "--depths", "1", "--out", out,
                  "--resume", *FAST) == 130
     assert "rerun with --resume" in capsys.readouterr().err
@@ -304,8 +304,8 @@ def test_smollm360m_shape_32k_profile(tmp_path, attn):
 
 def test_each_request_decoded_and_scored_once(model_dir, tmp_path, monkeypatch):
     calls = []
-    real = runner.score
-    monkeypatch.setattr(runner, "score", lambda pred, answers, value_type="number":
+    real = results.score
+    monkeypatch.setattr(results, "score", lambda pred, answers, value_type="number":
                         calls.append(pred) or real(pred, answers, value_type))
     res = runner.run(_cfg(model_dir, lengths=[128], depths=[0.0, 1.0], trials=2), tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
@@ -374,7 +374,7 @@ def test_refusal_names_only_implementations_that_fit(model_dir, tmp_path, monkey
 
 def test_interpreter_set_after_import_is_refused(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(runner, "kernels_interpreted", lambda: False)
+    monkeypatch.setattr(loading, "kernels_interpreted", lambda: False)
     with pytest.raises(NIAHError, match="set after drope was imported.*0 active drivers"):
         runner.run(_cfg(model_dir, lengths=[128], attn="drope_triton", device="cpu"), tmp_path / "x", progress=False)
     assert not (tmp_path / "x" / "results.json").exists()
