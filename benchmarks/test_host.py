@@ -6,7 +6,7 @@ A Llama-3.2-1B-shaped layer (32 query heads, 8 KV heads, head dim 64), batch 1 (
 DynamicCache of 128 tokens, the same against a StaticCache of 256 slots, a left-padded decode step, and a
 16-token prefill, each with and without a DroPE temperature (per-row scales). ``drope_triton`` runs its whole
 Python path (the layer, the kernel adapter, the operator, the launcher) with the Triton launch recorded, not
-run (``toolkit.recording``): what a GPU would add is Triton's own launcher. ``sdpa`` is transformers'
+run (``drope.inspect.recording``): what a GPU would add is Triton's own launcher. ``sdpa`` is transformers'
 ``sdpa_attention_forward`` with its (tiny) CPU compute, as the issue measured it. Each result's
 ``extra_info`` holds both medians in microseconds; the test prints the ratio.
 """
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from drope.hf import attention as hfa
-from drope.kernels import toolkit
+from drope.inspect import recording
 
 B, HQ, HKV, D = 1, 32, 8, 64
 # on a GPU machine the layer's CUDA path (launches recorded), else the kernels' path in the interpreter
@@ -92,11 +92,11 @@ def test_host_time_per_attention_call(benchmark, name, temperature):
                                       scaling=scale)
 
     def drope_recorded():
-        with toolkit.recording():
+        with recording():
             return drope()
 
     drope_us, sdpa_us, ratio = _paired_us(drope_recorded, sdpa)
-    with toolkit.recording():
+    with recording():
         benchmark.pedantic(drope, rounds=50, iterations=20, warmup_rounds=2)
     benchmark.extra_info.update({"drope_us": round(drope_us, 2), "sdpa_us": round(sdpa_us, 2),
                                  "ratio": round(ratio, 3), "shape": f"B{B}-H{HQ}-Hkv{HKV}-D{D}"})

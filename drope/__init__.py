@@ -30,6 +30,7 @@ _LAZY = {
     "fit_temperature": ("drope.hf.fit", "fit_temperature"),
     "TemperatureFit": ("drope.hf.fit", "TemperatureFit"),
     "recalibrate": ("drope.hf.recalibrate", "recalibrate"),
+    "RecalibrateConfig": ("drope.hf.recalibrate", "RecalibrateConfig"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -71,8 +71,8 @@ GROUPS = (
         "tests/test_paged.py::test_gpu_paged_varlen_bf16[tiles]",
     )),
     Group("backward", 80, 60, (
-        "tests/test_attention_bwd.py::test_launcher_gpu[B1-Hq8-Hkv2-Sq2048-Sk2048-D128-causal-rope-norm-head-scale-rows2-bf16]",
-        "tests/test_attention_bwd.py::test_autograd_gpu_bf16[B2-Hq8-Hkv8-Sq1000-Sk1500-D64-full-rope]",
+        "tests/test_attention_bwd.py::test_launcher_gpu[B1-Hq8-Hkv2-Sq2048-Sk2048-D128-bf16-causal-rope-norm_head-scale_batch_rows]",
+        "tests/test_attention_bwd.py::test_autograd_gpu_bf16[B2-Hq8-Hkv8-Sq1000-Sk1500-D64-bf16-full-rope]",
         "tests/test_varlen.py::test_gpu_long_documents_bf16[causal]",
     )),
     Group("hf", 90, 60, (

@@ -1,12 +1,85 @@
-"""Small utilities shared by the tests."""
+"""Small utilities shared by the tests, and the attention tests' one ``Case`` vocabulary."""
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
 from drope import reference
 from drope.validation import check_attention, split_scale
+
+
+DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+NORMS = ("none", "shared", "head")
+SCALES = ("none", "float", "rows", "batch_rows", "heads", "head_rows")
+LAYOUTS = ("contig", "bshd")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem of the forward and backward kernel tests; ``id`` is its pytest id.
+
+    ``B2-Hq8-Hkv2-Sq63-Sk63-D64-fp32-causal-rope-norm_shared-scale_rows``: the shapes, the dtype, causal or full,
+    then each feature that is on. How a test turns a case into tensors is its own (the forward builds inputs in
+    the case's dtype, the backward float64 leaves); what the names mean is fixed here.
+    """
+
+    B: int
+    HQ: int
+    HKV: int
+    SQ: int
+    SK: int
+    D: int
+    causal: bool = True
+    rope: bool = False
+    norm: str = "none"  # none | shared: one (D,) weight for every head | head: (H, D)
+    scale: str = "none"  # none | float | rows (Sq,) | batch_rows (B, Sq) | heads (Hq,) | head_rows (B, Hq, Sq)
+    layout: str = "contig"  # contig | bshd: (B, H, S, D) views of (B, S, H, D) memory
+    dtype: torch.dtype = torch.float32
+    blocks: Optional[Tuple[int, int]] = None  # forced (BM, BN); None = the default path
+    window: Optional[int] = None
+    chunk: Optional[int] = None
+    sinks: bool = False
+    softcap: Optional[float] = None
+
+    def __post_init__(self):
+        for name, accepted in (("norm", NORMS), ("scale", SCALES), ("layout", LAYOUTS), ("dtype", DTYPE_NAME)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"Case.{name} must be one of {list(accepted)}, got {getattr(self, name)!r}")
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.B}-Hq{self.HQ}-Hkv{self.HKV}-Sq{self.SQ}-Sk{self.SK}-D{self.D}", DTYPE_NAME[self.dtype]]
+        parts.append("causal" if self.causal else "full")
+        if self.rope:
+            parts.append("rope")
+        if self.norm != "none":
+            parts.append(f"norm_{self.norm}")
+        if self.scale != "none":
+            parts.append(f"scale_{self.scale}")
+        if self.layout != "contig":
+            parts.append(self.layout)
+        if self.blocks:
+            parts.append("blocks{}x{}".format(*self.blocks))
+        for name in ("window", "chunk", "softcap"):
+            if getattr(self, name) is not None:
+                parts.append(f"{name}{getattr(self, name)}")
+        if self.sinks:
+            parts.append("sinks")
+        return "-".join(parts)
+
+    def norm_shapes(self) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+        """Shapes of (q_norm_weight, k_norm_weight); None without QK-norm."""
+        if self.norm == "none":
+            return None
+        return ((self.D,), (self.D,)) if self.norm == "shared" else ((self.HQ, self.D), (self.HKV, self.D))
+
+    def scale_shape(self) -> Optional[Tuple[int, ...]]:
+        """Shape of the softmax scale tensor; None for no scale or a float."""
+        return {"rows": (self.SQ,), "batch_rows": (self.B, self.SQ), "heads": (self.HQ,),
+                "head_rows": (self.B, self.HQ, self.SQ)}.get(self.scale)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """drope.kernels.attention (forward) against drope.reference.attention run in float64."""
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,54 +10,11 @@ from drope import reference
 from drope.kernels import attention
 from drope.kernels.attention import Options, attention_forward
 from drope.validation import DeviceError, check_attention, split_scale
-from helpers import assert_rows_close, lowp_attention, noncontiguous, poisoned_empty, rel_err
+from helpers import Case, assert_rows_close, lowp_attention, noncontiguous, poisoned_empty, rel_err
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # per-row floor of flash-attention's rule (absolute, outputs are O(1))
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-@dataclass(frozen=True)
-class Case:
-    B: int
-    HQ: int
-    HKV: int
-    SQ: int
-    SK: int
-    D: int
-    causal: bool = True
-    rope: bool = False
-    norm: str = "none"  # none | shared (D,) | head (H, D)
-    scale: str = "none"  # none | float | rows (Sq,) | batch_rows (B, Sq) | heads (Hq,) | head_rows (B, Hq, Sq)
-    layout: str = "contig"  # contig | bshd: (B, H, S, D) views of (B, S, H, D) memory
-    dtype: torch.dtype = torch.float32
-    blocks: tuple = None  # forced (BM, BN); None = the default path
-    window: int = None
-    chunk: int = None
-    sinks: bool = False
-    softcap: float = None
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.B}-Hq{self.HQ}-Hkv{self.HKV}-Sq{self.SQ}-Sk{self.SK}-D{self.D}", DTYPE_NAME[self.dtype]]
-        parts.append("causal" if self.causal else "full")
-        if self.rope:
-            parts.append("rope")
-        if self.norm != "none":
-            parts.append(f"norm_{self.norm}")
-        if self.scale != "none":
-            parts.append(f"scale_{self.scale}")
-        if self.layout != "contig":
-            parts.append(self.layout)
-        if self.blocks:
-            parts.append("blocks{}x{}".format(*self.blocks))
-        for name in ("window", "chunk", "softcap"):
-            if getattr(self, name) is not None:
-                parts.append(f"{name}{getattr(self, name)}")
-        if self.sinks:
-            parts.append("sinks")
-        return "-".join(parts)
 
 
 def make_inputs(c: Case, device, packed_len=None):
@@ -72,22 +29,14 @@ def make_inputs(c: Case, device, packed_len=None):
         # longer than Sk, random angles: also checks the table is indexed by position, not by row
         ang = torch.rand(c.SK + 7, c.D // 2, device=device, dtype=torch.float64) * 6.3
         kw["rope"] = (ang.cos().float(), ang.sin().float())
-    if c.norm == "shared":
-        kw["q_norm_weight"] = torch.rand(c.D, device=device) + 0.5
-        kw["k_norm_weight"] = torch.rand(c.D, device=device) + 0.5
-    elif c.norm == "head":
-        kw["q_norm_weight"] = torch.rand(c.HQ, c.D, device=device) + 0.5
-        kw["k_norm_weight"] = torch.rand(c.HKV, c.D, device=device) + 0.5
+    if c.norm_shapes() is not None:
+        wq_shape, wk_shape = c.norm_shapes()
+        kw["q_norm_weight"] = torch.rand(wq_shape, device=device) + 0.5
+        kw["k_norm_weight"] = torch.rand(wk_shape, device=device) + 0.5
     if c.scale == "float":
         kw["softmax_scale"] = 0.37
-    elif c.scale == "rows":
-        kw["softmax_scale"] = (torch.rand(c.SQ, device=device) + 0.5) * c.D ** -0.5
-    elif c.scale == "batch_rows":
-        kw["softmax_scale"] = (torch.rand(c.B, c.SQ, device=device) + 0.5) * c.D ** -0.5
-    elif c.scale == "heads":
-        kw["softmax_scale"] = (torch.rand(c.HQ, device=device) + 0.5) * c.D ** -0.5
-    elif c.scale == "head_rows":
-        kw["softmax_scale"] = (torch.rand(c.B, c.HQ, c.SQ, device=device) + 0.5) * c.D ** -0.5
+    elif c.scale != "none":
+        kw["softmax_scale"] = (torch.rand(c.scale_shape(), device=device) + 0.5) * c.D ** -0.5
     for name in ("window", "chunk", "softcap"):
         if getattr(c, name) is not None:
             kw[name] = getattr(c, name)
@@ -452,7 +401,7 @@ def test_packed_documents_gpu(dtype, device):
 def test_tma_and_pointer_paths_agree(layout, device):
     """Aligned K/V go through TMA descriptors; a misaligned base or a non-unit D stride falls back to
     pointer loads (the recorded launch says which), with the same results."""
-    from drope.kernels.toolkit import recording
+    from drope.inspect import recording
 
     c = Case(1, 4, 2, 50, 70, 32, window=30, sinks=True, scale="rows")
     (q, k, v, kw), (q64, k64, v64, kw64) = make_inputs(c, device)

@@ -6,8 +6,7 @@ backward alone; the end-to-end tests go through ``drope.kernels.attention`` and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,60 +17,27 @@ from drope import kernels, reference
 from drope.kernels.attention import Options
 from drope.kernels.attention_bwd import attention_backward
 from drope.validation import AttentionShape, split_scale
-from helpers import noncontiguous, poisoned_empty, rel_err
+from helpers import Case, noncontiguous, poisoned_empty, rel_err
 
 TOL = {torch.float32: 5e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
 NAMES = ("dq", "dk", "dv", "d_q_norm_weight", "d_k_norm_weight")
 
 
-@dataclass(frozen=True)
-class Case:
-    B: int
-    HQ: int
-    HKV: int
-    SQ: int
-    SK: int
-    D: int
-    causal: bool = True
-    rope: bool = False
-    norm: Optional[str] = None  # None, "shared" (D,) or "head" (H, D)
-    scale: Optional[str] = None  # None, "float", "rows1" (Sq,), "rows2" (B, Sq)
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.B}-Hq{self.HQ}-Hkv{self.HKV}-Sq{self.SQ}-Sk{self.SK}-D{self.D}"]
-        parts.append("causal" if self.causal else "full")
-        if self.rope:
-            parts.append("rope")
-        if self.norm:
-            parts.append(f"norm-{self.norm}")
-        if self.scale:
-            parts.append(f"scale-{self.scale}")
-        return "-".join(parts)
-
-
-def make_inputs(c: Case, device, *, packed_len: Optional[int] = None):
+def make_inputs(c: Case, device):
     """Fresh float64 leaves (q, k, v, wq, wk) and the non-differentiable (scale, rope)."""
     f64 = dict(device=device, dtype=torch.float64)
     q = torch.randn(c.B, c.HQ, c.SQ, c.D, **f64)
     k = torch.randn(c.B, c.HKV, c.SK, c.D, **f64)
     v = torch.randn(c.B, c.HKV, c.SK, c.D, **f64)
     wq = wk = None
-    if c.norm == "shared":
-        wq, wk = 1 + 0.3 * torch.randn(c.D, **f64), 1 + 0.3 * torch.randn(c.D, **f64)
-    elif c.norm == "head":
-        wq, wk = 1 + 0.3 * torch.randn(c.HQ, c.D, **f64), 1 + 0.3 * torch.randn(c.HKV, c.D, **f64)
+    if c.norm_shapes() is not None:
+        wq_shape, wk_shape = c.norm_shapes()
+        wq, wk = 1 + 0.3 * torch.randn(wq_shape, **f64), 1 + 0.3 * torch.randn(wk_shape, **f64)
     scale = None
     if c.scale == "float":
         scale = 0.3 * c.D ** -0.5
-    elif c.scale == "rows1":
-        scale = (0.5 + torch.rand(c.SQ, **f64)) * c.D ** -0.5
-    elif c.scale == "rows2":
-        scale = (0.5 + torch.rand(c.B, c.SQ, **f64)) * c.D ** -0.5
-    elif c.scale == "heads":
-        scale = (0.5 + torch.rand(c.HQ, **f64)) * c.D ** -0.5
-    elif c.scale == "head_rows":
-        scale = (0.5 + torch.rand(c.B, c.HQ, c.SQ, **f64)) * c.D ** -0.5
+    elif c.scale != "none":
+        scale = (0.5 + torch.rand(c.scale_shape(), **f64)) * c.D ** -0.5
     rope = reference.rope_tables(c.SK + 5, c.D, device=device, dtype=torch.float32) if c.rope else None
     return (q, k, v, wq, wk), scale, rope
 
@@ -110,7 +76,8 @@ def launcher_options(c: Case, scale, rope, cu_seqlens=None, **features) -> Optio
                    window=features.get("window"), chunk=features.get("chunk"), softcap=features.get("softcap"))
 
 
-def run_launcher(c: Case, device, dtype, *, cu_seqlens=None, needs=(True,) * 5, strided=False, **blocks):
+def run_launcher(c: Case, device, *, cu_seqlens=None, needs=(True,) * 5, strided=False, **blocks):
+    dtype = c.dtype
     leaves, scale, rope = make_inputs(c, device)
     do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
     _, _, ref = reference_grads(leaves, scale, rope, do, causal=c.causal, cu_seqlens=cu_seqlens, needs=needs)
@@ -134,33 +101,32 @@ def run_launcher(c: Case, device, dtype, *, cu_seqlens=None, needs=(True,) * 5, 
 
 
 LAUNCHER_CASES = [
-    (Case(1, 2, 2, 63, 63, 64), torch.float32),
-    (Case(2, 4, 2, 77, 100, 64, rope=True, norm="head", scale="rows2"), torch.float32),
-    (Case(1, 4, 1, 1, 63, 64, rope=True, norm="shared", scale="rows1"), torch.float32),
-    (Case(1, 8, 1, 33, 77, 64, norm="shared", scale="float"), torch.float16),
-    (Case(1, 8, 8, 17, 40, 32, causal=False, rope=True), torch.float32),
-    (Case(1, 2, 1, 100, 100, 128, rope=True, norm="head"), torch.float16),
-    (Case(1, 2, 1, 63, 70, 128, scale="rows2"), torch.float32),
-    (Case(2, 4, 4, 20, 45, 64, causal=False, norm="head", scale="rows1"), torch.float16),
-    (Case(1, 8, 2, 64, 64, 16, rope=True, norm="shared"), torch.float16),
+    Case(1, 2, 2, 63, 63, 64),
+    Case(2, 4, 2, 77, 100, 64, rope=True, norm="head", scale="batch_rows"),
+    Case(1, 4, 1, 1, 63, 64, rope=True, norm="shared", scale="rows"),
+    Case(1, 8, 1, 33, 77, 64, norm="shared", scale="float", dtype=torch.float16),
+    Case(1, 8, 8, 17, 40, 32, causal=False, rope=True),
+    Case(1, 2, 1, 100, 100, 128, rope=True, norm="head", dtype=torch.float16),
+    Case(1, 2, 1, 63, 70, 128, scale="batch_rows"),
+    Case(2, 4, 4, 20, 45, 64, causal=False, norm="head", scale="rows", dtype=torch.float16),
+    Case(1, 8, 2, 64, 64, 16, rope=True, norm="shared", dtype=torch.float16),
     # bf16 on CPU: the interpreter multiplies bf16-rounded operands in fp32 (its bf16 tl.dot is wrong)
-    (Case(1, 4, 2, 50, 64, 64, rope=True, norm="head", scale="rows2"), torch.bfloat16),
+    Case(1, 4, 2, 50, 64, 64, rope=True, norm="head", scale="batch_rows", dtype=torch.bfloat16),
 ]
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("case,dtype", LAUNCHER_CASES,
-                         ids=[f"{c.id}-{str(d)[6:]}" for c, d in LAUNCHER_CASES])
-def test_launcher_matches_reference(case, dtype, device):
-    run_launcher(case, device, dtype)
+@pytest.mark.parametrize("case", LAUNCHER_CASES, ids=lambda c: c.id)
+def test_launcher_matches_reference(case, device):
+    run_launcher(case, device)
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_launcher_small_blocks_strided(causal, device):
     """Forced 16/32 blocks: many loop iterations, blocks straddling the diagonal and the ragged edge."""
-    run_launcher(Case(1, 4, 2, 45, 77, 32, causal=causal, rope=True, norm="head", scale="rows2"), device,
-                 torch.float32, strided=True, block_m=16, block_n=32)
+    run_launcher(Case(1, 4, 2, 45, 77, 32, causal=causal, rope=True, norm="head", scale="batch_rows"), device,
+                 strided=True, block_m=16, block_n=32)
 
 
 @pytest.mark.interpreter
@@ -169,7 +135,7 @@ def test_launcher_small_blocks_strided(causal, device):
     (False, False, False, True, False), (False, False, False, False, True), (True, False, True, False, True),
 ], ids=["q", "k", "v", "wq", "wk", "q-v-wk"])
 def test_launcher_partial_needs(needs, device):
-    run_launcher(Case(1, 4, 2, 30, 41, 32, rope=True, norm="head", scale="rows1"), device, torch.float32, needs=needs)
+    run_launcher(Case(1, 4, 2, 30, 41, 32, rope=True, norm="head", scale="rows"), device, needs=needs)
 
 
 PACKS = [[0, 5, 30, 31, 77], [0, 77], [0, 1, 2, 40, 77]]
@@ -180,25 +146,25 @@ PACKS = [[0, 5, 30, 31, 77], [0, 77], [0, 1, 2, 40, 77]]
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_launcher_packed(bounds, causal, device):
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-    run_launcher(Case(1, 2, 1, 77, 77, 32, causal=causal, rope=True, norm="head", scale="rows1"), device,
-                 torch.float32, cu_seqlens=cu, block_m=16, block_n=32)
+    run_launcher(Case(1, 2, 1, 77, 77, 32, causal=causal, rope=True, norm="head", scale="rows"), device,
+                 cu_seqlens=cu, block_m=16, block_n=32)
 
 
 @pytest.mark.interpreter
 @settings(max_examples=6, deadline=None)
 @given(G=st.sampled_from([1, 2, 4]), HKV=st.integers(1, 2), SQ=st.integers(1, 40), extra=st.integers(0, 30),
        D=st.sampled_from([16, 32]), causal=st.booleans(), rope=st.booleans(),
-       norm=st.sampled_from([None, "shared", "head"]), scale=st.sampled_from([None, "float", "rows1", "rows2"]),
+       norm=st.sampled_from(["none", "shared", "head"]), scale=st.sampled_from(["none", "float", "rows", "batch_rows"]),
        B=st.integers(1, 2), dtype=st.sampled_from([torch.float32, torch.float16]))
 def test_launcher_property(G, HKV, SQ, extra, D, causal, rope, norm, scale, B, dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    c = Case(B, G * HKV, HKV, SQ, SQ + extra, D, causal=causal, rope=rope, norm=norm, scale=scale)
-    run_launcher(c, device, dtype, block_m=16, block_n=16)
+    c = Case(B, G * HKV, HKV, SQ, SQ + extra, D, causal=causal, rope=rope, norm=norm, scale=scale, dtype=dtype)
+    run_launcher(c, device, block_m=16, block_n=16)
 
 
 @pytest.mark.interpreter
 def test_launcher_deterministic(device):
-    c = Case(1, 4, 2, 50, 70, 32, rope=True, norm="shared", scale="rows2")
+    c = Case(1, 4, 2, 50, 70, 32, rope=True, norm="shared", scale="batch_rows")
     leaves, scale, rope = make_inputs(c, device)
     q, k, v, wq, wk = [x.float() for x in leaves]
     sinks = torch.randn(c.HQ, device=device)
@@ -213,21 +179,20 @@ def test_launcher_deterministic(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", [
-    Case(1, 8, 2, 2048, 2048, 128, rope=True, norm="head", scale="rows2"),
-    Case(1, 4, 1, 8192, 8192, 128, norm="shared", scale="rows1"),
+@pytest.mark.parametrize("case", [replace(c, dtype=dtype) for dtype in (torch.bfloat16, torch.float16) for c in (
+    Case(1, 8, 2, 2048, 2048, 128, rope=True, norm="head", scale="batch_rows"),
+    Case(1, 4, 1, 8192, 8192, 128, norm="shared", scale="rows"),
     Case(2, 8, 1, 1000, 3000, 64, rope=True),
     Case(1, 4, 4, 777, 777, 256, causal=False, norm="head"),
-], ids=lambda c: c.id)
-def test_launcher_gpu(case, dtype):
-    run_launcher(case, "cuda", dtype)
+)], ids=lambda c: c.id)
+def test_launcher_gpu(case):
+    run_launcher(case, "cuda")
 
 
-def kernel_grads(c: Case, leaves, scale, rope, do, dtype, *, cu_seqlens=None, needs=(True,) * 5, strided=False,
+def kernel_grads(c: Case, leaves, scale, rope, do, *, cu_seqlens=None, needs=(True,) * 5, strided=False,
                  use_lse=False):
-    """Gradients through ``drope.kernels.attention`` + autograd; leaves cast to ``dtype`` (weights fp32)."""
-    q, k, v, wq, wk = [None if x is None else x.detach().to(dtype if i < 3 else torch.float32)
+    """Gradients through ``drope.kernels.attention`` + autograd; leaves cast to ``c.dtype`` (weights fp32)."""
+    q, k, v, wq, wk = [None if x is None else x.detach().to(c.dtype if i < 3 else torch.float32)
                        for i, x in enumerate(leaves)]
     if strided:
         q, k, v = noncontiguous(q), noncontiguous(k), noncontiguous(v)
@@ -242,27 +207,27 @@ def kernel_grads(c: Case, leaves, scale, rope, do, dtype, *, cu_seqlens=None, ne
 
 
 E2E_CASES = [
-    (Case(2, 4, 2, 63, 77, 64, rope=True, norm="head", scale="rows2"), torch.float32),
-    (Case(1, 8, 1, 40, 40, 64, norm="shared", scale="rows1"), torch.float16),
-    (Case(1, 4, 4, 1, 50, 128, causal=False, rope=True, scale="float"), torch.float32),
+    Case(2, 4, 2, 63, 77, 64, rope=True, norm="head", scale="batch_rows"),
+    Case(1, 8, 1, 40, 40, 64, norm="shared", scale="rows", dtype=torch.float16),
+    Case(1, 4, 4, 1, 50, 128, causal=False, rope=True, scale="float"),
 ]
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("case,dtype", E2E_CASES, ids=[f"{c.id}-{str(d)[6:]}" for c, d in E2E_CASES])
-def test_autograd_matches_reference(case, dtype, device):
+@pytest.mark.parametrize("case", E2E_CASES, ids=lambda c: c.id)
+def test_autograd_matches_reference(case, device):
     leaves, scale, rope = make_inputs(case, device)
     do = torch.randn(case.B, case.HQ, case.SQ, case.D, device=device, dtype=torch.float64)
     ref_out, _, ref = reference_grads(leaves, scale, rope, do, causal=case.causal)
-    out, _, got = kernel_grads(case, leaves, scale, rope, do, dtype, strided=True)
-    assert out.dtype == dtype and rel_err(out, ref_out) < TOL[dtype]
-    check_grads(got, ref, TOL[dtype])
+    out, _, got = kernel_grads(case, leaves, scale, rope, do, strided=True)
+    assert out.dtype == case.dtype and rel_err(out, ref_out) < TOL[case.dtype]
+    check_grads(got, ref, TOL[case.dtype])
 
 
 @pytest.mark.interpreter
 def test_autograd_through_lse(device):
     """A loss that uses the returned LSE too: its gradient flows back (d lse / d s = p)."""
-    c = Case(1, 4, 2, 30, 45, 32, rope=True, norm="head", scale="rows1")
+    c = Case(1, 4, 2, 30, 45, 32, rope=True, norm="head", scale="rows")
     leaves, scale, rope = make_inputs(c, device)
     do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
     q, k, v, wq, wk = [x.detach().clone().requires_grad_() for x in leaves]
@@ -270,7 +235,7 @@ def test_autograd_through_lse(device):
                                    q_norm_weight=wq, k_norm_weight=wk, return_lse=True)
     ((out * do).sum() + (lse * do[..., 0]).sum()).backward()
     ref = [x.grad for x in (q, k, v, wq, wk)]
-    _, _, got = kernel_grads(c, leaves, scale, rope, do, torch.float32, use_lse=True)
+    _, _, got = kernel_grads(c, leaves, scale, rope, do, use_lse=True)
     check_grads(got, ref, TOL[torch.float32])
 
 
@@ -284,7 +249,7 @@ def test_autograd_partial_requires_grad(needs, device):
     leaves, scale, rope = make_inputs(c, device)
     do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
     _, _, ref = reference_grads(leaves, scale, rope, do, causal=True, needs=needs)
-    _, _, got = kernel_grads(c, leaves, scale, rope, do, torch.float32, needs=needs)
+    _, _, got = kernel_grads(c, leaves, scale, rope, do, needs=needs)
     check_grads(got, ref, TOL[torch.float32])
 
 
@@ -293,18 +258,18 @@ def test_autograd_partial_requires_grad(needs, device):
 def test_autograd_packed_equals_documents_alone(causal, device):
     """Packed documents (cu_seqlens) give each document's own outputs and gradients."""
     bounds = [0, 9, 10, 47, 64]
-    c = Case(1, 2, 1, 64, 64, 32, causal=causal, rope=True, norm="head", scale="rows1")
+    c = Case(1, 2, 1, 64, 64, 32, causal=causal, rope=True, norm="head", scale="rows")
     leaves, scale, rope = make_inputs(c, device)
     do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-    out, _, got = kernel_grads(c, leaves, scale, rope, do, torch.float32, cu_seqlens=cu)
+    out, _, got = kernel_grads(c, leaves, scale, rope, do, cu_seqlens=cu)
     q, k, v, wq, wk = leaves
     dwq, dwk = torch.zeros_like(wq), torch.zeros_like(wk)
     for a, b in zip(bounds[:-1], bounds[1:]):
         n = b - a
         doc = Case(1, 2, 1, n, n, 32, causal=causal)
         parts = (q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], wq, wk)
-        o_doc, _, g_doc = kernel_grads(doc, parts, scale[a:b], rope, do[:, :, a:b], torch.float32)
+        o_doc, _, g_doc = kernel_grads(doc, parts, scale[a:b], rope, do[:, :, a:b])
         # absolute slack: a one-token document has dq = dk = 0 up to rounding
         assert torch.allclose(out[:, :, a:b], o_doc, rtol=1e-4, atol=1e-5), f"document {a}:{b} output"
         for name, g, gd in zip(NAMES[:3], got[:3], g_doc[:3]):
@@ -319,7 +284,7 @@ def test_autograd_packed_equals_documents_alone(causal, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_autocast_op(dtype, device):
     """Under autocast q, k, v run in the autocast dtype; grads return in each leaf's dtype (fp32 here)."""
-    c = Case(1, 4, 2, 33, 40, 64, rope=True, norm="head", scale="rows2")
+    c = Case(1, 4, 2, 33, 40, 64, rope=True, norm="head", scale="batch_rows")
     leaves, scale, rope = make_inputs(c, device)
     do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
     _, _, ref = reference_grads(leaves, scale, rope, do, causal=True)
@@ -350,53 +315,48 @@ def test_grad_bad_cu_seqlens(device):
 
 
 FEATURES = [
-    # case, window, chunk, softcap, sinks, forced blocks
-    (Case(1, 4, 2, 60, 60, 32), 9, None, None, False, (16, 16)),
-    (Case(2, 4, 2, 45, 70, 32, rope=True, norm="head", scale="rows2"), 20, None, None, True, None),
-    (Case(1, 4, 1, 70, 70, 32, scale="heads"), None, 16, None, False, (16, 32)),
-    (Case(1, 2, 2, 50, 50, 32, scale="head_rows"), None, None, 3.0, False, (16, 16)),
-    (Case(1, 4, 2, 40, 40, 32, causal=False, norm="shared"), None, None, 4.0, True, None),
-    (Case(1, 4, 2, 77, 77, 40, rope=True, norm="head", scale="head_rows"), 25, 32, 5.0, True, (16, 16)),
-    (Case(1, 2, 1, 33, 50, 80, rope=True, norm="shared"), None, None, None, True, None),
-    (Case(1, 2, 1, 20, 20, 24, norm="head"), 6, None, None, False, (16, 16)),
+    Case(1, 4, 2, 60, 60, 32, window=9, blocks=(16, 16)),
+    Case(2, 4, 2, 45, 70, 32, rope=True, norm="head", scale="batch_rows", window=20, sinks=True),
+    Case(1, 4, 1, 70, 70, 32, scale="heads", chunk=16, blocks=(16, 32)),
+    Case(1, 2, 2, 50, 50, 32, scale="head_rows", softcap=3.0, blocks=(16, 16)),
+    Case(1, 4, 2, 40, 40, 32, causal=False, norm="shared", softcap=4.0, sinks=True),
+    Case(1, 4, 2, 77, 77, 40, rope=True, norm="head", scale="head_rows", window=25, chunk=32, softcap=5.0, sinks=True,
+         blocks=(16, 16)),
+    Case(1, 2, 1, 33, 50, 80, rope=True, norm="shared", sinks=True),
+    Case(1, 2, 1, 20, 20, 24, norm="head", window=6, blocks=(16, 16)),
 ]
 
 
-def _feature_id(f):
-    c, window, chunk, softcap, sinks, blocks = f
-    parts = [c.id] + [f"{n}{x}" for n, x in (("window", window), ("chunk", chunk), ("softcap", softcap)) if x]
-    return "-".join(parts + (["sinks"] if sinks else []) + ([f"blocks{blocks[0]}x{blocks[1]}"] if blocks else []))
-
-
 @pytest.mark.interpreter
-@pytest.mark.parametrize("feature", FEATURES, ids=[_feature_id(f) for f in FEATURES])
-def test_feature_gradients(feature, device):
+@pytest.mark.parametrize("case", FEATURES, ids=lambda c: c.id)
+def test_feature_gradients(case, device):
     """Windows, chunks, soft-caps, sinks, per-head scales, padded head dims: every gradient, sinks' included.
 
     End to end through autograd, and through the launcher with forced small blocks where given.
     """
-    check_features(feature, device)
+    check_features(case, device)
 
 
 FEATURES_GPU = [
-    (Case(1, 8, 2, 2048, 2048, 128, rope=True, norm="head", scale="head_rows"), 500, None, None, True, None),
-    (Case(1, 8, 2, 2048, 2048, 64), None, 512, None, False, None),
-    (Case(2, 4, 4, 1000, 1000, 96, scale="rows2"), None, None, 30.0, True, (64, 64)),
-    (Case(1, 4, 1, 1500, 1500, 80, rope=True, norm="shared"), 128, 256, None, True, None),
+    Case(1, 8, 2, 2048, 2048, 128, rope=True, norm="head", scale="head_rows", window=500, sinks=True),
+    Case(1, 8, 2, 2048, 2048, 64, chunk=512),
+    Case(2, 4, 4, 1000, 1000, 96, scale="batch_rows", softcap=30.0, sinks=True, blocks=(64, 64)),
+    Case(1, 4, 1, 1500, 1500, 80, rope=True, norm="shared", window=128, chunk=256, sinks=True),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("feature", FEATURES_GPU, ids=[_feature_id(f) for f in FEATURES_GPU])
-def test_feature_gradients_gpu(feature):
-    check_features(feature, "cuda")
+@pytest.mark.parametrize("case", FEATURES_GPU, ids=lambda c: c.id)
+def test_feature_gradients_gpu(case):
+    check_features(case, "cuda")
 
 
-def check_features(feature, device):
-    c, window, chunk, softcap, use_sinks, blocks = feature
-    feats = dict(window=window, chunk=chunk, softcap=softcap)
+def check_features(c: Case, device):
+    """Every gradient of ``c``'s features (fp32) against the float64 reference; with ``c.blocks``, the launcher too."""
+    feats = dict(window=c.window, chunk=c.chunk, softcap=c.softcap)
+    blocks = c.blocks
     leaves, scale, rope = make_inputs(c, device)
-    sinks64 = torch.randn(c.HQ, device=device, dtype=torch.float64) if use_sinks else None
+    sinks64 = torch.randn(c.HQ, device=device, dtype=torch.float64) if c.sinks else None
     do = torch.randn(c.B, c.HQ, c.SQ, c.D, device=device, dtype=torch.float64)
     ref_leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (*leaves, sinks64)]
     rope64 = None if rope is None else tuple(t.double() for t in rope)
@@ -414,7 +374,7 @@ def check_features(feature, device):
     (out.double() * do).sum().backward()
     names = NAMES + ("d_sinks",)
     check_grads([None if x is None else x.grad for x in ins], ref, TOL[torch.float32])
-    if use_sinks:
+    if c.sinks:
         assert rel_err(ins[5].grad, ref[5]) < TOL[torch.float32], "d_sinks"
     if blocks is not None:
         q, k, v, wq, wk, sinks = [None if x is None else x.detach().float() for x in (*leaves, sinks64)]
@@ -429,14 +389,14 @@ def check_features(feature, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [
-    Case(1, 8, 2, 4096, 4096, 128, rope=True, norm="head", scale="rows2"),
-    Case(1, 4, 1, 8192, 8192, 128, norm="shared"),
-    Case(2, 8, 8, 1000, 1500, 64, causal=False, rope=True),
+    Case(1, 8, 2, 4096, 4096, 128, rope=True, norm="head", scale="batch_rows", dtype=torch.bfloat16),
+    Case(1, 4, 1, 8192, 8192, 128, norm="shared", dtype=torch.bfloat16),
+    Case(2, 8, 8, 1000, 1500, 64, causal=False, rope=True, dtype=torch.bfloat16),
 ], ids=lambda c: c.id)
 def test_autograd_gpu_bf16(case):
     leaves, scale, rope = make_inputs(case, "cuda")
     do = torch.randn(case.B, case.HQ, case.SQ, case.D, device="cuda", dtype=torch.float64)
     ref_out, _, ref = reference_grads(leaves, scale, rope, do, causal=case.causal)
-    out, _, got = kernel_grads(case, leaves, scale, rope, do, torch.bfloat16, strided=True)
+    out, _, got = kernel_grads(case, leaves, scale, rope, do, strided=True)
     assert rel_err(out, ref_out) < TOL[torch.bfloat16]
     check_grads(got, ref, TOL[torch.bfloat16])

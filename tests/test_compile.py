@@ -12,7 +12,7 @@ from transformers.generation import CompileConfig
 
 from drope import kernels, reference
 from drope.hf import attention as hfa, temperature as hft
-from drope.kernels import toolkit
+from drope.inspect import recording
 from helpers import HostReads, rel_err, with_cache
 from hf_tiny import DEVICE, VOCAB, drope_model, rope_model
 
@@ -216,7 +216,7 @@ def test_layer_traces_as_one_graph_without_host_reads(name, kind):
         explained = torch._dynamo.explain(model)(**prepare())
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
         inputs = prepare()
-        with toolkit.recording(), HostReads() as reads:  # launches recorded, not run: only the Python path counts
+        with recording(), HostReads() as reads:  # launches recorded, not run: only the Python path counts
             model(**inputs)
     assert reads.calls == []
 

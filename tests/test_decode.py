@@ -12,7 +12,7 @@ import drope.kernels.decode as dec
 import drope.kernels.interface as interface
 from drope import reference
 from drope.kernels import choose_num_splits, decode_attention
-from drope.kernels.toolkit import recording
+from drope.inspect import recording
 from drope.validation import DeviceError
 from helpers import noncontiguous, poisoned_empty, rel_err
 

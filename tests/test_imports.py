@@ -33,6 +33,20 @@ def test_kernels_and_reference_never_import_transformers(module):
     assert out.strip() == "[]"
 
 
+def test_kernels_launch_without_the_inspector():
+    """The compile inspector is a tool beside the kernels: importing and running them never imports it."""
+    out = run_fresh("""
+        import os, sys
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        import drope.kernels
+        q = torch.randn(1, 2, 8, 16)
+        drope.kernels.attention(q, q, q)
+        print(sorted(m for m in sys.modules if m.startswith("drope.inspect")))
+    """)
+    assert out.strip() == "[]"
+
+
 def test_import_drope_and_its_cli_load_neither_torch_nor_transformers():
     out = run_fresh("""
         import sys

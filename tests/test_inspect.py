@@ -1,6 +1,6 @@
 """Compile check: every kernel and autotune candidate of each op compiles for sm_90a, without a GPU.
 
-Each op runs ``python -m drope.kernels.inspect`` once, in a subprocess without ``TRITON_INTERPRET`` (the
+Each op runs ``python -m drope.inspect`` once, in a subprocess without ``TRITON_INTERPRET`` (the
 conftest switches the interpreter on for this process; the inspector needs compiled jit functions).
 Every manifest entry must have no spills, no wgmma serialisation warning (ptxas C7510-C7515), shared
 memory within an H100's 227 KB, and wgmma (not mma.sync) in the 16-bit forward and backward attention
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import triton
 
-from drope.kernels import inspect as ins
+from drope import inspect as ins
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ["--dtype", "bf16", "--batch", "1", "--heads", "32", "--kv-heads", "8", "--seq", "8192"]
@@ -66,7 +66,7 @@ KNOWN = KNOWN_BY_VERSION.get(TRITON, KNOWN_39)
 def _tools_missing() -> str:
     try:
         for tool in ("ptxas", "cuobjdump"):
-            if not os.path.exists(ins._tool(tool)):
+            if not os.path.exists(ins.tool(tool)):
                 return f"Triton's bundled {tool} is missing"
     except Exception as e:  # noqa: BLE001 - any failure to locate the NVIDIA backend means: cannot compile here
         return f"Triton's NVIDIA backend is unavailable ({e})"
@@ -83,8 +83,8 @@ def _env(**extra) -> dict:
     return env
 
 
-def _inspect(case: str, out: Path, **env) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "drope.kernels.inspect", *SHAPE, *CASES[case], "--out", str(out)]
+def _inspect(case: str, out: Path, module: str = "drope.inspect", **env) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module, *SHAPE, *CASES[case], "--out", str(out)]
     return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True)
 
 
@@ -200,6 +200,21 @@ def test_interpreter_env_is_dropped(manifests, tmp_path):
     assert "TRITON_INTERPRET" in r.stderr
     got = json.loads((tmp_path / "manifest.json").read_text())
     assert [e["hash"] for e in got["launches"]] == [e["hash"] for e in ref["launches"]]
+
+
+def test_old_command_runs_the_same_inspector(manifests, tmp_path):
+    """``python -m drope.kernels.inspect`` (the command DESIGN.md names) prints and writes what ``python -m
+    drope.inspect`` does, its usage line naming the command it was started as."""
+    case = "decode-D64"
+    ref = manifests(case)
+    r = _inspect(case, tmp_path, module="drope.kernels.inspect")
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads((tmp_path / "manifest.json").read_text())
+    assert got == {k: v for k, v in ref.items() if not k.startswith("_")}
+    assert r.stdout.replace(str(tmp_path), "OUT") == ref["_stdout"].replace(ref["_dir"], "OUT")
+    usage = subprocess.run([sys.executable, "-m", "drope.kernels.inspect", "--help"], cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: python -m drope.kernels.inspect ")
 
 
 def test_library_refuses_the_interpreter(monkeypatch):

@@ -2,15 +2,17 @@
 
 import contextlib
 import json
+import os
+import warnings
 
 import pytest
 import torch
 
 from drope.cli import main
-from drope.niah import profile, report, runner
+from drope.niah import decode, loading, profile, report, results, runner
 from drope.niah.runner import NIAHError, RunConfig, SlowPathWarning, apply_rope_scaling, greedy_generate
 from drope.niah.tasks import PromptBuilder
-from test_niah_common import save_tiny_model, tiny_config, train_tokenizer
+from niah_helpers import save_tiny_model, tiny_config, train_tokenizer
 
 FAST = ["--trials", "1", "--max-new-tokens", "4", "--warmup", "0", "--no-progress"]
 
@@ -85,7 +87,7 @@ def test_greedy_matches_generate(model_dir):
 def test_scoring_through_the_runner(model_dir, tmp_path, monkeypatch):
     """A generation that reads the answers (all, or half of them) scores 1 (or partial 0.5) in the results."""
     tok = train_tokenizer()
-    real = runner.greedy_generate
+    real = decode.greedy_generate
     state = {}
 
     def oracle(model, input_ids, max_new_tokens, eos_ids, device):
@@ -97,7 +99,7 @@ def test_scoring_through_the_runner(model_dir, tmp_path, monkeypatch):
         state["trial"] += 1
         return g
 
-    monkeypatch.setattr(runner, "greedy_generate", oracle)
+    monkeypatch.setattr(decode, "greedy_generate", oracle)
     state["builder"] = PromptBuilder(tok)
     for task, half, expected in [("multiquery", False, (1.0, 1.0)), ("multivalue", True, (0.0, 0.5))]:
         state.update(task=task, depth=0.5, trial=0, half=half)
@@ -221,7 +223,7 @@ def test_runner_drope_triton_matches_eager(model_dir, tmp_path):
     preds = {}
     for attn in ("eager", "drope_triton"):
         out = tmp_path / attn
-        interpreted = attn == "drope_triton" and profile.interpreter_enabled()
+        interpreted = attn == "drope_triton" and runner.kernels_interpreted()
         with pytest.warns(SlowPathWarning, match="interpreter") if interpreted else contextlib.nullcontext():
             res = runner.run(_cfg(model_dir, lengths=[128], depths=[0.5], trials=1, attn=attn), out, progress=False)
         assert res["config"]["attn_implementation"] == attn and res["results"][0]["decode_tok_s"] > 0
@@ -230,14 +232,14 @@ def test_runner_drope_triton_matches_eager(model_dir, tmp_path):
 
 
 def test_out_of_memory_and_ctrl_c_keep_finished_cells(model_dir, tmp_path, monkeypatch, capsys):
-    real = runner.greedy_generate
+    real = decode.greedy_generate
 
     def oom_at_256(model, input_ids, *args):
         if len(input_ids) == 256:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, input_ids, *args)
 
-    monkeypatch.setattr(runner, "greedy_generate", oom_at_256)
+    monkeypatch.setattr(decode, "greedy_generate", oom_at_256)
     out = tmp_path / "oom"
     assert _niah("--model", model_dir, "--lengths", "128,256", "--tasks", "single", "--depths", "1", "--out", out,
                  *FAST) == 1
@@ -249,7 +251,7 @@ def test_out_of_memory_and_ctrl_c_keep_finished_cells(model_dir, tmp_path, monke
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "greedy_generate", interrupt)
+    monkeypatch.setattr(decode, "greedy_generate", interrupt)
     assert _niah("--model", model_dir, "--lengths", "128,256", "--tasks", "single", "--depths", "1", "--out", out,
                  "--resume", *FAST) == 130
     assert "rerun with --resume" in capsys.readouterr().err
@@ -304,8 +306,8 @@ def test_smollm360m_shape_32k_profile(tmp_path, attn):
 
 def test_each_request_decoded_and_scored_once(model_dir, tmp_path, monkeypatch):
     calls = []
-    real = runner.score
-    monkeypatch.setattr(runner, "score", lambda pred, answers, value_type="number":
+    real = results.score
+    monkeypatch.setattr(results, "score", lambda pred, answers, value_type="number":
                         calls.append(pred) or real(pred, answers, value_type))
     res = runner.run(_cfg(model_dir, lengths=[128], depths=[0.0, 1.0], trials=2), tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
@@ -343,8 +345,8 @@ def test_memory_estimate_follows_attention_and_device(monkeypatch):
     def est(attn, device, length=16384):
         return profile.estimate_memory_mb(config, length, 32, torch.float32, attn, device)["activations_mb"]
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    # drope_triton's CPU path is SDPA-based (drope/hf/sdpa_path.py): O(L), like sdpa
+    monkeypatch.setattr(profile, "cpu_backend", lambda: "torch")
+    # drope_triton's CPU kernels (drope/kernels/cpu) run PyTorch's CPU flash attention: O(L), like sdpa
     assert not profile.attention_path("drope_triton", cpu)["quadratic"]
     assert not profile.attention_path("drope_triton", cuda)["quadratic"]
     assert not profile.attention_path("sdpa", cpu)["quadratic"] and profile.attention_path("eager", cuda)["quadratic"]
@@ -352,7 +354,7 @@ def test_memory_estimate_follows_attention_and_device(monkeypatch):
     # eager: 2 heads x 16k x 16k scores, growing with the square of the length
     assert est("eager", cpu) > 1024
     assert est("eager", cpu, 32768) == pytest.approx(4 * est("eager", cpu), rel=0.05)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(profile, "cpu_backend", lambda: "interpreter")
     assert not profile.attention_path("drope_triton", cpu)["quadratic"]
     assert profile.attention_path("drope_triton", cpu)["slow"]
 
@@ -372,18 +374,23 @@ def test_refusal_names_only_implementations_that_fit(model_dir, tmp_path, monkey
     assert "length 4096: needs ~" in str(e.value) and "--attn sdpa" in str(e.value)
 
 
-def test_interpreter_set_after_import_is_refused(model_dir, tmp_path, monkeypatch):
+def test_interpreter_set_after_import_runs_the_cpu_kernels(model_dir, tmp_path, monkeypatch):
+    """TRITON_INTERPRET exported after drope was imported no longer traps a run: the kernels were defined for a GPU,
+    so CPU tensors take drope's PyTorch kernels (ops.cpu_backend: what Triton fixed at import), with no warning."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(runner, "kernels_interpreted", lambda: False)
-    with pytest.raises(NIAHError, match="set after drope was imported.*0 active drivers"):
-        runner.run(_cfg(model_dir, lengths=[128], attn="drope_triton", device="cpu"), tmp_path / "x", progress=False)
-    assert not (tmp_path / "x" / "results.json").exists()
+    monkeypatch.setattr(profile, "cpu_backend", lambda: "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)
+        path = loading.check_attention_path("drope_triton", torch.device("cpu"))
+    assert "CPU kernels" in path["path"] and not path["slow"]
 
 
 @pytest.mark.interpreter
 def test_kernels_interpreted_reports_how_triton_built_them():
-    expected = profile.interpreter_enabled() and not torch.cuda.is_available()  # conftest's choice, before import
-    assert runner.kernels_interpreted() is expected
+    from drope.kernels import ops
+
+    assert runner.kernels_interpreted() is (ops.cpu_backend() == "interpreter")
+    assert runner.kernels_interpreted() is (os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available())
 
 
 def test_threads(monkeypatch):

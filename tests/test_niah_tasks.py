@@ -6,7 +6,7 @@ import pytest
 
 from drope.niah import haystack, tasks
 from drope.niah.tasks import NEEDLE, TASKS, PromptBuilder, parse_depths, parse_lengths, parse_numbers, parse_tasks, score
-from test_niah_common import train_tokenizer
+from niah_helpers import train_tokenizer
 
 
 @pytest.fixture(scope="module")

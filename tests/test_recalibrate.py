@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import drope
 from drope import cli, data
-from drope.hf.recalibrate import recalibrate
+from drope.hf.recalibrate import RecalibrateConfig, recalibrate
 from test_data import random_text, tiny_tokenizer
 
 SEQ_LEN = 32
@@ -150,6 +150,22 @@ def test_a_drope_model_is_trained_as_it_is(workdir, tmp_path):
     again = recalibrate(tmp_path / "drope", workdir / "data", tmp_path / "out2", max_steps=1, save_steps=100,
                         **{k: v for k, v in TRAIN.items() if k != "seq_len"})
     assert again.seq_len == 24
+
+
+def test_settings_as_a_config_or_as_keywords(workdir, tmp_path):
+    """A RecalibrateConfig and its fields as keywords make the same run; keywords override the config's."""
+    config = RecalibrateConfig(max_steps=1, save_steps=100, **TRAIN)
+    a = recalibrate(workdir / "model", workdir / "data", tmp_path / "a", config)
+    b = recalibrate(workdir / "model", workdir / "data", tmp_path / "b", max_steps=1, save_steps=100, **TRAIN)
+    assert (a.global_step, a.examples, a.train_loss) == (b.global_step, b.examples, b.train_loss)
+    assert a.global_step == 1
+    assert recalibrate(workdir / "model", workdir / "data", tmp_path / "c", config, max_steps=2).global_step == 2
+    assert config.max_steps == 1
+    with pytest.raises(TypeError, match="learning_rat"):
+        recalibrate(workdir / "model", workdir / "data", tmp_path / "d", config, learning_rat=1e-3)
+    with pytest.raises(ValueError, match=r"training_args has field\(s\) \['nope'\]"):
+        RecalibrateConfig(training_args={"nope": 1})
+    assert drope.RecalibrateConfig is RecalibrateConfig
 
 
 def test_cli_end_to_end(workdir, tmp_path, capsys):

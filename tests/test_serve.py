@@ -4,6 +4,7 @@ the shipped mini DroPE checkpoint; a bounded number of requests, then it is stop
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import socket
@@ -22,6 +23,8 @@ from transformers.utils.import_utils import is_serve_available
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "drope" / "demo" / "checkpoints" / "drope"
 PROMPT = "the key is 4 2 7. "
+READY_S = 300  # how long the server may take to answer /health (a busy 2-core machine loads slowly)
+TIMEOUT_S = 300  # any one subprocess the tests run
 
 pytestmark = pytest.mark.skipif(not is_serve_available(), reason='needs transformers\' serving extra: '
                                                                    'pip install "transformers[serving]"')
@@ -43,38 +46,56 @@ def _post(url: str, body, *, raw: bool = False):
         return e.code, json.loads(e.read() or b"{}")
 
 
+def wait_until_ready(url: str, proc: subprocess.Popen, log_path: Path, ready_s: float = READY_S) -> None:
+    """Return once ``url/health`` answers 200; ``pytest.fail`` with the log's tail when ``proc`` exits first or
+    ``ready_s`` seconds pass (a readiness bound for a busy machine, not a timing assertion)."""
+    deadline = time.monotonic() + ready_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"drope serve exited ({proc.returncode}) before answering /health:\n{_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (OSError, http.client.HTTPException):  # not listening yet, or an error status while it loads
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"drope serve did not answer {url}/health within {ready_s:g} s:\n{_tail(log_path)}")
+        time.sleep(0.5)
+
+
+def _tail(log_path: Path) -> str:
+    return log_path.read_text(errors="replace")[-4000:] if log_path.is_file() else "(no log)"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
 @contextlib.contextmanager
 def serving():
-    """``drope serve`` on the mini checkpoint in a subprocess, on a free loopback port: (url, process, tmp dir)."""
+    """``drope serve`` on the mini checkpoint in a subprocess, on a free loopback port: (url, process, tmp dir).
+
+    Fails (with the server's log) unless the server answers /health: the process is stopped in every case.
+    """
     port = _free_port()
     tmp = tempfile.mkdtemp(prefix="drope-serve-test-")
-    log = open(os.path.join(tmp, "serve.log"), "w")
+    log_path = Path(tmp, "serve.log")
     env = {**os.environ, "TMPDIR": tmp}  # the checkpoint view goes here: a test can see it removed
-    proc = subprocess.Popen([sys.executable, "-m", "drope.cli", "serve", str(MINI), "--device", "cpu", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # readiness poll (a busy CI machine loads slowly); not a timing assertion
-            if proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        if proc.poll() is not None:
-            log.flush()
-            pytest.fail(f"drope serve exited ({proc.returncode}):\n{Path(tmp, 'serve.log').read_text()[-4000:]}")
-        yield url, proc, tmp
-    finally:
-        proc.terminate()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "drope.cli", "serve", str(MINI), "--device", "cpu", "--port",
+                                 str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            wait_until_ready(url, proc, log_path)
+            yield url, proc, tmp
+        finally:
+            _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +152,34 @@ def test_stopping_removes_the_checkpoint_view():
         assert not views[0].exists()
 
 
+@pytest.mark.parametrize("code,ready_s,why", [
+    ("import sys; print('bad weights', flush=True); sys.exit(3)", 60, "exited \\(3\\) before answering"),
+    ("import time; print('loading', flush=True); time.sleep(120)", 3, "did not answer .* within 3 s"),
+], ids=["exits", "never-answers"])
+def test_readiness_fails_fast_with_the_log(tmp_path, code, ready_s, why):
+    """A server that exits, or never answers /health, fails the fixture with its log: never a yield, never a hang."""
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while not log_path.read_text() and time.monotonic() < deadline:  # the child has started
+                time.sleep(0.1)
+            start = time.monotonic()
+            with pytest.raises(pytest.fail.Exception, match=why) as failed:
+                wait_until_ready(f"http://127.0.0.1:{_free_port()}", proc, log_path, ready_s=ready_s)
+            assert time.monotonic() - start < ready_s + 10
+        finally:
+            _stop(proc)
+    assert log_path.read_text().strip() in str(failed.value)
+
+
 def test_bad_arguments_are_refused(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "drope.cli", "serve", str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "drope.cli", "serve", str(tmp_path)], capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
     assert r.returncode == 2 and "local checkpoint directory with a config.json" in r.stderr
     r = subprocess.run([sys.executable, "-m", "drope.cli", "serve", str(MINI), "--attn-implementation", "drope_triton"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.returncode == 2 and "invalid choice: 'drope_triton'" in r.stderr
 
 

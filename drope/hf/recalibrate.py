@@ -1,6 +1,7 @@
 """Recalibrate a model as DroPE: drop RoPE (converting if needed) and train briefly at the training length.
 
-Python API :func:`recalibrate` and the ``drope recalibrate`` subcommand (``add_arguments``/``run``).
+Python API :func:`recalibrate` (settings in a :class:`RecalibrateConfig`, or its fields as keywords) and the
+``drope recalibrate`` subcommand (``add_arguments``/``run``).
 Training is Hugging Face's ``Trainer``: AdamW with betas (0.9, 0.95), linear warmup then cosine decay,
 learning rate 1e-3 by default (stable with QK-norm, as in the paper), bf16 mixed precision on GPU,
 gradient checkpointing, checkpoints every ``save_steps`` and resumption from them. Because it is the
@@ -11,6 +12,7 @@ without changes (pass their settings through ``training_args``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -89,29 +91,163 @@ def _checkpoint_qk_norm(checkpoint: str) -> Optional[str]:
 
 
 def _load_model(model_path: Path, *, qk_norm: str, attn_implementation: str):
-    import drope
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .convert import to_drope
 
     config = AutoConfig.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attn_implementation,
                                                  dtype=torch.float32)
     converted = not _is_drope_config(config)
     if converted:
-        model = drope.to_drope(model, qk_norm=None if qk_norm == "none" else qk_norm)
+        model = to_drope(model, qk_norm=None if qk_norm == "none" else qk_norm)
         model.set_attn_implementation(attn_implementation)
     return model, converted
 
 
+@dataclass
+class RecalibrateConfig:
+    """How :func:`recalibrate` runs: what is DroPE's own, then the ``transformers.Trainer`` settings.
+
+    The defaults are the paper's recipe: AdamW with betas (0.9, 0.95), learning rate 1e-3 (stable with
+    QK-norm), linear warmup then cosine decay. Fields ``transformers.TrainingArguments`` has under another
+    name (or not at all) are mapped by :func:`recalibrate`; any other ``TrainingArguments`` field goes in
+    ``training_args``.
+
+    Attributes:
+        seq_len: training context length; None = the model's (``drope_temperature["train_length"]``,
+            else ``max_position_embeddings``).
+        qk_norm: QK-norm added when converting: ``"full"`` (over all heads, as the paper), ``"head"``
+            (per head, fused into the kernel), ``"auto"`` (``"head"`` for Qwen3, which keeps its own
+            trained per-head norms and accepts only these two, else ``"full"``) or ``"none"``. None =
+            ``"auto"`` for a fresh run and the checkpoint's kind when resuming (another explicit kind
+            than the checkpoint's is an error). Ignored for a model that already is DroPE.
+        packed: pack whole documents with boundaries instead of cutting the concatenated stream.
+        text_field: JSON field with the text in ``.jsonl`` files.
+        bin_dtype: integer dtype of ``.bin`` token files.
+        attn_implementation: attention used in training; None = ``"drope_triton"`` on CUDA, ``"sdpa"``
+            on CPU.
+        resume: None/False = start afresh; True = the last checkpoint in the output directory; a path =
+            that checkpoint. Passed to ``trainer.train(resume_from_checkpoint=...)``.
+        learning_rate: peak AdamW learning rate (1e-3 is the paper's value with QK-norm; use a lower
+            one without QK-norm).
+        warmup_steps: linear warmup, in steps (int) or as a fraction of all steps (float < 1).
+        weight_decay: AdamW weight decay (not applied to norms and biases).
+        num_train_epochs: passes over the data when ``max_steps`` is -1.
+        max_steps: optimizer steps in all; -1 = decided by ``num_train_epochs``.
+        batch_size: examples per device per step (rows, or packs when ``packed``).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        save_steps: save a checkpoint every this many steps.
+        save_total_limit: keep at most this many checkpoints (None = all).
+        logging_steps: log loss and learning rate every this many steps.
+        bf16: bf16 mixed precision (fp32 master weights); None = on when CUDA supports bf16.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        max_grad_norm: gradient clipping norm.
+        seed: seed of initialisation-free randomness (data order, dropout).
+        show_progress: show the Trainer's progress bars.
+        training_args: extra ``transformers.TrainingArguments`` fields; they override the ones above.
+
+    Raises:
+        ValueError: (when built) a bad ``qk_norm`` or ``seq_len``, an unknown ``training_args`` field.
+    """
+
+    seq_len: Optional[int] = None
+    qk_norm: Optional[str] = None
+    packed: bool = False
+    text_field: str = "text"
+    bin_dtype: str = "uint16"
+    attn_implementation: Optional[str] = None
+    resume: Union[bool, str, os.PathLike, None] = None
+    learning_rate: float = 1e-3
+    warmup_steps: float = 0.05
+    weight_decay: float = 0.1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    logging_steps: int = 10
+    bf16: Optional[bool] = None
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    show_progress: bool = True
+    training_args: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be None or one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
+        seq_len = self.seq_len
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2):
+            raise ValueError(f"seq_len must be None or an int >= 2, got {seq_len!r}")
+        self.training_args = dict(self.training_args or {})
+        if self.training_args:
+            from transformers import TrainingArguments
+
+            unknown = sorted(set(self.training_args) - set(TrainingArguments.__dataclass_fields__))
+            if unknown:
+                raise ValueError(
+                    f"training_args has field(s) {unknown} that transformers.TrainingArguments does not know")
+
+
+def _training_arguments(cfg: RecalibrateConfig, output_dir: Path, *, cuda: bool, bf16: bool):
+    """``transformers.TrainingArguments`` of the run: the paper's optimiser, ``cfg``'s settings, then
+    ``cfg.training_args`` over them."""
+    from transformers import TrainingArguments
+
+    args = dict(
+        output_dir=str(output_dir), learning_rate=cfg.learning_rate, adam_beta1=0.9, adam_beta2=0.95,
+        weight_decay=cfg.weight_decay, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm, bf16=bf16,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps, report_to="none", disable_tqdm=not cfg.show_progress, seed=cfg.seed,
+        remove_unused_columns=False, dataloader_pin_memory=cuda,
+        # without it, processes started by torchrun on a CPU-only machine each train alone (accelerate sees no
+        # distributed run); with it they train data-parallel over gloo
+        use_cpu=not cuda,
+    )
+    # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (old name deprecated)
+    ckpt = "activation_checkpointing"
+    if ckpt not in TrainingArguments.__dataclass_fields__:
+        ckpt = "gradient_checkpointing"
+    args[ckpt] = cfg.gradient_checkpointing
+    args[f"{ckpt}_kwargs"] = {"use_reentrant": False} if cfg.gradient_checkpointing else None
+    args.update(cfg.training_args)
+    return TrainingArguments(**args)
+
+
+def _check_model_dir(model_path: Path) -> None:
+    if not model_path.is_dir():
+        raise ValueError(f"model path {str(model_path)!r} does not exist or is not a directory")
+    if not (model_path / "config.json").is_file():
+        raise ValueError(f"model path {str(model_path)!r} holds no config.json; give a saved Hugging Face model directory")
+
+
+def _load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"model path {str(model_path)!r} holds no loadable tokenizer ({err})") from None
+    if tokenizer is None or isinstance(tokenizer, bool):
+        raise ValueError(f"model path {str(model_path)!r} holds no tokenizer")
+    return tokenizer
+
+
+def _dataset(docs, *, packed: bool, seq_len: int, separator_id: Optional[int]):
+    """(dataset, collator): whole documents packed with boundaries, or fixed-length rows of the stream."""
+    if packed:
+        return drope_data.PackDataset(drope_data.pack_documents(docs, seq_len)), drope_data.PackedCollator()
+    rows = drope_data.chunk_documents(docs, seq_len, separator_id=separator_id)
+    return drope_data.ChunkDataset(rows), drope_data.CausalLMCollator()
+
+
 def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
-                output_dir: Union[str, os.PathLike], *, seq_len: Optional[int] = None, qk_norm: Optional[str] = None,
-                packed: bool = False, learning_rate: float = 1e-3, warmup_steps: float = 0.05,
-                weight_decay: float = 0.1, num_train_epochs: float = 1.0, max_steps: int = -1, batch_size: int = 8,
-                gradient_accumulation_steps: int = 1, save_steps: int = 500, save_total_limit: Optional[int] = None,
-                logging_steps: int = 10, resume: Union[bool, str, os.PathLike, None] = None,
-                attn_implementation: Optional[str] = None, bf16: Optional[bool] = None,
-                gradient_checkpointing: bool = True, max_grad_norm: float = 1.0, seed: int = 0,
-                text_field: str = "text", bin_dtype: str = "uint16", show_progress: bool = True,
-                training_args: Optional[Dict[str, Any]] = None) -> RecalibrationResult:
+                output_dir: Union[str, os.PathLike], config: Optional[RecalibrateConfig] = None,
+                **settings: Any) -> RecalibrationResult:
     """Convert a local model to DroPE (if it is a RoPE model) and recalibrate it on local data.
 
     A RoPE model (any causal LM ``drope.to_drope`` accepts) is converted with QK-norm ``qk_norm``; a
@@ -134,37 +270,9 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
         data_files: local files or directories of ``.txt``, ``.jsonl``, ``.npy`` or ``.bin`` data
             (see ``drope.data``).
         output_dir: where checkpoints, the final model and tokenizer are written.
-        seq_len: training context length; None = the model's (``drope_temperature["train_length"]``,
-            else ``max_position_embeddings``).
-        qk_norm: QK-norm added when converting: ``"full"`` (over all heads, as the paper), ``"head"``
-            (per head, fused into the kernel), ``"auto"`` (``"head"`` for Qwen3, which keeps its own
-            trained per-head norms and accepts only these two, else ``"full"``) or ``"none"``. None =
-            ``"auto"`` for a fresh run and the checkpoint's kind when resuming (another explicit kind
-            than the checkpoint's is an error). Ignored for a model that already is DroPE.
-        packed: pack whole documents with boundaries instead of cutting the concatenated stream.
-        learning_rate: peak AdamW learning rate (1e-3 is the paper's value with QK-norm; use a lower
-            one without QK-norm).
-        warmup_steps: linear warmup, in steps (int) or as a fraction of all steps (float < 1).
-        weight_decay: AdamW weight decay (not applied to norms and biases).
-        num_train_epochs: passes over the data when ``max_steps`` is -1.
-        max_steps: optimizer steps in all; -1 = decided by ``num_train_epochs``.
-        batch_size: examples per device per step (rows, or packs when ``packed``).
-        gradient_accumulation_steps: micro-batches per optimizer step.
-        save_steps: save a checkpoint every this many steps.
-        save_total_limit: keep at most this many checkpoints (None = all).
-        logging_steps: log loss and learning rate every this many steps.
-        resume: None/False = start afresh; True = the last checkpoint in ``output_dir``; a path = that
-            checkpoint. Passed to ``trainer.train(resume_from_checkpoint=...)``.
-        attn_implementation: attention used in training; None = ``"drope_triton"`` on CUDA, ``"sdpa"``
-            on CPU.
-        bf16: bf16 mixed precision (fp32 master weights); None = on when CUDA supports bf16.
-        gradient_checkpointing: recompute activations in backward to save memory.
-        max_grad_norm: gradient clipping norm.
-        seed: seed of initialisation-free randomness (data order, dropout).
-        text_field: JSON field with the text in ``.jsonl`` files.
-        bin_dtype: integer dtype of ``.bin`` token files.
-        show_progress: show the Trainer's progress bars.
-        training_args: extra ``transformers.TrainingArguments`` fields; they override the ones above.
+        config: the run's settings (:class:`RecalibrateConfig`); None = its defaults.
+        **settings: :class:`RecalibrateConfig` fields by name, over ``config``'s
+            (``recalibrate(model, data, out, max_steps=20, packed=True)``).
 
     Returns:
         A :class:`RecalibrationResult`.
@@ -174,32 +282,20 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
             unsupported data file type, out-of-vocabulary token ids, too little data for one example, a
             bad ``qk_norm`` or ``seq_len``, a resume checkpoint that does not exist or was trained with
             another QK-norm, an unknown ``training_args`` field.
+        TypeError: a keyword that is not a :class:`RecalibrateConfig` field.
     """
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     from .temperature import set_temperature
 
+    cfg = dataclasses.replace(config or RecalibrateConfig(), **settings)
     model_path, output_dir = Path(model_path), Path(output_dir)
-    if not model_path.is_dir():
-        raise ValueError(f"model path {str(model_path)!r} does not exist or is not a directory")
-    if not (model_path / "config.json").is_file():
-        raise ValueError(f"model path {str(model_path)!r} holds no config.json; give a saved Hugging Face model directory")
-    if qk_norm is not None and qk_norm not in QK_NORMS:
-        raise ValueError(f"qk_norm must be None or one of {', '.join(QK_NORMS)}, got {qk_norm!r}")
-    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2):
-        raise ValueError(f"seq_len must be None or an int >= 2, got {seq_len!r}")
-    unknown = sorted(set(training_args or {}) - set(TrainingArguments.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"training_args has field(s) {unknown} that transformers.TrainingArguments does not know")
+    _check_model_dir(model_path)
     files = drope_data.resolve_data_files(data_files)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"model path {str(model_path)!r} holds no loadable tokenizer ({err})") from None
-    if tokenizer is None or isinstance(tokenizer, bool):
-        raise ValueError(f"model path {str(model_path)!r} holds no tokenizer")
-    resume_from = _resolve_resume(resume, output_dir)
+    tokenizer = _load_tokenizer(model_path)
+    resume_from = _resolve_resume(cfg.resume, output_dir)
     trained_norm = _checkpoint_qk_norm(resume_from) if resume_from else None
+    qk_norm = cfg.qk_norm
     if trained_norm is not None and qk_norm not in (None, "auto", trained_norm):
         raise ValueError(f"qk_norm={qk_norm!r} but the checkpoint {resume_from!r} was trained with qk_norm="
                          f"{trained_norm!r}; resume with the same kind (or leave qk_norm unset)")
@@ -207,50 +303,25 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
         qk_norm = trained_norm or "auto"
 
     cuda = torch.cuda.is_available()
+    attn_implementation = cfg.attn_implementation
     if attn_implementation is None:
         attn_implementation = "drope_triton" if cuda else "sdpa"
-    if bf16 is None:
-        bf16 = cuda and torch.cuda.is_bf16_supported()
-    set_seed(seed)
+    bf16 = cfg.bf16 if cfg.bf16 is not None else cuda and torch.cuda.is_bf16_supported()
+    set_seed(cfg.seed)
     model, converted = _load_model(model_path, qk_norm=qk_norm, attn_implementation=attn_implementation)
-    if seq_len is None:
-        seq_len = _default_seq_len(model.config)
+    seq_len = cfg.seq_len if cfg.seq_len is not None else _default_seq_len(model.config)
     if converted and getattr(model.config, "drope_temperature", None) is None:
         # record the recalibration length: fit_temperature reads its L_train from here
         set_temperature(model, {"mode": "none", "train_length": seq_len})
 
-    docs = drope_data.load_documents(files, tokenizer, text_field=text_field, bin_dtype=bin_dtype,
+    docs = drope_data.load_documents(files, tokenizer, text_field=cfg.text_field, bin_dtype=cfg.bin_dtype,
                                      vocab_size=model.config.vocab_size)
-    if packed:
-        dataset = drope_data.PackDataset(drope_data.pack_documents(docs, seq_len))
-        collator = drope_data.PackedCollator()
-    else:
-        dataset = drope_data.ChunkDataset(drope_data.chunk_documents(docs, seq_len, separator_id=tokenizer.eos_token_id))
-        collator = drope_data.CausalLMCollator()
+    dataset, collator = _dataset(docs, packed=cfg.packed, seq_len=seq_len, separator_id=tokenizer.eos_token_id)
 
     use_cache = getattr(model.config, "use_cache", True)
     model.config.use_cache = False
-    args = dict(
-        output_dir=str(output_dir), learning_rate=learning_rate, adam_beta1=0.9, adam_beta2=0.95,
-        weight_decay=weight_decay, lr_scheduler_type="cosine", warmup_steps=warmup_steps,
-        num_train_epochs=num_train_epochs, max_steps=max_steps, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm, bf16=bf16,
-        save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
-        logging_steps=logging_steps, report_to="none", disable_tqdm=not show_progress, seed=seed,
-        remove_unused_columns=False, dataloader_pin_memory=cuda,
-        # without it, processes started by torchrun on a CPU-only machine each train alone (accelerate sees no
-        # distributed run); with it they train data-parallel over gloo
-        use_cpu=not cuda,
-    )
-    # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (old name deprecated)
-    ckpt = "activation_checkpointing"
-    if ckpt not in TrainingArguments.__dataclass_fields__:
-        ckpt = "gradient_checkpointing"
-    args[ckpt] = gradient_checkpointing
-    args[f"{ckpt}_kwargs"] = {"use_reentrant": False} if gradient_checkpointing else None
-    args.update(training_args or {})
-    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=dataset, data_collator=collator,
-                      processing_class=tokenizer)
+    trainer = Trainer(model=model, args=_training_arguments(cfg, output_dir, cuda=cuda, bf16=bf16),
+                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer)
     output = trainer.train(resume_from_checkpoint=resume_from)
 
     model.config.use_cache = use_cache
@@ -330,16 +401,16 @@ def run(args: argparse.Namespace) -> int:
     warmup = int(args.warmup) if args.warmup >= 1 else args.warmup
     try:
         extra = _trainer_args(args.trainer_arg)
-        result = recalibrate(
-            args.model, args.data, args.output_dir, seq_len=args.seq_len, qk_norm=args.qk_norm, packed=args.packed,
+        config = RecalibrateConfig(
+            seq_len=args.seq_len, qk_norm=args.qk_norm, packed=args.packed, text_field=args.text_field,
+            bin_dtype=args.bin_dtype, attn_implementation=args.attn_implementation, resume=args.resume,
             learning_rate=args.lr, warmup_steps=warmup, weight_decay=args.weight_decay, num_train_epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
             save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
-            resume=args.resume, attn_implementation=args.attn_implementation, bf16=args.bf16,
-            gradient_checkpointing=args.gradient_checkpointing, max_grad_norm=args.max_grad_norm, seed=args.seed,
-            text_field=args.text_field, bin_dtype=args.bin_dtype, show_progress=args.show_progress,
-            training_args=extra,
+            bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, max_grad_norm=args.max_grad_norm,
+            seed=args.seed, show_progress=args.show_progress, training_args=extra,
         )
+        result = recalibrate(args.model, args.data, args.output_dir, config)
     except ValueError as err:
         print(f"drope recalibrate: error: {err}", file=sys.stderr)
         return 2

@@ -471,9 +471,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
     )
     if block_sizes is None and compiled(q):
         grid = lambda meta: (B * HQ, cdiv(SQ, meta["BM"]))  # noqa: E731
-        launch(_attn_fwd_tuned, grid, role="attention", configs=[c for c in _CONFIGS if _keep(c, args)], **args)
+        launch(_attn_fwd_tuned, grid, **args)
     else:
         BM, BN = block_sizes if block_sizes is not None else _INTERPRETER_BLOCKS
-        launch(_attn_fwd_kernel, (B * HQ, cdiv(SQ, BM)), role="attention", **args, BM=BM, BN=BN,
-               num_warps=4, num_stages=2)
+        launch(_attn_fwd_kernel, (B * HQ, cdiv(SQ, BM)), **args, BM=BM, BN=BN, num_warps=4, num_stages=2)
     return out, lse

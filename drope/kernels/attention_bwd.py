@@ -374,7 +374,7 @@ def _blocks(BD: int, SQ: int, SK: int, block_m: Optional[int], block_n: Optional
     """Tiles ``(BM, BN, num_warps, num_stages)`` of the dK/dV kernel and of the dQ kernel.
 
     dK/dV holds a wide key block and walks narrow query blocks, dQ the opposite. Chosen with the
-    sm_90a compile check (``drope.kernels.inspect``; bf16, B1 H32 KV8 S8192), none spills with Triton
+    sm_90a compile check (``drope.inspect``; bf16, B1 H32 KV8 S8192), none spills with Triton
     3.9: unmasked loops of 299 (dK/dV) and 182 (dQ) SASS instructions at D=64, 350 and 217 at D=128.
     ``pressure`` counts what the masked dK/dV blocks hold besides the tile (:func:`_pressure`): at D=128 one
     such feature needs 16 query rows, two a 64-key block (32x64 w8 s3). Triton 3.6 spills both D=128 dK/dV tiles: 32x64 w8 s2
@@ -452,7 +452,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     BD = padded_dim(D)
     delta = torch.zeros((B, HQ, SQ), device=dev, dtype=torch.float32)
     if SQ:
-        launch(_delta_kernel, (B * HQ, cdiv(SQ, BS)), role="other", O=o, DO=do, DELTA=delta,
+        launch(_delta_kernel, (B * HQ, cdiv(SQ, BS)), O=o, DO=do, DELTA=delta,
                **named_strides("o", o, "bhsd"), **named_strides("do", do, "bhsd"), H=HQ, S=SQ, D=D, BD=BD, BS=BS)
     if dlse is not None:
         delta -= dlse.to(torch.float32)
@@ -501,7 +501,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         if need_k or need_wk:
             dk_buf = torch.empty((B, HKV, SK, D), device=dev, dtype=k.dtype if not k_tf else torch.float32)
         dv = torch.empty((B, HKV, SK, D), device=dev, dtype=v.dtype) if need_v else None
-        launch(_dkdv_kernel, (B * HKV, cdiv(SK, BN1)), role="attention", DK=dk_buf, DV=dv,
+        launch(_dkdv_kernel, (B * HKV, cdiv(SK, BN1)), DK=dk_buf, DV=dv,
                BM=BM1, BN=BN1, num_warps=warps1, num_stages=stages1,
                **named_strides("dk", dk_buf, "bhsd"), **named_strides("dv", dv, "bhsd"),
                HKV=HKV, COMPUTE_DK=dk_buf is not None, COMPUTE_DV=need_v, **common)
@@ -514,7 +514,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dq = dwq = None
     if need_q or need_wq:
         dq_buf = torch.empty((B, HQ, SQ, D), device=dev, dtype=q.dtype if not q_tf else torch.float32)
-        launch(_dq_kernel, (B * HQ, cdiv(SQ, BM2)), role="attention", DQ=dq_buf,
+        launch(_dq_kernel, (B * HQ, cdiv(SQ, BM2)), DQ=dq_buf,
                BM=BM2, BN=BN2, num_warps=warps2, num_stages=stages2,
                **named_strides("dq", dq_buf, "bhsd"), HQ=HQ, **common)
         if q_tf:

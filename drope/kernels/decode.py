@@ -458,7 +458,7 @@ def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     km_strides = (0, 0, 0) if km is None else (km.stride(0), km.stride(1), km.stride(2)) if km.dim() == 3 else (
         km.stride(0), 0, km.stride(1))
 
-    launch(_decode_split_kernel, (B * HKV, splits, m_blocks), role="attention",
+    launch(_decode_split_kernel, (B * HKV, splits, m_blocks),
            Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens, SCALE=rows, SINKS=sinks, KMASK=km,
            BT=block_table, **named_strides("q", q, "bhsd"),
            # paged (num_pages, page_size, Hkv, D): "b" is the page stride, "s" the row-in-page stride
@@ -483,7 +483,7 @@ def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if splits > 1:
         rows_total = B * HQ * SQ
         BR = 16
-        launch(_decode_merge_kernel, (cdiv(rows_total, BR),), role="merge",
+        launch(_decode_merge_kernel, (cdiv(rows_total, BR),),
                O_PART=o_buf, LSE_PART=lse_buf, OUT=out, LSE=lse, SINKS=sinks, stride_os=o_buf.stride(0),
                stride_ls=lse_buf.stride(0), ROWS=rows_total, NUM_SPLITS=splits, HQ=HQ, SQ=SQ, D=D, BD=BD, BR=BR,
                HAS_SINKS=sinks is not None, num_warps=4)

@@ -75,7 +75,7 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
     smax = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
     layout = "bshd" if paged else "bhsd"
     BS = min(64, max(16, 1 << (SQ - 1).bit_length()))
-    launch(_append_kernel, (B * HKV, cdiv(SQ, BS)), role="other", KN=k_new, VN=v_new, K=k_cache, V=v_cache,
+    launch(_append_kernel, (B * HKV, cdiv(SQ, BS)), KN=k_new, VN=v_new, K=k_cache, V=v_cache,
            SEQLENS=cache_seqlens, BT=block_table, **named_strides("n", k_new, "bhsd"),
            **named_strides("w", v_new, "bhsd"), **named_strides("k", k_cache, layout),
            **named_strides("v", v_cache, layout), stride_sl=cache_seqlens.stride(0) if cache_seqlens is not None else 0,

@@ -180,7 +180,7 @@ def qk_prologue(x: torch.Tensor, w: Optional[torch.Tensor], rope, pos: Optional[
     if y.numel() == 0:
         return y
     BS = row_block(S)
-    launch(_qk_prologue_kernel, (B * H, cdiv(S, BS)), role="prologue",
+    launch(_qk_prologue_kernel, (B * H, cdiv(S, BS)),
            X=x, Y=y, W=w, POS=pos, **_tables(rope),
            **named_strides("x", x, "bhsd"), **named_strides("y", y, "bhsd"), **_weight(w),
            H=H, S=S, pos0=pos0, eps=float(eps), HALF=D // 2, BH=_half_block(D), BS=BS,
@@ -214,7 +214,7 @@ def qk_epilogue(gy: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor], ro
     nblocks = cdiv(S, BS)
     dx = torch.empty((B, H, S, D), device=x.device, dtype=x.dtype) if need_dx else None
     dw_part = torch.empty((B * H, nblocks, D), device=x.device, dtype=torch.float32) if need_dw else None
-    launch(_qk_epilogue_kernel, (B * H, nblocks), role="epilogue",
+    launch(_qk_epilogue_kernel, (B * H, nblocks),
            GY=gy, X=x, DX=dx, W=w, DW=dw_part, POS=pos, **_tables(rope),
            **named_strides("g", gy, "bhsd"), **named_strides("x", x, "bhsd"),
            **named_strides("dx", dx, "bhsd"), **_weight(w),

@@ -4,10 +4,9 @@ Flag names used by all kernels: ``HAS_<feature>`` for an optional input (None = 
 False costs nothing), ``IS_CAUSAL``, ``PACKED``, ``DOT_PREC`` (``tl.dot`` input precision) and
 ``UPCAST`` (multiply in fp32: Triton's interpreter computes bf16 ``tl.dot`` wrongly).
 
-Every launch goes through :func:`launch`. Normally it just launches; inside :func:`recording` it
-records the kernel, its arguments and its candidate configs instead, so the compile inspector
-(``drope.kernels.inspect``) sees exactly the launches a user's call would make, on ``meta``
-tensors, without a GPU.
+Every launch goes through :func:`launch`, a plain ``kernel[grid](**args)``: the one name a tool can swap
+(the compile inspector's ``drope.inspect.recording`` records launches that way, on ``meta`` tensors,
+without a GPU). The kernels' only concession to it is :data:`RECORDING`.
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import triton
@@ -235,33 +232,14 @@ def tanh(x):
     return tl.where(tl.abs(x) < 0.25, small, 1.0 - 2.0 / (1.0 + tl.math.exp2(x * (2.0 * LOG2E_C))))
 
 
-@dataclass
-class Launch:
-    """One kernel launch as a user's call makes it."""
-
-    kernel: Any                      # a triton JITFunction (or an Autotuner around one)
-    grid: Any                        # a tuple, or a callable of the meta-parameters
-    role: str                        # "attention" | "prologue" | "epilogue" | "merge" | "other"
-    args: Dict[str, Any]
-    configs: List[triton.Config] = field(default_factory=list)  # candidates; empty = fixed meta in args
-
-
-_RECORDER: ContextVar[Optional[List[Launch]]] = ContextVar("drope_launch_recorder", default=None)
-
-
-@contextlib.contextmanager
-def recording():
-    """Record launches instead of running them; kernels then accept ``meta`` tensors."""
-    launches: List[Launch] = []
-    token = _RECORDER.set(launches)
-    try:
-        yield launches
-    finally:
-        _RECORDER.reset(token)
+# set by drope.inspect.recording() while it records launches instead of running them: meta tensors then
+# stand for CUDA tensors (device checks pass, the compiled TMA path is taken)
+RECORDING = False
 
 
 def is_recording() -> bool:
-    return _RECORDER.get() is not None
+    """Whether ``drope.inspect.recording()`` is recording launches (:data:`RECORDING`)."""
+    return RECORDING
 
 
 def compiled(t: torch.Tensor) -> bool:
@@ -288,16 +266,8 @@ def defined_interpreted() -> bool:
     return isinstance(mm, InterpretedFunction)
 
 
-def launch(kernel, grid, *, role: str, configs: Sequence[triton.Config] = (), **args) -> None:
-    """Launch ``kernel[grid](**args)``, or record it inside :func:`recording`.
-
-    ``configs`` lists the autotune candidates that survive pruning for these arguments (pass them
-    when ``kernel`` is an Autotuner); the recorder keeps them, a real launch lets Triton choose.
-    """
-    recorder = _RECORDER.get()
-    if recorder is not None:
-        recorder.append(Launch(kernel, grid, role, dict(args), list(configs)))
-        return
+def launch(kernel, grid, **args) -> None:
+    """``kernel[grid](**args)``, with keyword arguments only (``drope.inspect.recording`` swaps this name)."""
     kernel[grid](**args)
 
 
