@@ -1,8 +1,9 @@
 """Throughput of generating for a batch of mixed-length prompts, four ways a user can do it with transformers.
 
-- ``sdpa``, ``paged|eager``: transformers' continuous batching (``model.generate_batch``, what ``transformers
-  serve`` runs) on that implementation, its paged cache sized to the batch (:func:`cb_config`). drope's kernels
-  cannot run there (README, "Hugging Face").
+- ``drope_cb``, ``sdpa``, ``paged|eager``: transformers' continuous batching (``model.generate_batch``, what
+  ``transformers serve --continuous-batching`` runs) on drope's kernels (``drope.hf.continuous_batching_attention()``,
+  the kernel repository the ``kernels`` package loads from a local directory), on SDPA, on the paged eager path; the
+  paged cache sized to the batch (:func:`cb_config`).
 - ``drope_triton``, ``sdpa_padded``: one ``model.generate`` call on the prompts left-padded to the longest, on
   drope's kernels / on SDPA.
 
@@ -20,7 +21,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-GENERATION_PROVIDERS = ("sdpa", "paged|eager", "drope_triton", "sdpa_padded")
+GENERATION_PROVIDERS = ("drope_cb", "sdpa", "paged|eager", "drope_triton", "sdpa_padded")
+CB_PROVIDERS = ("drope_cb", "sdpa", "paged|eager")
 PAD_ID = 0
 
 
@@ -74,7 +76,12 @@ def generate(model, prompts: List[List[int]], provider: str, new_tokens: int, *,
     if provider in ("drope_triton", "sdpa_padded"):
         model.set_attn_implementation("sdpa" if provider == "sdpa_padded" else provider)
         return _padded(model, prompts, new_tokens)
-    model.set_attn_implementation(provider)
+    if provider == "drope_cb":
+        import drope
+
+        model.set_attn_implementation(drope.hf.continuous_batching_attention())
+    else:
+        model.set_attn_implementation(provider)
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID, eos_token_id=-1)
     # not under inference_mode: its worker thread updates tensors made there (an error in transformers 5.17)
     results = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False,
@@ -100,7 +107,7 @@ def measure(model, prompts: List[List[int]], provider: str, new_tokens: int, *, 
     of tokens.
     """
     device = next(model.parameters()).device
-    cb = provider in ("sdpa", "paged|eager")
+    cb = provider in CB_PROVIDERS
     times = []
     try:
         for _ in range(rounds + 1):

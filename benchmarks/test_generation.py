@@ -69,7 +69,7 @@ def test_generation_throughput_smoke_cpu(benchmark, provider):
     assert stats["tokens"] == want, f"{provider}: {stats['tokens']} != greedy alone {want}"
     benchmark.extra_info.update(op="model_generate_batch_smoke", provider=provider,
                                 tokens_per_s=round(stats["tokens_per_s"], 1))
-    cb = provider in ("sdpa", "paged|eager")
+    cb = provider in generation.CB_PROVIDERS
     try:
         benchmark.pedantic(generation.generate, args=(model, prompts, provider, 6), kwargs={"keep_manager": cb},
                            rounds=1, warmup_rounds=1 if cb else 0)

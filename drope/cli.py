@@ -46,7 +46,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd_parser = argparse.ArgumentParser(prog=f"drope {args.command}", description=commands[args.command][1],
                                          formatter_class=DefaultsHelpFormatter)
     module.add_arguments(cmd_parser)
-    return int(module.run(cmd_parser.parse_args(rest)) or 0)
+    # everything after "--" passes through unparsed (drope serve's transformers serve options), wherever it stands
+    passthrough = []
+    if "--" in rest:
+        i = rest.index("--")
+        rest, passthrough = rest[:i], rest[i + 1:]
+    args = cmd_parser.parse_args(rest)
+    if passthrough:
+        if not hasattr(args, "serve_args"):
+            cmd_parser.error(f"unrecognized arguments: -- {' '.join(passthrough)}")
+        args.serve_args = list(args.serve_args) + passthrough
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

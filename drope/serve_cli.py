@@ -12,9 +12,11 @@ without changing transformers:
   *view* of the checkpoint: a temporary directory of links to its files, with a copy of ``config.json`` whose
   ``architectures`` is removed (the weights, tokenizer and everything else are the checkpoint's own).
 
-The attention implementation is transformers serve's (``--attn-implementation`` accepts eager, sdpa, the flash
-ones or a Hub kernel, ``ModelLoader._validate_args``): DroPE layers then run their QK-norm and temperature
-themselves around SDPA; ``drope_triton`` is refused there (see README).
+The attention is drope's by default: ``drope`` (or ``drope_triton``) serves through the kernel repository of
+:func:`drope.hf.continuous_batching_attention` (transformers serve accepts a Hub-kernel name for
+``--attn-implementation``; the ``LOCAL_KERNELS`` mapping it sets is inherited by the server's processes), so
+requests run drope's kernels with the DroPE classes' QK-norm and temperature fused, one by one or under
+``--continuous-batching``. ``sdpa`` and the other names transformers serve accepts stay available.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import sys
 import tempfile
 from typing import List
 
-# what transformers serve accepts for --attn-implementation besides Hub kernels (model_manager._validate_args)
-SERVE_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# drope's kernels (as their kernel repository), then what transformers serve accepts besides Hub kernels
+# (model_manager._validate_args)
+DROPE_NAMES = ("drope", "drope_triton")
+SERVE_IMPLEMENTATIONS = DROPE_NAMES + ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--device", default="auto", help="device for inference ('auto', 'cpu', 'cuda:0')")
-    parser.add_argument("--attn-implementation", default="sdpa", choices=SERVE_IMPLEMENTATIONS,
-                        help="attention implementation (the ones transformers serve accepts; drope_triton is not)")
+    parser.add_argument("--attn-implementation", default="drope", choices=SERVE_IMPLEMENTATIONS,
+                        help="attention implementation: drope's kernels (drope, or its alias drope_triton), or one "
+                             "transformers serve accepts")
+    parser.add_argument("--continuous-batching", action="store_true",
+                        help="serve with transformers' continuous batching (on drope's kernels by default)")
     parser.add_argument("serve_args", nargs="*", metavar="-- SERVE_OPTION",
                         help="further `transformers serve` options, after `--` (e.g. -- --continuous-batching)")
 
@@ -60,10 +67,12 @@ def checkpoint_view(model_dir: str, root: str) -> str:
     return view
 
 
-def serve_command(view: str, args: argparse.Namespace) -> List[str]:
+def serve_command(view: str, args: argparse.Namespace, attn: str) -> List[str]:
     rest = list(args.serve_args)
+    if args.continuous_batching and "--continuous-batching" not in rest:
+        rest.insert(0, "--continuous-batching")
     return ["serve", view, "--host", args.host, "--port", str(args.port), "--device", args.device,
-            "--attn-implementation", args.attn_implementation, *rest]
+            "--attn-implementation", attn, *rest]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,17 +99,25 @@ def run(args: argparse.Namespace) -> int:
     if not is_serve_available():
         print('drope serve needs transformers\' serving extra: pip install "transformers[serving]"', file=sys.stderr)
         return 2
-    import drope  # noqa: F401  (registers the DroPE model types in this process)
+    import drope  # registers the DroPE model types in this process
     from transformers.cli.transformers import app
+
+    attn = args.attn_implementation
+    if attn in DROPE_NAMES:
+        try:
+            attn = drope.hf.continuous_batching_attention()
+        except ImportError as e:
+            print(f"drope serve: {e}; or pass --attn-implementation sdpa", file=sys.stderr)
+            return 2
 
     # a plain `kill` ends the server like Ctrl-C, so the view is removed (uvicorn handles both while it runs)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="drope-serve-") as root:
         view = checkpoint_view(args.model, root)
         print(f"drope serve: serving {os.path.abspath(args.model)} as {view} on http://{args.host}:{args.port} "
-              f"(attention: {args.attn_implementation})", flush=True)
+              f"(attention: {attn}{', continuous batching' if args.continuous_batching else ''})", flush=True)
         try:
-            app(serve_command(view, args), prog_name="drope serve")
+            app(serve_command(view, args, attn), prog_name="drope serve")
         except SystemExit as e:
             return int(e.code or 0) if not isinstance(e.code, str) else 1
     return 0

@@ -2,8 +2,9 @@
 
 python scripts/generation_throughput.py [--prompts 8] [--new-tokens 32] [--rounds 3]
 
-Four ways (benchmarks/generation.py): continuous batching (`generate_batch`) on sdpa and paged|eager, one
-left-padded `generate` on drope_triton (on the CPU: its exact SDPA path, TRITON_INTERPRET unset) and on sdpa.
+Five ways (benchmarks/generation.py): continuous batching (`generate_batch`) on drope's kernels (drope_cb), sdpa and
+paged|eager, one left-padded `generate` on drope_triton and on sdpa (on the CPU drope's kernels are its PyTorch
+kernels, TRITON_INTERPRET unset).
 Prompts of 32..200 tokens, within the model's training length. Prints tokens/s and how many requests equal their
 prompt's greedy tokens generated alone.
 """
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
-    sys.exit("unset TRITON_INTERPRET: on the CPU drope_triton's user path is its exact SDPA path")
+    sys.exit("unset TRITON_INTERPRET: on the CPU a user runs drope's PyTorch kernels, not Triton's interpreter")
 
 import torch  # noqa: E402
 
@@ -45,7 +46,7 @@ def main():
     print("| way | first call ms | ms | tokens/s | requests equal to greedy alone |\n|---|---|---|---|---|")
     for provider in generation.GENERATION_PROVIDERS:
         s = generation.measure(model, prompts, provider, args.new_tokens, rounds=args.rounds, want=want)
-        way = (f"generate_batch, {provider}" if provider in ("sdpa", "paged|eager")
+        way = (f"generate_batch, {provider}" if provider in generation.CB_PROVIDERS
                else f"generate (left-padded), {provider.replace('_padded', '')}")
         print(f"| {way} | {s['first_ms']:.0f} | {s['ms']:.0f} | {s['tokens_per_s']:.0f} | {s['agree']} / {n} |",
               flush=True)

@@ -279,5 +279,5 @@ def test_generation_throughput_ways_agree_with_greedy_alone():
         assert stats["tokens"] == want and stats["agree"] == 3, provider
         assert stats["tokens_per_s"] > 0 and len(stats["times_ms"]) == 1
     assert getattr(model, "_cached_continuous_batching_manager", None) is None
-    with pytest.raises(ValueError, match=r"provider must be one of sdpa, paged\|eager, drope_triton, sdpa_padded"):
+    with pytest.raises(ValueError, match=r"provider must be one of drope_cb, sdpa, paged\|eager, drope_triton, sdpa_padded"):
         generation.generate(model, prompts, "flash", 5)

@@ -13,7 +13,6 @@ import drope.kernels.interface as interface
 from drope import reference
 from drope.kernels import choose_num_splits, decode_attention
 from drope.inspect import recording
-from drope.validation import DeviceError
 from helpers import noncontiguous, poisoned_empty, rel_err
 
 # relative error of the output against the float64 reference, and absolute error of the LSE
@@ -451,11 +450,16 @@ def test_requires_grad_is_refused():
         decode_attention(q.requires_grad_(), k, v)
 
 
-def test_cpu_tensors_without_interpreter_raise(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_cpu_tensors_without_interpreter_run_the_torch_kernels(monkeypatch):
+    """What a CPU user gets without Triton's interpreter: drope's exact PyTorch kernels, not an error."""
+    from drope.kernels import ops
+
+    monkeypatch.setattr(ops, "cpu_backend", lambda: "torch")
     q, k, v = _qkv()
-    with pytest.raises(DeviceError, match="TRITON_INTERPRET"):
-        decode_attention(q, k, v)
+    lens = torch.tensor([k.shape[2], k.shape[2] - 3][:q.shape[0]], dtype=torch.int32)
+    out = decode_attention(q, k, v, cache_seqlens=lens)
+    ref = reference.decode_attention(q.double(), k.double(), v.double(), cache_seqlens=lens)
+    assert (out.double() - ref).abs().max() < 1e-5
 
 
 @pytest.mark.interpreter

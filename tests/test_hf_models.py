@@ -400,27 +400,27 @@ def test_continuous_batching_equals_greedy(kind, impl):
     assert [got[tuple(p)] for p in prompts] == want
 
 
-def test_continuous_batching_route_is_closed():
-    """What README says of drope's kernels in continuous batching: transformers refuses drope_triton there, and a
-    locally registered implementation named like flash is sent to the Hub-kernel loader and refused. When either
-    changes, wire drope.flash_attn into generate_batch and update README."""
-    from transformers import AttentionInterface, GenerationConfig
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def test_drope_triton_under_continuous_batching_runs_the_kernel_repository(monkeypatch):
+    """A DroPE model set to drope_triton (which transformers' continuous batching refuses by name) runs
+    generate_batch on drope's kernels through the kernel repository, and is back on drope_triton afterwards."""
+    from transformers import GenerationConfig, is_kernels_available
 
+    if not is_kernels_available():
+        pytest.skip("needs the kernels package (the test extra installs it)")
     model = drope_model("llama", qk_norm="head", device="cpu")
+    prompt = [5, 6, 7, 9]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
+                              pad_token_id=0)[0, 4:].tolist()
     model.set_attn_implementation("drope_triton")
-    # transformers >= 5.2x: the check in switch_to_cb_friendly_attn; 5.17: "paged|drope_triton" is not registered
-    with pytest.raises(ValueError, match=r"drope_triton is not supported for continuous batching"
-                                         r"|paged\|drope_triton.*is not supported"):
-        model.generate_batch(inputs=[[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=1, do_sample=False,
-                                                                                    eos_token_id=-1),
-                             continuous_batching_config=SMALL_CB())
-    AttentionInterface.register("drope_flash_probe", sdpa_attention_forward)
-    try:
-        with pytest.raises(ValueError, match="Could not find the currently requested flash attention implementation"):
-            model.set_attn_implementation("drope_flash_probe")
-    finally:
-        AttentionInterface._global_mapping.pop("drope_flash_probe", None)
+    seen = []
+    real = drope.kernels.attention
+    monkeypatch.setattr(drope.kernels, "attention", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    results = model.generate_batch(inputs=[prompt], generation_config=GenerationConfig(
+        max_new_tokens=3, do_sample=False, eos_token_id=-1), continuous_batching_config=SMALL_CB())
+    assert next(iter(results.values())).generated_tokens == want and seen
+    assert model.config._attn_implementation == "drope_triton"
 
 
 def test_a_failed_continuous_batching_request_raises():

@@ -223,6 +223,13 @@ def _flash_unavailable(value: str) -> bool:
     return available is None or not available()
 
 
+def _is_kernel_name(value: str) -> bool:
+    """transformers' own test of a kernel-repository name (``org/repo[@rev][:fn]``, maybe ``paged|``-prefixed)."""
+    from transformers.integrations.hub_kernels import is_kernel
+
+    return is_kernel(value.split("|")[-1])
+
+
 def _check_implementation(value) -> None:
     if isinstance(value, dict):
         for sub in value.values():
@@ -237,6 +244,8 @@ def _check_implementation(value) -> None:
                          "availability check); install it, or use 'sdpa' or 'drope_triton' "
                          "(model.set_attn_implementation(name) runs the same check)")
     known = _known_implementations()
+    if isinstance(value, str) and _is_kernel_name(value):
+        return  # a kernel repository (drope.hf.continuous_batching_attention(), a Hub kernel): transformers loads it
     if value not in known:
         hub = " (a hub kernel is loaded by model.set_attn_implementation(...) or from_pretrained(...))" if (
             isinstance(value, str) and "/" in value) else ""

@@ -46,7 +46,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3For
 
 from ..kernels.cpu.prologue import rms_norm
 from .attention import ATTN_IMPLEMENTATION
-from .batching import KERNEL_REPO
+from .batching import KERNEL_REPO, continuous_batching_attention
 from .temperature import check_head_coefs, forward_temperature, layer_temperature, temperature_rows, validate_temperature
 
 __all__ = [
@@ -344,13 +344,28 @@ class _DynamicAttention:
             if len(prompt) == 0:
                 raise ValueError(f"generate_batch: inputs[{i}] is an empty prompt; every request needs at least one "
                                  "token (e.g. the tokenizer's BOS)")
-        results = super().generate_batch(*args, **kwargs)
+        impl = self.config._attn_implementation
+        if impl == ATTN_IMPLEMENTATION:
+            # continuous batching refuses the name drope_triton: the same kernels run as its kernel repository
+            self.set_attn_implementation(continuous_batching_attention())
+        try:
+            results = super().generate_batch(*args, **kwargs)
+        finally:
+            if impl == ATTN_IMPLEMENTATION:
+                self.set_attn_implementation(impl)
         failed = {rid: out.error for rid, out in results.items() if getattr(out, "error", None)}
         if failed:
             first = next(iter(failed.items()))
             raise RuntimeError(f"{len(failed)} of {len(results)} continuous-batching requests failed; "
                                f"{first[0]}: {first[1]}")
         return results
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """transformers' continuous batching manager; a model on drope_triton moves to the same kernels' repository
+        name (continuous batching refuses drope_triton by name) and stays there (it serves generate too)."""
+        if self.config._attn_implementation == ATTN_IMPLEMENTATION:
+            self.set_attn_implementation(continuous_batching_attention())
+        return super().init_continuous_batching(*args, **kwargs)
 
     def _get_stopping_criteria(self, *args, **kwargs):
         # a NoPE model has no position limit: no "exceeded the model's predefined maximum length" reminder
