@@ -237,12 +237,13 @@ def _check_varlen_values(q, cu_q, cu_k, total_q: int, total_k: Optional[int], ma
 @_flash_errors
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, s_aux=None):
     """``flash_attn.flash_attn_varlen_func``: q (total_q, nheads, headdim), k / v (total_k, nheads_k, headdim), or
     paged caches (num_blocks, page_block_size, nheads_k, headdim) with ``block_table`` (batch, max_blocks);
     cu_seqlens int32 (batch + 1,). Returns out (total_q, nheads, headdim), or ``(out, softmax_lse, None)`` (lse
     (nheads, total_q)). Differentiable in q, k, v without ``block_table``. ``max_seqlen_q == 1`` (decode rows) lets a
-    non-causal window keep a right side (moot: each query is its sequence's last key)."""
+    non-causal window keep a right side (moot: each query is its sequence's last key). ``s_aux``: sinks, as
+    :func:`flash_attn_with_kvcache`."""
     _dims("q", q, 3, "(total_q, nheads, headdim)")
     paged = block_table is not None
     layout = "(num_blocks, page_block_size, nheads_k, headdim) with block_table" if paged else \
@@ -269,7 +270,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     with torch.set_grad_enabled(grad and not paged):
         out, lse = attention(q.transpose(0, 1)[None], kk, vv, causal=causal, softmax_scale=scale, window=window,
                              softcap=cap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                             block_table=block_table, return_lse=True, check_values=False)
+                             block_table=block_table, sinks=s_aux, return_lse=True, check_values=False)
     out = out[0].transpose(0, 1)
     if paged and grad:
         out = _NoBackward.apply(out, q)
@@ -355,7 +356,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens: Optional[Union[int, torch.Tensor]] = None, cache_batch_idx=None,
                             cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
-                            num_splits=0, return_softmax_lse=False):
+                            num_splits=0, return_softmax_lse=False, s_aux=None):
     """``flash_attn.flash_attn_with_kvcache``: q (batch, seqlen_q, nheads, headdim) against k_cache / v_cache
     (batch_cache >= batch, seqlen_cache, nheads_k, headdim), or paged (num_blocks, page_block_size, nheads_k, headdim)
     with ``block_table`` (batch, max_blocks) (any page size that is a multiple of 16). ``k`` / ``v`` (batch,
@@ -453,6 +454,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         out, lse = decode_attention(q.transpose(1, 2), kc, vc, cache_seqlens=lens, softmax_scale=scale,
                                     num_splits=num_splits or None, return_lse=True, window=window, softcap=cap,
                                     key_mask=key_mask, block_table=block_table, k_new=k_new, v_new=v_new,
-                                    check_values=False)
+                                    sinks=s_aux, check_values=False)
     out = out.transpose(1, 2)[..., :D]
     return (out, lse) if return_softmax_lse else out

@@ -49,9 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="further `transformers serve` options, after `--` (e.g. -- --continuous-batching)")
 
 
-def checkpoint_view(model_dir: str, root: str) -> str:
+def checkpoint_view(model_dir: str, root: str, keep_architectures: bool = False) -> str:
     """A directory under ``root`` holding links to every file of ``model_dir`` and a ``config.json`` without
-    ``architectures`` (so transformers serve loads it through AutoModelForCausalLM); returns its path."""
+    ``architectures`` (so transformers serve loads it through AutoModelForCausalLM); returns its path.
+    ``keep_architectures``: the config unchanged (transformers serve before 5.2x, :func:`expose_for_old_loader`)."""
     # the checkpoint's own folder name ("." or "/" name no folder: "model")
     name = os.path.basename(os.path.abspath(model_dir))
     view = os.path.join(root, name if name not in ("", ".", "..") else "model")
@@ -61,10 +62,34 @@ def checkpoint_view(model_dir: str, root: str) -> str:
             os.symlink(os.path.abspath(os.path.join(model_dir, name)), os.path.join(view, name))
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
-    config.pop("architectures", None)
+    if not keep_architectures:
+        config.pop("architectures", None)
     with open(os.path.join(view, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return view
+
+
+def expose_for_old_loader(model_dir: str) -> bool:
+    """transformers serve before 5.2x (5.17) resolves ``config.architectures[0]`` as an attribute of the transformers
+    package with no fallback (``cli/serving/model_manager.py``: ``getattr(transformers, config.architectures[0])``): in
+    this process only, the checkpoint's DroPE class is made such an attribute (the view keeps the checkpoint's
+    ``architectures`` then). 5.2x loads a config without ``architectures`` through AutoModelForCausalLM instead."""
+    import inspect
+
+    import transformers
+    from transformers.cli.serving import model_manager
+
+    if "not config.architectures" in inspect.getsource(model_manager):
+        return False
+    with open(os.path.join(model_dir, "config.json")) as f:
+        names = json.load(f).get("architectures") or []
+    from drope.hf import modeling
+
+    for name in names:
+        cls = getattr(modeling, name, None)
+        if cls is not None and not hasattr(transformers, name):
+            setattr(transformers, name, cls)
+    return True
 
 
 def serve_command(view: str, args: argparse.Namespace, attn: str) -> List[str]:
@@ -113,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     # a plain `kill` ends the server like Ctrl-C, so the view is removed (uvicorn handles both while it runs)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="drope-serve-") as root:
-        view = checkpoint_view(args.model, root)
+        old_loader = expose_for_old_loader(args.model)
+        view = checkpoint_view(args.model, root, keep_architectures=old_loader)
         print(f"drope serve: serving {os.path.abspath(args.model)} as {view} on http://{args.host}:{args.port} "
               f"(attention: {attn}{', continuous batching' if args.continuous_batching else ''})", flush=True)
         try:

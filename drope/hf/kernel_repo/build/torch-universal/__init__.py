@@ -1,4 +1,7 @@
 """drope's attention as a kernel repository for transformers' continuous batching (see drope/hf/batching.py): the
-``kernels`` package loads this directory through ``LOCAL_KERNELS`` (drope.hf.continuous_batching_attention())."""
+``kernels`` package loads this directory through ``LOCAL_KERNELS`` (drope.hf.continuous_batching_attention()).
+What it exposes depends on the installed transformers (``repository_exports``)."""
 
-from drope.hf.batching import flash_attn_forward, flash_attn_with_kvcache, supports_flash_attn  # noqa: F401
+from drope.hf.batching import repository_exports
+
+globals().update(repository_exports())
