@@ -22,8 +22,11 @@ COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_si
                "all_to_all_single", "barrier", "send", "recv", "isend", "irecv", "gather", "scatter")
 
 
-def run_ranks(tmp_path: Path, world: int, cases: list, *, deadline_s: float = 150.0) -> list:
-    """Run ``cases`` on ``world`` worker processes; return each rank's ``{case name: result}``.
+def run_ranks(tmp_path: Path, world: int, cases: list, *, deadline_s: float = 150.0, script: str = __file__,
+              interpret: bool = True) -> list:
+    """Run ``cases`` on ``world`` worker processes (``script RANK W RDZV SPEC OUT``, this file's :func:`main` by
+    default); return each rank's ``{case name: result}``. ``interpret``: kernels in Triton's interpreter (else, on a
+    CPU, drope's PyTorch kernels: ``TRITON_INTERPRET`` is removed from the workers' environment).
 
     Fails the calling test (AssertionError with the logs) when a worker exits non-zero or the deadline passes (then
     every worker is killed: a hang fails, it does not block the suite)."""
@@ -34,8 +37,10 @@ def run_ranks(tmp_path: Path, world: int, cases: list, *, deadline_s: float = 15
     torch.save(cases, spec)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    if not interpret:
+        del env["TRITON_INTERPRET"]
     logs = [open(tmp_path / f"log{r}.txt", "w") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(tmp_path / "rdzv"), str(spec),
+    procs = [subprocess.Popen([sys.executable, script, str(r), str(world), str(tmp_path / "rdzv"), str(spec),
                                str(tmp_path)], env=env, stdout=logs[r], stderr=subprocess.STDOUT, cwd=ROOT)
              for r in range(world)]
     end = time.monotonic() + deadline_s
