@@ -160,6 +160,9 @@ class ContextParallel:
         self._g: Group = g
         self._params = _forward_parameters(type(model.base_model))
         self._drope = hasattr(model.config, "drope_temperature")
+        from .modeling import cache_argument
+
+        self._cache_name = cache_argument(model)
 
     def shard_batch(self, batch: dict, *, num_items_in_batch=None) -> dict:
         """This rank's part of a batch of whole sequences (the same batch on every rank), ready for ``model(**local)``.
@@ -309,9 +312,7 @@ class ContextParallel:
 
     def _after(self, module, args, kwargs, output):
         """Forward hook on the backbone: a prefill's cache remembers the prompt's rows per rank and in all."""
-        cache = None
-        for name in ("past_key_values", "cache"):
-            cache = cache if cache is not None else getattr(output, name, None)
+        cache = getattr(output, self._cache_name, None)
         step = kwargs.get("drope_cp")
         if cache is not None and step is not None and not step.decode:
             S_local = kwargs["position_ids"].shape[1]

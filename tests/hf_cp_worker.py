@@ -1,0 +1,151 @@
+"""Worker of ``tests/test_hf_context_parallel.py``: one process per rank (started by ``cp_worker.run_ranks`` with
+``script=`` this file, drope's PyTorch CPU kernels, gloo, file rendezvous), running every case of the spec in order.
+
+Cases: ``train`` (a saved tiny model's forward on this rank's rows inside ``drope.hf.context_parallel``: local
+logits, the loss share and the global loss, every parameter gradient after the all-reduce, the collectives of the
+forward, the backward and the gradient all-reduce), ``generate`` (greedy tokens with the prompt's cache sharded),
+``errors`` (bad input raises ``ValueError`` on every rank), ``niah`` / ``recalibrate`` (the CLIs with
+``--context-parallel W``; they run last: ``drope recalibrate`` ends the process group).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+
+def _model(case):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(case["model"], attn_implementation="eager")
+    return model.float()
+
+
+def _train(case, rank, world, counter, group):
+    import drope.hf as dh
+
+    model = _model(case)
+    model.train()
+    with dh.context_parallel(model, group, layout=case["layout"]) as cp:
+        local = cp.shard_batch(case["batch"])
+        counter.take()
+        out = model(**local, use_cache=False)
+        fwd = counter.take()
+        out.loss.backward()
+        bwd = counter.take()
+        cp.all_reduce_gradients()
+        grad_calls = counter.take()
+        total = cp.reduce_loss(out.loss)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    impl = model.config._attn_implementation
+    return dict(logits=out.logits.detach(), share=out.loss.detach(), loss=total, grads=grads, fwd=fwd, bwd=bwd,
+                grad_calls=grad_calls, positions=local["position_ids"], impl_after=impl)
+
+
+def _generate(case, rank, world, counter, group):
+    import drope.hf as dh
+    from drope.hf.parallel import greedy_generate
+
+    model = _model(case).eval()
+    out = {}
+    for layout in case["layouts"]:
+        with dh.context_parallel(model, group, layout=layout):
+            counter.take()
+            tokens = greedy_generate(model, case["prompt"], case["new"], group=group)
+            out[layout] = dict(tokens=tokens, calls=counter.take())
+    return out
+
+
+def _errors(case, rank, world, counter, group):
+    import torch
+
+    import drope.hf as dh
+    from drope.hf.parallel import greedy_generate
+
+    model = _model(case).eval()
+    ids = case["batch"]["input_ids"]
+    subcases = {
+        "odd_length": lambda cp: cp.shard_batch({"input_ids": ids[:, :-1]}),
+        "padding": lambda cp: cp.shard_batch({"input_ids": ids, "attention_mask": torch.zeros_like(ids)}),
+        "local_positions": lambda cp: model(input_ids=cp.shard_batch({"input_ids": ids})["input_ids"],
+                                            position_ids=torch.arange(ids.shape[1] // world)[None]),
+        "rows_differ": lambda cp: model(input_ids=ids[:, :2 * (rank + 1)]),
+        "short_prompt": lambda cp: greedy_generate(model, ids[:, :2 * world], 2, group=group),
+        "labels_shape": lambda cp: cp.shard_batch({"input_ids": ids, "labels": ids[:, :4]}),
+    }
+    out = {}
+    with dh.context_parallel(model, group) as cp:
+        for name, call in subcases.items():
+            try:
+                with torch.no_grad():
+                    call(cp)
+                out[name] = ("ok", "")
+            except Exception as e:  # noqa: BLE001 - the parent checks type and message
+                out[name] = (type(e).__name__, str(e))
+        try:
+            with dh.context_parallel(model, group):
+                pass
+            out["nested"] = ("ok", "")
+        except ValueError as e:
+            out["nested"] = ("ValueError", str(e))
+    try:
+        model(input_ids=ids[:, :4])
+        out["outside"] = ("ok", "")
+    except Exception as e:  # noqa: BLE001
+        out["outside"] = (type(e).__name__, str(e))
+    out["after"] = model.config._attn_implementation
+    return out
+
+
+def _cli(case, rank, world, counter, group):
+    from drope.cli import main
+
+    start = time.perf_counter()
+    rc = main(case["argv"])
+    return dict(rc=rc, seconds=time.perf_counter() - start)
+
+
+SCENARIOS = {"train": _train, "generate": _generate, "errors": _errors, "cli": _cli}
+
+
+def main(argv):
+    rank, world, rdzv, spec, out_dir = int(argv[0]), int(argv[1]), argv[2], argv[3], argv[4]
+    # as torchrun sets them: accelerate (the Trainer) reads them, and finds the group below already initialised
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    import drope  # noqa: F401 - registers the DroPE model types and attention implementations
+    import drope.hf  # noqa: F401
+    from cp_worker import Counter
+
+    groups = {world: None, **{w: dist.new_group(list(range(w))) for w in range(2, world)}}
+    counter = Counter()
+    counter.install()
+    results = {}
+    for case in torch.load(spec, weights_only=False):
+        W = case.get("W", world)
+        if rank >= W:
+            continue
+        start = time.perf_counter()
+        try:
+            results[case["name"]] = SCENARIOS[case["kind"]](case, rank, W, counter, groups[W])
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the test with it
+            import traceback
+
+            results[case["name"]] = {"raised": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+        print(f"rank {rank}: {time.perf_counter() - start:6.2f} s {case['name']}", flush=True)
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main(sys.argv[1:])
