@@ -46,16 +46,29 @@ def _train(case, rank, world, counter, group):
 
 
 def _generate(case, rank, world, counter, group):
+    """Greedy tokens with the prompt's cache sharded, per layout, and the collectives of the prefill and each step
+    (or the error, when the layout is refused)."""
+    import torch
+
     import drope.hf as dh
-    from drope.hf.parallel import greedy_generate
 
     model = _model(case).eval()
     out = {}
     for layout in case["layouts"]:
-        with dh.context_parallel(model, group, layout=layout):
-            counter.take()
-            tokens = greedy_generate(model, case["prompt"], case["new"], group=group)
-            out[layout] = dict(tokens=tokens, calls=counter.take())
+        try:
+            with dh.context_parallel(model, group, layout=layout) as cp:
+                decoder = cp.decoder()
+                counter.take()
+                tokens = [decoder.prefill(case["prompt"])]
+                prefill, steps, logits = counter.take(), [], [decoder.logits]
+                while len(tokens) < case["new"]:
+                    tokens.append(decoder.step(tokens[-1]))
+                    steps.append(counter.take())
+                    logits.append(decoder.logits)
+            out[layout] = dict(tokens=torch.stack(tokens, 1), logits=torch.stack(logits, 1), prefill=prefill,
+                               steps=steps)
+        except ValueError as e:
+            out[layout] = dict(raised=("ValueError", str(e)))
     return out
 
 
@@ -63,7 +76,7 @@ def _errors(case, rank, world, counter, group):
     import torch
 
     import drope.hf as dh
-    from drope.hf.parallel import greedy_generate
+    from drope.hf.sharded_decode import greedy_generate
 
     model = _model(case).eval()
     ids = case["batch"]["input_ids"]
@@ -91,12 +104,14 @@ def _errors(case, rank, world, counter, group):
             out["nested"] = ("ok", "")
         except ValueError as e:
             out["nested"] = ("ValueError", str(e))
+    out["after"] = model.config._attn_implementation
+    model.set_attn_implementation("drope_cp")
     try:
-        model(input_ids=ids[:, :4])
+        with torch.no_grad():
+            model(input_ids=ids[:, :4])
         out["outside"] = ("ok", "")
     except Exception as e:  # noqa: BLE001
         out["outside"] = (type(e).__name__, str(e))
-    out["after"] = model.config._attn_implementation
     return out
 
 

@@ -12,17 +12,17 @@ for a prefill, one all-gather of the position ids: the global positions, checked
 rows where the layout puts them) and used for the DroPE temperature, computed once on the global positions and
 cut to the local rows (mode ``"length"`` needs the whole sequence's length).
 
-Generation (:class:`ShardedPrompt`, :func:`greedy_generate`): the prompt's K/V stay where the prefill left them
-(each rank's cache holds its own rows); every new token is computed on every rank (the same q everywhere) and
-attends with :func:`drope.distributed.decode_attention`, its K/V counted on the last rank only. docs/context_parallel.md
-explains the choices (why the head-tail prompt needs no reordering, what each layer moves).
+Generation (:mod:`drope.hf.sharded_decode`): the prompt's K/V stay where the prefill left them (each rank's cache
+holds its own rows); every new token is computed on every rank (the same q everywhere) and attends with
+:func:`drope.distributed.decode_attention`, its K/V counted on the last rank only. docs/context_parallel.md explains
+the choices (why the head-tail prompt needs no reordering, what each layer moves).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,7 @@ from ..kernels.cpu.prologue import rms_norm
 from .attention import _layer_pattern
 from .masks import OTHERS, PerForward
 
-__all__ = ["CP_IMPLEMENTATION", "ContextParallel", "ShardedPrompt", "context_parallel", "cp_attention_forward",
-           "greedy_generate", "register"]
+__all__ = ["CP_IMPLEMENTATION", "ContextParallel", "context_parallel", "cp_attention_forward", "register"]
 
 CP_IMPLEMENTATION = "drope_cp"
 IGNORE = -100
@@ -269,6 +268,12 @@ class ContextParallel:
             kwargs.update(position_ids=pos, drope_cp=_Step(self.group, self.layout, True, live))
             return (), kwargs
         S = S_local * self.world
+        use_cache = kwargs.get("use_cache")
+        if cache is None and (use_cache or (use_cache is None and getattr(module.config, "use_cache", False))):
+            from transformers import DynamicCache
+
+            # full layers only: a sliding-window layer's cache would drop this rank's keys by local count
+            kwargs[self._cache_name] = DynamicCache()
         if pos is None:
             pos = dd.positions(S, group=self.group, layout=self.layout, device=x.device)[None].expand(B, -1)
         full = dd.unshard(pos, group=self.group, layout=self.layout, dim=1, check_ranks=False)
@@ -276,15 +281,21 @@ class ContextParallel:
             raise ValueError("position_ids: the ranks' rows do not make one sequence of consecutive positions per row; "
                              "pass each rank's global positions (dd.positions, or shard_batch), the same layout on "
                              "every rank (packed documents are not supported under context parallelism)")
-        if self._drope:
-            from .temperature import forward_temperature
-
-            shared = forward_temperature(getattr(module.config, "drope_temperature", None), full)
-            if shared is not None:
-                shared = (dd.shard(shared[0], group=self.group, layout=self.layout, dim=1), shared[1])
-            kwargs["drope_temperature"] = shared
+        if self._drope and "drope_temperature" not in kwargs:
+            kwargs["drope_temperature"] = self.temperature(full)
         kwargs.update(position_ids=pos, drope_cp=_Step(self.group, self.layout, False))
         return (), kwargs
+
+    def temperature(self, positions: Tensor, rows: Optional[int] = None):
+        """A DroPE model's per-forward temperature (``forward_temperature``) of the whole sequence at ``positions``
+        (B or 1, S), cut to this rank's rows of its first ``rows`` positions (None: all of them)."""
+        from .temperature import forward_temperature
+
+        shared = forward_temperature(getattr(self.model.config, "drope_temperature", None), positions)
+        if shared is None:
+            return None
+        first = shared[0] if rows is None else shared[0][:, :rows]
+        return dd.shard(first, group=self.group, layout=self.layout, dim=1), shared[1]
 
     def _check(self, x, kwargs, cache, past: int, pos) -> tuple:
         if not isinstance(x, Tensor) or x.dim() < 2:
@@ -299,6 +310,9 @@ class ContextParallel:
         if pos is not None and (pos.dim() != 2 or pos.shape[0] not in (1, B) or pos.shape[1] != S_local):
             raise ValueError(f"position_ids must be ({B} or 1, {S_local}): the global positions of this rank's rows, "
                              f"got {tuple(pos.shape)}")
+        if any(getattr(cache, "is_sliding", ())):
+            raise ValueError("cache: sliding-window cache layers keep the last keys by local count, not by position; "
+                             "under context parallelism pass a DynamicCache() of full layers (or none: one is made)")
         if past > 0:
             if getattr(cache, "drope_cp_prompt", None) is None:
                 raise ValueError("cache: a context-parallel decode step needs a cache filled by a prefill inside "
@@ -319,8 +333,11 @@ class ContextParallel:
             cache.drope_cp_prompt = (S_local, S_local * self.world)
         return output
 
-    def decoder(self) -> "ShardedPrompt":
-        """A greedy decoder whose prompt cache stays sharded over the ranks (:class:`ShardedPrompt`)."""
+    def decoder(self):
+        """A greedy decoder whose prompt cache stays sharded over the ranks
+        (:class:`drope.hf.sharded_decode.ShardedPrompt`)."""
+        from .sharded_decode import ShardedPrompt
+
         return ShardedPrompt(self)
 
 
@@ -364,89 +381,3 @@ def context_parallel(model, group=None, layout: str = "headtail") -> Iterator[Co
             h.remove()
         del _ACTIVE[id(model)]
         model.set_attn_implementation(previous)
-
-
-class ShardedPrompt:
-    """Greedy decoding of one prompt whose KV cache stays sharded over the ranks.
-
-    :meth:`prefill` runs the largest prefix the layout can split (a multiple of 2W, or W, strictly shorter than the
-    prompt) across the ranks, each rank keeping its rows' K/V in its cache, then the remaining 1..2W tokens as one
-    step every rank computes alike (the first new token's logits); :meth:`step` feeds one new token. New tokens' K/V
-    are appended to every rank's cache (transformers' cache API) but live on the last rank only.
-    """
-
-    def __init__(self, cp: ContextParallel):
-        from .modeling import cache_argument
-
-        self.cp, self.model = cp, cp.model
-        self.cache_name = cache_argument(self.model)
-        self.keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
-            self.model.forward).parameters else {}
-        self.cache, self.length = None, 0
-
-    def _forward(self, ids: Tensor, positions: Tensor, cache=None) -> Tensor:
-        extra = {} if cache is None else {self.cache_name: cache}
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **extra, **self.keep)
-        self.cache = getattr(out, self.cache_name)
-        return out.logits[:, -1].argmax(-1)
-
-    @torch.no_grad()
-    def prefill(self, input_ids: Tensor) -> Tensor:
-        """The prompt (B, S), the same on every rank, across the ranks; returns the first new token (B,).
-
-        Raises:
-            ValueError: a prompt not longer than the layout's 2W (or W) chunks (naming ``input_ids``).
-        """
-        cp = self.cp
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a (B, S) tensor, got {getattr(input_ids, 'shape', input_ids)}")
-        B, S = input_ids.shape
-        parts = 2 * cp.world if cp.layout == "headtail" else cp.world
-        head = (S - 1) // parts * parts
-        if head == 0:
-            raise ValueError(f"input_ids: a prompt of {S} tokens is too short to shard over {cp.world} ranks with "
-                             f"layout {cp.layout!r} (more than {parts} tokens are needed)")
-        local = dd.shard(input_ids[:, :head], group=cp.group, layout=cp.layout, dim=1)
-        pos = dd.positions(head, group=cp.group, layout=cp.layout, device=input_ids.device)[None].expand(B, -1)
-        self._forward(local, pos)
-        rest = torch.arange(head, S, device=input_ids.device)[None].expand(B, -1)
-        self.length = S
-        return self._forward(input_ids[:, head:], rest, self.cache)
-
-    @torch.no_grad()
-    def step(self, token: Tensor) -> Tensor:
-        """Feed the last new token (B,) (the same on every rank); returns the next one."""
-        pos = torch.full((token.shape[0], 1), self.length, dtype=torch.long, device=token.device)
-        self.length += 1
-        return self._forward(token[:, None], pos, self.cache)
-
-
-def greedy_generate(model, input_ids: Tensor, max_new_tokens: int, *, group=None, layout: str = "headtail",
-                    eos_token_ids: Sequence[int] = ()) -> Tensor:
-    """Greedy generation with the prompt sharded over the ranks of ``group``; the same tokens on every rank.
-
-    Args:
-        model: a causal LM (see :func:`context_parallel`); used inside a block of its own if not already in one.
-        input_ids: (B, S) prompt, the same on every rank; S > 2W (head-tail) or > W (contiguous).
-        max_new_tokens: tokens to generate (fewer when every row has produced one of ``eos_token_ids``).
-        group, layout: as :func:`context_parallel`.
-
-    Returns:
-        (B, n) int64 new tokens, n <= ``max_new_tokens``: what greedy decoding in one process gives.
-
-    Raises:
-        ValueError: ``max_new_tokens`` < 1; see :meth:`ShardedPrompt.prefill` and :func:`context_parallel`.
-    """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    active = _ACTIVE.get(id(model))
-    block = contextlib.nullcontext(active) if active is not None else context_parallel(model, group, layout)
-    with block as cp:
-        decoder = ShardedPrompt(cp)
-        tokens = [decoder.prefill(input_ids)]
-        eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
-        done = torch.isin(tokens[0], eos)
-        while len(tokens) < max_new_tokens and not bool(done.all()):
-            tokens.append(decoder.step(tokens[-1]))
-            done |= torch.isin(tokens[-1], eos)
-    return torch.stack(tokens, 1)

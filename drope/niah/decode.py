@@ -43,7 +43,8 @@ class Generation:
 class CachedDecoder:
     """Greedy decoding in one process with the model's KV cache: :meth:`prefill` the prompt, then :meth:`step` one
     token at a time (the interface of :class:`drope.hf.parallel.ShardedPrompt`, the prompt sharded over ranks).
-    Only the last position's logits are computed (``logits_to_keep=1``) when the model supports it."""
+    Only the last position's logits are computed (``logits_to_keep=1``) when the model supports it; ``logits`` keeps
+    the last forward's."""
 
     def __init__(self, model):
         from drope.hf.modeling import cache_argument
@@ -51,13 +52,13 @@ class CachedDecoder:
         self.model = model
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.cache_name = cache_argument(model)
-        self.cache, self.length = None, 0
+        self.cache, self.logits, self.length = None, None, 0
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         extra = {} if self.cache is None else {self.cache_name: self.cache}
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **extra, **self.keep)
-        self.cache = getattr(out, self.cache_name)
-        return out.logits[:, -1].argmax(-1)
+        self.cache, self.logits = getattr(out, self.cache_name), out.logits[:, -1]
+        return self.logits.argmax(-1)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.cache, self.length = None, ids.shape[1]
