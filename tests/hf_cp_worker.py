@@ -4,8 +4,8 @@
 Cases: ``train`` (a saved tiny model's forward on this rank's rows inside ``drope.hf.context_parallel``: local
 logits, the loss share and the global loss, every parameter gradient after the all-reduce, the collectives of the
 forward, the backward and the gradient all-reduce), ``generate`` (greedy tokens with the prompt's cache sharded),
-``errors`` (bad input raises ``ValueError`` on every rank), ``niah`` / ``recalibrate`` (the CLIs with
-``--context-parallel W``; they run last: ``drope recalibrate`` ends the process group).
+``errors`` (bad input raises ``ValueError`` on every rank), ``cli`` (``drope niah`` / ``drope recalibrate`` with
+``--context-parallel W``; last: ``drope recalibrate`` ends the process group).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from datetime import timedelta
-from pathlib import Path
+
+from cp_worker import serve
 
 
 def _model(case):
@@ -127,40 +127,13 @@ SCENARIOS = {"train": _train, "generate": _generate, "errors": _errors, "cli": _
 
 
 def main(argv):
-    rank, world, rdzv, spec, out_dir = int(argv[0]), int(argv[1]), argv[2], argv[3], argv[4]
-    # as torchrun sets them: accelerate (the Trainer) reads them, and finds the group below already initialised
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    import torch
-    import torch.distributed as dist
+    rank, world = argv[0], argv[1]
+    # as torchrun sets them: accelerate (the Trainer) reads them, and finds the group already initialised
+    os.environ.update(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world)
+    import drope  # noqa: F401 - registers the DroPE model types and attention implementations with transformers
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    import drope  # noqa: F401 - registers the DroPE model types and attention implementations
-    import drope.hf  # noqa: F401
-    from cp_worker import Counter
-
-    groups = {world: None, **{w: dist.new_group(list(range(w))) for w in range(2, world)}}
-    counter = Counter()
-    counter.install()
-    results = {}
-    for case in torch.load(spec, weights_only=False):
-        W = case.get("W", world)
-        if rank >= W:
-            continue
-        start = time.perf_counter()
-        try:
-            results[case["name"]] = SCENARIOS[case["kind"]](case, rank, W, counter, groups[W])
-        except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the test with it
-            import traceback
-
-            results[case["name"]] = {"raised": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
-        print(f"rank {rank}: {time.perf_counter() - start:6.2f} s {case['name']}", flush=True)
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    serve(argv, lambda case, rank, W, counter, group: SCENARIOS[case["kind"]](case, rank, W, counter, group))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main(sys.argv[1:])

@@ -12,7 +12,6 @@ and the recalibration's loss curve and weights are compared with the same comman
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import drope
 from cp_worker import run_ranks
 from helpers import rel_err
 from hf_tiny import drope_model, rope_model, zoo_model
+from test_recalibrate import workdir  # noqa: F401 - the fixture: a saved tiny RoPE Llama, its tokenizer, text files
 
 WORKER = str(__import__("pathlib").Path(__file__).with_name("hf_cp_worker.py"))
 GATHER = {"all_gather_single", "all_gather_into_tensor"}
@@ -244,33 +244,12 @@ def test_no_process_group_and_bad_settings_raise_here(models):
 
 
 @pytest.fixture(scope="module")
-def recal_inputs(tmp_path_factory):
-    """A saved tiny RoPE Llama with its tokenizer and a folder of training text (as tests/test_recalibrate.py)."""
-    from transformers import LlamaForCausalLM
-
-    from test_data import random_text, tiny_tokenizer
-    from test_recalibrate import tiny_llama_config
-
-    root = tmp_path_factory.mktemp("cp-recal")
-    rng = random.Random(1)
-    texts = [random_text(rng, 12) for _ in range(24)]
-    tokenizer = tiny_tokenizer(texts)
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    (root / "data").mkdir()
-    for i, t in enumerate(texts):
-        (root / "data" / f"{i:02d}.txt").write_text(t)
-    return root
-
-
-@pytest.fixture(scope="module")
-def clis(recal_inputs, tmp_path_factory):
+def clis(workdir, tmp_path_factory):
     """``drope niah`` then ``drope recalibrate`` with ``--context-parallel 2`` on 2 ranks, and each in one process."""
     from drope.cli import main
 
     root = tmp_path_factory.mktemp("cp-cli")
-    recal = ["recalibrate", str(recal_inputs / "model"), str(recal_inputs / "data"), *RECAL]
+    recal = ["recalibrate", str(workdir / "model"), str(workdir / "data"), *RECAL]
     cases = [dict(kind="cli", name="niah", argv=NIAH + ["--out", str(root / "niah-cp"), "--context-parallel", "2"]),
              dict(kind="cli", name="recalibrate", argv=recal + ["-o", str(root / "recal-cp"), "--context-parallel",
                                                                  "2"])]
