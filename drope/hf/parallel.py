@@ -317,11 +317,9 @@ class ContextParallel:
             if getattr(cache, "drope_cp_prompt", None) is None:
                 raise ValueError("cache: a context-parallel decode step needs a cache filled by a prefill inside "
                                  "context_parallel (each rank holds its rows of the prompt)")
-        else:
-            split_size(S_local * self.world, self.world, self.layout, name="input_ids")
-            if self.layout == "headtail" and S_local % 2:
-                raise ValueError(f"input_ids: the head-tail layout needs two equal chunks per rank; this rank has "
-                                 f"{S_local} rows, an odd number")
+        elif self.layout == "headtail" and S_local % 2:
+            raise ValueError(f"input_ids: the head-tail layout holds two equal chunks per rank; this rank has "
+                             f"{S_local} rows, an odd number")
         return B, S_local
 
     def _after(self, module, args, kwargs, output):

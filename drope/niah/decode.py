@@ -97,11 +97,12 @@ def greedy_generate(model, input_ids: Sequence[int], max_new_tokens: int, eos_id
 def measure_cell(model, samples: Sequence[Sample], eos: Sequence[int], device: torch.device, *, warmup: int,
                  on_request, bar, context=None) -> List[Generation]:
     """``warmup`` short unmeasured requests, then one measured greedy request per sample."""
+    kw = {} if context is None else {"context": context}  # one process: greedy_generate's five arguments
     for _ in range(warmup):
-        greedy_generate(model, samples[0].input_ids, min(4, samples[0].max_new_tokens), eos, device, context=context)
+        greedy_generate(model, samples[0].input_ids, min(4, samples[0].max_new_tokens), eos, device, **kw)
     gens = []
     for s in samples:
-        g = greedy_generate(model, s.input_ids, s.max_new_tokens, eos, device, context=context)
+        g = greedy_generate(model, s.input_ids, s.max_new_tokens, eos, device, **kw)
         gens.append(g)
         if on_request is not None:
             on_request(s, g)
@@ -116,6 +117,7 @@ def trace_request(model, sample: Sample, eos: Sequence[int], device: torch.devic
     suffix = "" if context is None or context.rank == 0 else f"-rank{context.rank}"
     rel = Path("traces") / f"{sample.task}-{sample.length}{suffix}.json"
     with prof.chrome_trace(out_dir / rel, device):
-        greedy_generate(model, sample.input_ids, sample.max_new_tokens, eos, device, context=context)
+        greedy_generate(model, sample.input_ids, sample.max_new_tokens, eos, device,
+                        **({} if context is None else {"context": context}))
     return rel
 
