@@ -2,7 +2,7 @@
 
 Two process groups per module (``cp_worker.run_ranks``: one process per rank, gloo, file rendezvous in tmp_path,
 drope's PyTorch CPU kernels, every process and the whole run bounded by a deadline): 3 ranks run the model cases
-(the 2-rank ones on the subgroup of ranks 0 and 1), 2 ranks run ``drope niah --context-parallel 2`` and then
+(the 1- and 2-rank ones on the subgroups of ranks 0 and 0-1), 2 ranks run ``drope niah --context-parallel 2`` and then
 ``drope recalibrate --context-parallel 2``. Tiny models (``hf_tiny``) are saved here; the oracle is the same model in
 one process, eager attention, float64: the logits of each rank's rows, the loss, every parameter gradient after
 the all-reduce, greedy tokens; the collectives of each forward, backward and decode step are counted. NIAH answers
@@ -64,10 +64,10 @@ def G(W, model, layouts, S, new=5):
                 name=f"generate-W{W}-{model}-{'-'.join(layouts)}-S{S}")
 
 
-TRAIN = [T(2, "drope-head", B=2, S=16), T(2, "drope-full", "contiguous", S=24), T(2, "rope"),
+TRAIN = [T(1, "drope-full", B=2), T(2, "drope-head", B=2, S=16), T(2, "drope-full", "contiguous", S=24), T(2, "rope"),
          T(2, "window-sinks", S=24), T(3, "drope-head", S=24), T(3, "drope-full", B=2, S=36)]
 # prompt lengths: 13 leaves one token after the sharded prefix (W=2 head-tail), 20 two and 23 five (W=3)
-GENERATE = [G(2, "drope-head", ["headtail", "contiguous"], 13, new=6),
+GENERATE = [G(2, "drope-head", ["headtail", "contiguous"], 13, new=6), G(1, "drope-head", ["headtail"], 9),
             G(2, "window-sinks", ["contiguous", "headtail"], 19), G(3, "drope-full", ["headtail"], 20),
             G(3, "rope", ["headtail", "contiguous"], 23)]
 
