@@ -240,6 +240,17 @@ def test_no_process_group_and_bad_settings_raise_here(models):
         RunConfig(model="m", lengths=[256], context_parallel=0)
 
 
+def test_the_commands_refuse_a_world_that_is_not_the_context_group(workdir, tmp_path, capsys):
+    from drope.cli import main
+    from drope.hf.recalibrate import recalibrate
+
+    with pytest.raises(ValueError, match="context_parallel=2 runs on a world of 2 processes.*this run has 1"):
+        recalibrate(workdir / "model", workdir / "data", tmp_path / "r", seq_len=32, max_steps=1, context_parallel=2,
+                    show_progress=False)
+    assert main(NIAH + ["--out", str(tmp_path / "n"), "--context-parallel", "2"]) == 2
+    assert "runs under torchrun --nproc_per_node 2" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- the CLIs across 2 ranks
 
 

@@ -42,6 +42,8 @@ def default_label(cfg: RunConfig) -> str:
         parts.append(f"rope={Path(cfg.rope_scaling).name}")
     if cfg.temperature:
         parts.append(f"temp={cfg.temperature}")
+    if cfg.context_parallel > 1:
+        parts.append(f"cp={cfg.context_parallel}")
     return " ".join(parts)
 
 

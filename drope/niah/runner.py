@@ -80,8 +80,11 @@ def context_group(cfg: RunConfig, device: torch.device) -> Tuple[bool, int, torc
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         created = True
     if dist.get_world_size() != W:
+        world = dist.get_world_size()
+        if created:
+            dist.destroy_process_group()
         raise NIAHError(f"--context-parallel {W} needs {W} processes (torchrun --nproc_per_node {W}); the process "
-                        f"group has {dist.get_world_size()}")
+                        f"group has {world}")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return created, dist.get_rank(), device
