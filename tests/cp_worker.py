@@ -22,8 +22,11 @@ COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_si
                "all_to_all_single", "barrier", "send", "recv", "isend", "irecv", "gather", "scatter")
 
 
-def run_ranks(tmp_path: Path, world: int, cases: list, *, deadline_s: float = 150.0) -> list:
-    """Run ``cases`` on ``world`` worker processes; return each rank's ``{case name: result}``.
+def run_ranks(tmp_path: Path, world: int, cases: list, *, deadline_s: float = 150.0, script: str = __file__,
+              interpret: bool = True) -> list:
+    """Run ``cases`` on ``world`` worker processes (``script RANK W RDZV SPEC OUT``, this file's :func:`main` by
+    default); return each rank's ``{case name: result}``. ``interpret``: kernels in Triton's interpreter (else, on a
+    CPU, drope's PyTorch kernels: ``TRITON_INTERPRET`` is removed from the workers' environment).
 
     Fails the calling test (AssertionError with the logs) when a worker exits non-zero or the deadline passes (then
     every worker is killed: a hang fails, it does not block the suite)."""
@@ -34,8 +37,10 @@ def run_ranks(tmp_path: Path, world: int, cases: list, *, deadline_s: float = 15
     torch.save(cases, spec)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    if not interpret:
+        del env["TRITON_INTERPRET"]
     logs = [open(tmp_path / f"log{r}.txt", "w") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(tmp_path / "rdzv"), str(spec),
+    procs = [subprocess.Popen([sys.executable, script, str(r), str(world), str(tmp_path / "rdzv"), str(spec),
                                str(tmp_path)], env=env, stdout=logs[r], stderr=subprocess.STDOUT, cwd=ROOT)
              for r in range(world)]
     end = time.monotonic() + deadline_s
@@ -205,18 +210,31 @@ SCENARIOS = {"prefill": _prefill, "decode": _decode, "layout": _layout, "compile
 
 
 def main(argv):
-    rank, world, rdzv, spec, out_dir = int(argv[0]), int(argv[1]), argv[2], argv[3], argv[4]
     os.environ["TRITON_INTERPRET"] = "1"
+
+    def run_case(case, rank, W, counter, group):
+        import torch
+
+        import drope.distributed as dd
+
+        return SCENARIOS[case["kind"]](case, rank, W, counter, dd, torch, group)
+
+    serve(argv, run_case)
+
+
+def serve(argv, run_case):
+    """A worker's life: join the gloo group (file rendezvous), run every case of the spec (``run_case(case, rank, W,
+    counter, group)``; a case of W < world ranks on the subgroup of ranks 0..W-1, the others skip it), save the
+    results, leave the group. Environment variables the cases need are set before calling it."""
+    rank, world, rdzv, spec, out_dir = int(argv[0]), int(argv[1]), argv[2], argv[3], argv[4]
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    import drope.distributed as dd
-
     # cases of W < world ranks run on the subgroup of ranks 0..W-1 (the others skip them)
-    groups = {world: None, **{w: dist.new_group(list(range(w))) for w in range(2, world)}}
+    groups = {world: None, **{w: dist.new_group(list(range(w))) for w in range(1, world)}}
     counter = Counter()
     counter.install()
     results = {}
@@ -226,14 +244,15 @@ def main(argv):
             continue
         start = time.perf_counter()
         try:
-            results[case["name"]] = SCENARIOS[case["kind"]](case, rank, W, counter, dd, torch, groups[W])
+            results[case["name"]] = run_case(case, rank, W, counter, groups[W])
         except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the test with it
             import traceback
 
             results[case["name"]] = {"raised": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
         print(f"rank {rank}: {time.perf_counter() - start:6.2f} s {case['name']}", flush=True)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    if dist.is_initialized():  # a case may have ended it (drope recalibrate does)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

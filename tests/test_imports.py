@@ -64,8 +64,9 @@ REGISTERED = """
         config = AutoConfig.for_model(model_type)
         names += [type(config).__name__, AutoModel._model_mapping[type(config)].__name__,
                   AutoModelForCausalLM._model_mapping[type(config)].__name__]
-    print("drope_triton" in ALL_ATTENTION_FUNCTIONS, "drope_triton" in AttentionMaskInterface._global_mapping,
-          " ".join(names))
+    implementations = ("drope_triton", "drope_cp")  # drope's kernels; context parallelism
+    print(all(n in ALL_ATTENTION_FUNCTIONS for n in implementations),
+          all(n in AttentionMaskInterface._global_mapping for n in implementations), " ".join(names))
 """
 EXPECTED = ("True True LlamaDropeConfig LlamaDropeModel LlamaDropeForCausalLM Qwen2DropeConfig Qwen2DropeModel "
             "Qwen2DropeForCausalLM Qwen3DropeConfig Qwen3DropeModel Qwen3DropeForCausalLM")

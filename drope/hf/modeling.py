@@ -47,6 +47,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3For
 from ..kernels.cpu.prologue import rms_norm
 from .attention import ATTN_IMPLEMENTATION
 from .batching import KERNEL_REPO, continuous_batching_attention, paged_attention_forward
+from .parallel import CP_IMPLEMENTATION
 from .temperature import check_head_coefs, forward_temperature, layer_temperature, temperature_rows, validate_temperature
 
 # transformers 5.17 names the continuous-batching implementation "paged|<name>"
@@ -153,8 +154,9 @@ class DropeAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         impl = self.config._attn_implementation
-        # drope's attention (also continuous batching's kernel repository) takes the query norm and temperature
-        fused = impl in (ATTN_IMPLEMENTATION, KERNEL_REPO, PAGED_KERNEL_REPO)
+        # drope's attention (also continuous batching's kernel repository and context parallelism) takes the query
+        # norm and temperature
+        fused = impl in (ATTN_IMPLEMENTATION, KERNEL_REPO, PAGED_KERNEL_REPO, CP_IMPLEMENTATION)
 
         q = self.q_proj(hidden_states)
         k = self.k_proj(hidden_states)

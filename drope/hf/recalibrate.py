@@ -6,7 +6,9 @@ Training is Hugging Face's ``Trainer``: AdamW with betas (0.9, 0.95), linear war
 learning rate 1e-3 by default (stable with QK-norm, as in the paper), bf16 mixed precision on GPU,
 gradient checkpointing, checkpoints every ``save_steps`` and resumption from them. Because it is the
 plain ``Trainer``, ``accelerate launch`` / ``torchrun`` (DDP), FSDP and DeepSpeed scale it past one GPU
-without changes (pass their settings through ``training_args``).
+without changes (pass their settings through ``training_args``). ``context_parallel=N`` under ``torchrun
+--nproc_per_node N`` shards every training sequence over the N ranks instead (:mod:`drope.hf.cp_trainer`), so
+sequences too long for one device's attention train with the loss and gradients of one process.
 """
 
 from __future__ import annotations
@@ -145,10 +147,14 @@ class RecalibrateConfig:
         max_grad_norm: gradient clipping norm.
         seed: seed of initialisation-free randomness (data order, dropout).
         show_progress: show the Trainer's progress bars.
+        context_parallel: ranks each training sequence is sharded over (head-tail layout, ``"drope_cp"``
+            attention); > 1 runs under ``torchrun --nproc_per_node`` that many processes (the world is the
+            context group; no data parallelism on top), ``seq_len`` a multiple of 2x it, not ``packed``.
         training_args: extra ``transformers.TrainingArguments`` fields; they override the ones above.
 
     Raises:
-        ValueError: (when built) a bad ``qk_norm`` or ``seq_len``, an unknown ``training_args`` field.
+        ValueError: (when built) a bad ``qk_norm`` or ``seq_len``, an unknown ``training_args`` field, a bad
+            ``context_parallel`` (or one with ``packed`` or a ``seq_len`` it cannot split).
     """
 
     seq_len: Optional[int] = None
@@ -173,9 +179,19 @@ class RecalibrateConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     show_progress: bool = True
+    context_parallel: int = 1
     training_args: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        cp = self.context_parallel
+        if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
+            raise ValueError(f"context_parallel must be an int >= 1, got {cp!r}")
+        if cp > 1 and self.packed:
+            raise ValueError("context_parallel > 1 does not take packed=True (packed documents are not sharded across "
+                             "ranks yet); train on fixed-length rows")
+        if cp > 1 and self.seq_len is not None and self.seq_len % (2 * cp):
+            raise ValueError(f"seq_len {self.seq_len} must be a multiple of 2 x context_parallel = {2 * cp} (the "
+                             "head-tail layout cuts every sequence into 2N chunks)")
         if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be None or one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
         seq_len = self.seq_len
@@ -243,6 +259,25 @@ def _dataset(docs, *, packed: bool, seq_len: int, separator_id: Optional[int]):
         return drope_data.PackDataset(drope_data.pack_documents(docs, seq_len)), drope_data.PackedCollator()
     rows = drope_data.chunk_documents(docs, seq_len, separator_id=separator_id)
     return drope_data.ChunkDataset(rows), drope_data.CausalLMCollator()
+
+
+def _context_parallel(cfg: RecalibrateConfig, model, args, seq_len: int):
+    """``drope.hf.context_parallel`` over the world when ``cfg.context_parallel`` > 1, else a block yielding None."""
+    import contextlib
+
+    cp = cfg.context_parallel
+    if cp == 1:
+        return contextlib.nullcontext()
+    if seq_len % (2 * cp):
+        raise ValueError(f"seq_len {seq_len} must be a multiple of 2 x context_parallel = {2 * cp} (the head-tail "
+                         "layout cuts every sequence into 2N chunks)")
+    world = args.world_size  # under torchrun this sets up the process group (accelerate)
+    if world != cp:
+        raise ValueError(f"context_parallel={cp} runs on a world of {cp} processes (torchrun --nproc_per_node {cp}); "
+                         f"this run has {world} (data parallel x context parallel is not implemented)")
+    from .parallel import context_parallel
+
+    return context_parallel(model)
 
 
 def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
@@ -320,9 +355,17 @@ def recalibrate(model_path: Union[str, os.PathLike], data_files: Union[str, os.P
 
     use_cache = getattr(model.config, "use_cache", True)
     model.config.use_cache = False
-    trainer = Trainer(model=model, args=_training_arguments(cfg, output_dir, cuda=cuda, bf16=bf16),
-                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer)
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    args = _training_arguments(cfg, output_dir, cuda=cuda, bf16=bf16)
+    with _context_parallel(cfg, model, args, seq_len) as context:
+        kwargs = dict(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                      processing_class=tokenizer)
+        if context is None:
+            trainer = Trainer(**kwargs)
+        else:
+            from .cp_trainer import ContextParallelTrainer
+
+            trainer = ContextParallelTrainer(context=context, **kwargs)
+        output = trainer.train(resume_from_checkpoint=resume_from)
 
     model.config.use_cache = use_cache
     trainer.save_model(str(output_dir))
@@ -366,6 +409,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl files")
     parser.add_argument("--bin-dtype", default="uint16", help="integer dtype of .bin token files (default: uint16)")
     parser.add_argument("--no-progress", dest="show_progress", action="store_false", help="hide progress bars")
+    parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                        help="shard every training sequence over N ranks (run under torchrun --nproc_per_node N; "
+                             "--seq-len a multiple of 2N; not with --packed)")
     parser.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra transformers.TrainingArguments field, VALUE parsed as JSON when it can be "
                              "(repeatable; e.g. fsdp=full_shard, deepspeed=ds.json, save_only_model=true)")
@@ -408,7 +454,8 @@ def run(args: argparse.Namespace) -> int:
             max_steps=args.max_steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
             save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
             bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, max_grad_norm=args.max_grad_norm,
-            seed=args.seed, show_progress=args.show_progress, training_args=extra,
+            seed=args.seed, show_progress=args.show_progress, context_parallel=args.context_parallel,
+            training_args=extra,
         )
         result = recalibrate(args.model, args.data, args.output_dir, config)
     except ValueError as err:

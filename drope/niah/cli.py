@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", default="auto",
                         help="torch CPU threads: N, or auto (OMP_NUM_THREADS when set, else the cores not busy now)")
+    parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                        help="shard each prompt over N ranks: run under torchrun --nproc_per_node N (gloo on CPU, "
+                             "NCCL on GPUs); rank 0 writes the results, the same answers as one process")
     parser.add_argument("--out", required=True, help="output directory (required)")
 
 
@@ -85,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from . import report
     from .profile import set_threads
-    from .runner import NIAHError, RunConfig, SweepStopped
-    from .runner import run as run_sweep
+    from .runner import RunConfig, context_group, resolve_device
 
     out = Path(args.out)
     problem = _unwritable(out)
@@ -115,10 +117,26 @@ def run(args: argparse.Namespace) -> int:
             value_type=args.value_type, dtype=args.dtype,
             device=args.device, max_new_tokens=args.max_new_tokens, seed=args.seed, warmup=args.warmup,
             trace=args.trace, memory_budget_mb=args.memory_budget_mb, label=args.label,
+            context_parallel=args.context_parallel,
         )
         threads = set_threads(args.threads)
+        created, rank, _ = context_group(cfg, resolve_device(cfg.device))
     except ValueError as e:
         return _fail(str(e))
+    try:
+        return _sweep(args, cfg, out, compare, threads, rank)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _sweep(args, cfg, out: Path, compare, threads: int, rank: int) -> int:
+    """The sweep of :func:`run` and its report (rank 0's alone under context parallelism)."""
+    from . import report
+    from .runner import NIAHError, SweepStopped
+    from .runner import run as run_sweep
 
     status = 0
     try:
@@ -136,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
         results, status = e.results, 1
     except NIAHError as e:
         return _fail(str(e))
+    if rank != 0:
+        return status
     paths = report.write_report(results, out, compare)
     print(report.format_table(results))
     print("wrote " + ", ".join(str(p) for p in [out / "results.json", *paths]))

@@ -42,7 +42,9 @@ class SweepStopped(NIAHError):
 
 @dataclass
 class RunConfig:
-    """Everything that defines a sweep. Lengths in tokens, depths as fractions in [0, 1]."""
+    """Everything that defines a sweep. Lengths in tokens, depths as fractions in [0, 1]. ``context_parallel``: ranks
+    each prompt is sharded over (``torchrun --nproc_per_node`` that many; the same answers as one process, so it is
+    not part of the identity a resumed run must match)."""
 
     model: str
     lengths: List[int]
@@ -63,8 +65,12 @@ class RunConfig:
     trace: bool = False
     memory_budget_mb: Optional[float] = None
     label: Optional[str] = None
+    context_parallel: int = 1
 
     def __post_init__(self) -> None:
+        cp = self.context_parallel
+        if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
+            raise NIAHError(f"context_parallel must be an int >= 1, got {cp!r}")
         if not isinstance(self.trials, int) or self.trials < 1:
             raise NIAHError(f"trials must be a positive int, got {self.trials!r}")
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):

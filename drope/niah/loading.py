@@ -248,9 +248,16 @@ def check_memory(cfg: RunConfig, model, device: torch.device, dtype: torch.dtype
     avail = cfg.memory_budget_mb if cfg.memory_budget_mb is not None else prof.available_memory_mb(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / prof.MB
     new = cfg.max_new_tokens or max(DEFAULT_MAX_NEW_TOKENS[t] for t in cfg.tasks)
+    W = cfg.context_parallel
 
     def estimate(attn: str, length: int) -> Dict[str, float]:
-        return prof.estimate_memory_mb(model.config, length, new, dtype, attn, device)
+        if W == 1:
+            return prof.estimate_memory_mb(model.config, length, new, dtype, attn, device)
+        # a rank of a context-parallel run: its 1/W of the rows (O(L) attention), plus one layer's gathered K/V
+        est = prof.estimate_memory_mb(model.config, -(-length // W), new, dtype, "sdpa", device)
+        layer = prof.estimate_memory_mb(model.config, length, 0, dtype, "sdpa", device)["kv_cache_mb"] / max(
+            1, int(getattr(model.config.get_text_config(), "num_hidden_layers", 1)))
+        return dict(est, activations_mb=est["activations_mb"] + layer, total_mb=est["total_mb"] + 1.1 * layer)
 
     too_big = [n for n in cfg.lengths if estimate(cfg.attn, n)["total_mb"] > avail]
     if not too_big:

@@ -42,6 +42,8 @@ def default_label(cfg: RunConfig) -> str:
         parts.append(f"rope={Path(cfg.rope_scaling).name}")
     if cfg.temperature:
         parts.append(f"temp={cfg.temperature}")
+    if cfg.context_parallel > 1:
+        parts.append(f"cp={cfg.context_parallel}")
     return " ".join(parts)
 
 
@@ -168,13 +170,15 @@ def append_samples(path: Path, scored: Sequence[Scored]) -> None:
 
 
 def out_of_memory(error: Exception, task: str, length: int, depth: float, device: torch.device,
-                   out_dir: Path, results: Dict[str, object]) -> SweepStopped:
-    """Record the error in results.json and return the exception that stops the sweep."""
+                   out_dir: Path, results: Dict[str, object], *, write: bool = True) -> SweepStopped:
+    """Record the error in results.json (when ``write``: rank 0 of a context-parallel run) and return the exception
+    that stops the sweep."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     results["errors"].append({"task": task, "length": length, "depth": depth,
                               "error": f"out of memory: {error}".splitlines()[0]})
-    write_json(out_dir / "results.json", results)
+    if write:
+        write_json(out_dir / "results.json", results)
     return SweepStopped(
         f"out of memory at length {length} ({task}, depth {depth:g}); the results of the cells before it "
         f"are in {out_dir / 'results.json'}; rerun without this length, or with --resume on a larger device",
