@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from ..kernels.interface import autocast_inputs
 from ..validation import AttentionShape, check_attention, split_scale
 from .collectives import exchange, gather_rows, register_signature, scatter_rows, signature
 from .layout import LAYOUTS, Group, check_layout, global_order, rank_major_order, resolve_group, segments
@@ -48,17 +49,6 @@ def dims(t, n: int) -> list:
     """The first ``n`` sizes of ``t`` padded with None (all None when ``t`` is not a tensor)."""
     shape = list(t.shape)[:n] if isinstance(t, Tensor) else []
     return shape + [None] * (n - len(shape))
-
-
-def autocast_inputs(q, k, v):
-    """Under ``torch.autocast`` the attention runs in the autocast dtype, as :func:`drope.kernels.attention` does."""
-    if not all(isinstance(t, Tensor) and t.is_floating_point() for t in (q, k, v)):
-        return q, k, v
-    dev = q.device.type
-    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
-        return q, k, v
-    dtype = torch.get_autocast_dtype(dev)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def _check_local(q, k, v, *, world, layout, causal, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, window,

@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import distributed as dd
 from ..distributed.collectives import exchange, register_signature, signature
 from ..distributed.layout import LAYOUTS, Group, check_layout, resolve_group, split_size
-from ..distributed.prefill import autocast_inputs
+from ..kernels.interface import autocast_inputs
 from ..kernels.cpu.prologue import rms_norm
 from .attention import _layer_pattern
 from .masks import OTHERS, PerForward

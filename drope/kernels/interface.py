@@ -20,7 +20,7 @@ from .decode import num_splits_for, prefer_fused
 __all__ = ["attention", "attention_with_cache", "decode_attention", "qk_norm_rope", "run_attention", "run_decode"]
 
 
-def _autocast_inputs(q, k, v):
+def autocast_inputs(q, k, v):
     """Under ``torch.autocast`` the attention runs in the autocast dtype, like a matmul."""
     if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k, v)):
         return q, k, v
@@ -110,7 +110,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         ValueError: any input outside the contract (the message names the argument).
         drope.validation.DeviceError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    q, k, v = _autocast_inputs(q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     cu_seqlens = query_boundaries(cu_seqlens, cu_seqlens_q)
     shape = check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, rope=rope,
                             q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,

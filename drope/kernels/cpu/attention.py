@@ -73,16 +73,15 @@ def plan(SQ: int, SK: int, p0: int, causal: bool, window: Optional[int], chunk: 
 
 def _visible(a: int, e: int, lo: int, hi: int, p0: int, causal: bool, window, chunk, device) -> torch.Tensor:
     """(e - a, hi - lo) bool: whether key lo + j is visible to row a + i (row i at position p0 + i)."""
-    p = torch.arange(p0 + a, p0 + e, device=device)[:, None]
-    j = torch.arange(lo, hi, device=device)[None, :]
+    rows = torch.arange(p0 + a, p0 + e, device=device)[:, None]
+    keys = torch.arange(lo, hi, device=device)[None, :]
     if not causal:
         return torch.ones(e - a, hi - lo, dtype=torch.bool, device=device)
-    vis = j <= p
-    if window is not None:
-        vis = vis & (j > p - window)
+    back = rows - keys  # how far behind the row's position the key is
+    ok = (back >= 0) & ((back < window) if window is not None else True)
     if chunk is not None:
-        vis = vis & (torch.div(j, chunk, rounding_mode="floor") == torch.div(p, chunk, rounding_mode="floor"))
-    return vis
+        ok = ok & (rows.div(chunk, rounding_mode="floor") == keys.div(chunk, rounding_mode="floor"))
+    return ok
 
 
 def _piece_mask(piece, p0, causal, window, chunk, keys, dtype, device):
