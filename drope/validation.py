@@ -157,7 +157,7 @@ def check_scale(softmax_scale, B: int, HQ: int, SQ: int, q: torch.Tensor, *, row
                 bad = t[~((t >= 0) & (t <= MAX_MULTIPLIER))].flatten()[0].item()
                 raise ValueError(f"softmax_scale tensor must hold finite multipliers {bound}; got an entry {bad!r}")
         return
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, Real):
+    if type(softmax_scale) is not float and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, Real)):
         raise ValueError(f"softmax_scale must be None, a float, or a tensor of shape {accepted}; "
                          f"got {type(softmax_scale).__name__}")
     if not 0 <= softmax_scale <= MAX_MULTIPLIER:

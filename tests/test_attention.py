@@ -322,7 +322,7 @@ def test_rejects_bad_input(override, match):
 def test_other_devices_are_refused_by_name():
     """CUDA and CPU tensors have kernels (CPU: the interpreter or the PyTorch kernels); others a DeviceError."""
     args = _base()
-    with pytest.raises(DeviceError, match="runs on CUDA or CPU tensors, got meta"):
+    with pytest.raises(DeviceError, match="runs on CUDA tensors .*got meta"):
         attention(*(args[n].to("meta") for n in ("q", "k", "v")))
 
 

@@ -22,8 +22,9 @@ import triton.language as tl
 
 from ..validation import MAX_MULTIPLIER
 from .qk_transform import packed_tables, qk_hat
-from .toolkit import LN2_C, LOG2E, LOG2E_C, TRITON_VERSION, autotuned, cdiv, compiled, dot_precision, key_bounds, launch, mm, \
-    named_strides, next_pow2, operand, padded_dim, paged_tma_ok, tanh, tma_ok, upcast, with_sink
+from .toolkit import LN2_C, LOG2E, LOG2E_C, TRITON_VERSION, aligned16, autotuned, cached_plan, cdiv, compiled, \
+    dot_precision, ensure_tma_allocator, is_recording, key_bounds, launch, mm, named_strides, next_pow2, operand, \
+    padded_dim, paged_tma_ok, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["Options", "attention_forward"]
 
@@ -400,6 +401,41 @@ def _sk_bucket(SK: int) -> int:
     return min(max(next_pow2(max(SK, 1)), 1024), 32768)
 
 
+_PLANS: dict = {}
+
+
+def _plan(q, q_hat, k, k_hat, v, out, sinks, opt: Options, km, cu, cu_k, return_lse: bool, block_sizes):
+    """(kernel, grid, the launch's non-tensor arguments) of an :func:`attention_forward` call (its plan)."""
+    B, HQ, SQ, D = q.shape
+    bt = opt.block_table
+    HKV, SK = (k.shape[2], bt.shape[0] * bt.shape[1] * k.shape[1]) if bt is not None else (k.shape[1], k.shape[2])
+    n_docs = cu.numel() - 1 if cu is not None else 1
+    cap = opt.softcap
+    kv_dims = "bshd" if bt is not None else "bhsd"  # paged: "b" is the page stride, "s" the row in the page
+    args = dict(
+        **named_strides("q", q_hat, "bhsd"), **named_strides("k", k_hat, kv_dims),
+        **named_strides("v", v, kv_dims), **named_strides("o", out, "bhsd"), **named_strides("r", opt.rows, "bhs"),
+        **named_strides("m", km, "bs"), **named_strides("b", bt, "bp"),
+        HQ=HQ, SQ=SQ, SK=SK, G=HQ // HKV, N_DOCS=n_docs, N_ITER=(n_docs - 1).bit_length(),
+        WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, SK_BUCKET=_sk_bucket(SK),
+        NUM_PAGES=k.shape[0] if bt is not None else 0, MAX_PAGES=bt.shape[1] if bt is not None else 0,
+        PAGED=bt is not None, PAGE=k.shape[1] if bt is not None else 16,
+        PAGE_TMA=bt is not None and paged_tma_ok(k_hat, v),
+        qk_scale=opt.scale / cap if cap is not None else opt.scale * LOG2E,
+        softcap2=cap * LOG2E if cap is not None else 0.0,
+        D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, VARLEN_K=cu_k is not None,
+        HAS_SCALE=opt.rows is not None,
+        HAS_WINDOW=opt.window is not None, HAS_CHUNK=opt.chunk is not None, HAS_SINKS=sinks is not None,
+        HAS_SOFTCAP=cap is not None, HAS_KMASK=km is not None, STORE_LSE=return_lse,
+        USE_TMA=bt is None and tma_ok(k_hat, v),
+        DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
+    )
+    if block_sizes is None and compiled(q):
+        return _attn_fwd_tuned, lambda meta: (B * HQ, cdiv(SQ, meta["BM"])), args
+    BM, BN = block_sizes if block_sizes is not None else _INTERPRETER_BLOCKS
+    return _attn_fwd_kernel, (B * HQ, cdiv(SQ, BM)), dict(args, BM=BM, BN=BN, num_warps=4, num_stages=2)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: Optional[torch.Tensor],
                        k_norm_weight: Optional[torch.Tensor], sinks: Optional[torch.Tensor], opt: Options, *,
                        return_lse: bool = True,
@@ -423,11 +459,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
     """
     B, HQ, SQ, D = q.shape
     bt = opt.block_table
-    if bt is not None:
-        # paged keys: SK bounds the packed key count (the kernel reads the real one from cu_seqlens_k)
-        HKV, SK = k.shape[2], bt.shape[0] * bt.shape[1] * k.shape[1]
-    else:
-        HKV, SK = k.shape[1], k.shape[2]
+    # paged keys: SK bounds the packed key count (the kernel reads the real one from cu_seqlens_k)
+    SK = bt.shape[0] * bt.shape[1] * k.shape[1] if bt is not None else k.shape[2]
     # q's memory layout: a (B, S, H, D) buffer seen as (B, H, S, D) (how HF hands q) gets its output back
     # the same way, so the caller's transpose to (B, S, H, D) costs no copy
     out = torch.empty_like(q)
@@ -444,35 +477,19 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_
             pos = packed_tables(cu, SQ)[2]
     q_hat = qk_hat(q, q_norm_weight, opt.rope, pos, SK - SQ, opt.norm_eps)
     k_hat = qk_hat(k, k_norm_weight, opt.rope, pos, 0, opt.norm_eps)
-    n_docs = cu.numel() - 1 if cu is not None else 1
-    cap = opt.softcap
     km = opt.key_mask
     if km is not None and km.dtype == torch.bool:
         km = km.view(torch.uint8)
-    kv_dims = "bshd" if bt is not None else "bhsd"  # paged: "b" is the page stride, "s" the row in the page
-    args = dict(
-        Q=q_hat, K=k_hat, V=v, O=out, LSE=lse, SCALE=opt.rows, SINKS=sinks, CU=cu, CU_K=cu_k, KMASK=km, BT=bt,
-        **named_strides("q", q_hat, "bhsd"), **named_strides("k", k_hat, kv_dims),
-        **named_strides("v", v, kv_dims), **named_strides("o", out, "bhsd"), **named_strides("r", opt.rows, "bhs"),
-        **named_strides("m", km, "bs"), **named_strides("b", bt, "bp"),
-        HQ=HQ, SQ=SQ, SK=SK, G=HQ // HKV, N_DOCS=n_docs, N_ITER=(n_docs - 1).bit_length(),
-        WINDOW=opt.window or 0, CHUNK=opt.chunk or 0, SK_BUCKET=_sk_bucket(SK),
-        NUM_PAGES=k.shape[0] if bt is not None else 0, MAX_PAGES=bt.shape[1] if bt is not None else 0,
-        PAGED=bt is not None, PAGE=k.shape[1] if bt is not None else 16,
-        PAGE_TMA=bt is not None and paged_tma_ok(k_hat, v),
-        qk_scale=opt.scale / cap if cap is not None else opt.scale * LOG2E,
-        softcap2=cap * LOG2E if cap is not None else 0.0,
-        D=D, BD=padded_dim(D), IS_CAUSAL=opt.causal, PACKED=cu is not None, VARLEN_K=cu_k is not None,
-        HAS_SCALE=opt.rows is not None,
-        HAS_WINDOW=opt.window is not None, HAS_CHUNK=opt.chunk is not None, HAS_SINKS=sinks is not None,
-        HAS_SOFTCAP=cap is not None, HAS_KMASK=km is not None, STORE_LSE=return_lse,
-        USE_TMA=bt is None and tma_ok(k_hat, v),
-        DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
-    )
-    if block_sizes is None and compiled(q):
-        grid = lambda meta: (B * HQ, cdiv(SQ, meta["BM"]))  # noqa: E731
-        launch(_attn_fwd_tuned, grid, **args)
-    else:
-        BM, BN = block_sizes if block_sizes is not None else _INTERPRETER_BLOCKS
-        launch(_attn_fwd_kernel, (B * HQ, cdiv(SQ, BM)), **args, BM=BM, BN=BN, num_warps=4, num_stages=2)
+    # everything the launch's other arguments read; the same at every layer of a forward
+    key = (q_hat.shape, q_hat.stride(), q.dtype, q.device, k.shape, k_hat.stride(), v.stride(), out.stride(),
+           aligned16(k_hat, v), q.dtype == torch.float32 and dot_precision(q.dtype) == "tf32", is_recording(),
+           None if opt.rows is None else opt.rows.stride(), None if km is None else km.stride(),
+           None if bt is None else (bt.shape, bt.stride()), None if cu is None else cu.numel(), cu_k is None,
+           sinks is None, opt.causal, opt.scale, opt.softcap, opt.window, opt.chunk, return_lse, block_sizes)
+    kernel, grid, args = cached_plan(_PLANS, key, lambda: _plan(q, q_hat, k, k_hat, v, out, sinks, opt, km, cu,
+                                                                cu_k, return_lse, block_sizes))
+    if args["USE_TMA"] or args["PAGE_TMA"]:
+        ensure_tma_allocator(q)
+    launch(kernel, grid, Q=q_hat, K=k_hat, V=v, O=out, LSE=lse, SCALE=opt.rows, SINKS=sinks, CU=cu, CU_K=cu_k,
+           KMASK=km, BT=bt, **args)
     return out, lse

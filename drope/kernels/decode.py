@@ -35,8 +35,9 @@ import triton
 import triton.language as tl
 
 from ..validation import MAX_MULTIPLIER
-from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, cdiv, dot_precision, exp2_rel, key_bounds, launch, mm, \
-    named_strides, next_pow2, operand, padded_dim, paged_tma_ok, phases, tanh, tma_ok, upcast, with_sink
+from .toolkit import LN2, LN2_C, LOG2E, LOG2E_C, aligned16, cached_plan, cdiv, dot_precision, ensure_tma_allocator, \
+    exp2_rel, is_recording, key_bounds, launch, mm, named_strides, next_pow2, operand, padded_dim, paged_tma_ok, \
+    phases, tanh, tma_ok, upcast, with_sink
 
 __all__ = ["choose_num_splits", "decode_block_n", "decode_launch", "num_splits_for", "prefer_fused"]
 
@@ -367,6 +368,7 @@ def decode_block_n(D: int) -> int:
     return 64 if padded_dim(D) <= 128 else 32
 
 
+@lru_cache(maxsize=4096)
 def _blocks(G: int, SQ: int, BD: int):
     """(BM, BN, num_warps, num_stages) for the packed G*Sq rows (BD: the padded head dim).
 
@@ -387,6 +389,7 @@ _DECODE_TILE = {16: 255 * 4, 32: 391 * 4, 64: 401 * 4}
 _FUSED_TILES = ((128, 350 * 8), (64, 378 * 4))
 
 
+@lru_cache(maxsize=4096)
 def prefer_fused(G: int, SQ: int) -> bool:
     """Whether Sq new query rows (G query heads per KV head) against a cache cost less in the fused forward than in
     the split-KV kernel, by the compiled kernels' instruction counts per key tile (``_DECODE_TILE``, ``_FUSED_TILES``).
@@ -403,10 +406,12 @@ def prefer_fused(G: int, SQ: int) -> bool:
     return fused < split
 
 
+@lru_cache(maxsize=4096)
 def num_splits_for(shape, device: torch.device, *, max_seqlen: Optional[int] = None, window: Optional[int] = None,
                    chunk: Optional[int] = None) -> int:
     """The split count of a call, from capacities and the device only (never from ``cache_seqlens``' values):
-    one captured CUDA graph then replays for any lengths. ``max_seqlen`` (a host int) may lower the bound."""
+    one captured CUDA graph then replays for any lengths. ``max_seqlen`` (a host int) may lower the bound.
+    Memoised: a decode step asks the same question at every layer."""
     G, SQ, SMAX = shape.G, shape.SQ, shape.SK
     BM, BN, _, _ = _blocks(G, SQ, padded_dim(shape.D))
     live = SMAX if max_seqlen is None else max_seqlen
@@ -418,6 +423,73 @@ def num_splits_for(shape, device: torch.device, *, max_seqlen: Optional[int] = N
     return splits
 
 
+def _plan_key(q, k_cache, v_cache, cache_seqlens, rows, sinks, km, block_table, const, num_splits, window, chunk,
+              softcap) -> tuple:
+    """What the launch's non-tensor arguments depend on: shapes, strides, dtypes, None-ness, alignment (TMA), the
+    flags; a decode step asks the same at every layer."""
+    fp32_tf32 = q.dtype == torch.float32 and dot_precision(q.dtype) == "tf32"
+    return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
+            aligned16(k_cache, v_cache), fp32_tf32, is_recording(),
+            None if cache_seqlens is None else cache_seqlens.stride(), None if rows is None else rows.stride(),
+            sinks is None, None if km is None else (km.shape, km.stride()),
+            None if block_table is None else (block_table.shape, block_table.stride()),
+            const, num_splits, window, chunk, softcap)
+
+
+def _plan(q, k_cache, v_cache, cache_seqlens, rows, sinks, km, block_table, const, num_splits, window, chunk, softcap):
+    """(grid, the split kernel's non-tensor arguments, splits, the merge's non-tensor arguments or None)."""
+    B, HQ, SQ, D = q.shape
+    paged = block_table is not None
+    if paged:
+        HKV, SMAX = k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]
+    else:
+        HKV, SMAX = k_cache.shape[1], k_cache.shape[2]
+    G = HQ // HKV
+    BD = padded_dim(D)
+    BM, BN, num_warps, num_stages = _blocks(G, SQ, BD)
+    splits = min(num_splits, max(1, cdiv(SMAX, BN)), MAX_GRID_Y)
+    if splits == 1:
+        o_strides = (0, *torch.empty((B, HQ, SQ, D), device="meta").stride())
+        l_strides = (0, *torch.empty((B, HQ, SQ), device="meta").stride())
+        lse_scale = LN2
+    else:
+        o_strides = torch.empty((splits, B, HQ, SQ, D), device="meta").stride()
+        l_strides = torch.empty((splits, B, HQ, SQ), device="meta").stride()
+        lse_scale = 1.0
+    km_strides = (0, 0, 0) if km is None else (km.stride(0), km.stride(1), km.stride(2)) if km.dim() == 3 else (
+        km.stride(0), 0, km.stride(1))
+    args = dict(
+        **named_strides("q", q, "bhsd"),
+        # paged (num_pages, page_size, Hkv, D): "b" is the page stride, "s" the row-in-page stride
+        **named_strides("k", k_cache, "bshd" if paged else "bhsd"),
+        **named_strides("v", v_cache, "bshd" if paged else "bhsd"), **named_strides("b", block_table, "bp"),
+        **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"), o_strides)),
+        **dict(zip(("stride_ls", "stride_lb", "stride_lh", "stride_lm"), l_strides)),
+        stride_sl=cache_seqlens.stride(0) if cache_seqlens is not None else 0, **named_strides("r", rows, "bhs"),
+        **dict(zip(("stride_mb", "stride_mq", "stride_ms"), km_strides)),
+        qk_scale=const / softcap if softcap is not None else const * LOG2E,
+        softcap2=softcap * LOG2E if softcap is not None else 0.0, lse_scale=lse_scale,
+        HKV=HKV, SQ=SQ, SMAX=SMAX, NUM_SPLITS=splits, WINDOW=window or 0, CHUNK=chunk or 0,
+        NUM_PAGES=k_cache.shape[0] if paged else 0, PAGED=paged, PAGE=k_cache.shape[1] if paged else 16,
+        G=G, D=D, BD=BD, BM=BM, BN=BN, HAS_SEQLENS=cache_seqlens is not None, HAS_SCALE=rows is not None,
+        HAS_WINDOW=window is not None, HAS_CHUNK=chunk is not None, HAS_SOFTCAP=softcap is not None,
+        ADD_SINKS=sinks is not None and splits == 1, HAS_KMASK=km is not None,
+        KMASK_ROWS=km is not None and km.dim() == 3,
+        USE_TMA=((paged_tma_ok(k_cache, v_cache) and k_cache.shape[1] % BN == 0) if paged
+                 else tma_ok(k_cache, v_cache)),
+        DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    merge = None
+    if splits > 1:
+        rows_total = B * HQ * SQ
+        merge = ((cdiv(rows_total, 16),), dict(stride_os=o_strides[0], stride_ls=l_strides[0], ROWS=rows_total,
+                                               NUM_SPLITS=splits, HQ=HQ, SQ=SQ, D=D, BD=BD, BR=16,
+                                               HAS_SINKS=sinks is not None, num_warps=4))
+    return (B * HKV, splits, cdiv(G * SQ, BM)), args, splits, merge
+
+
+_PLANS: dict = {}  # toolkit.cached_plan's store for decode_launch
+
+
 def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: Optional[torch.Tensor],
                   const: float, rows: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
                   key_mask: Optional[torch.Tensor], num_splits: int, window: Optional[int], chunk: Optional[int],
@@ -427,64 +499,29 @@ def decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ``const`` is the constant logit multiplier and ``rows`` None or a (B, Hq, Sq) fp32 view of per-row /
     per-head multipliers (``validation.split_scale``); ``num_splits`` is capped at one split per key tile
     of the capacity (more would be empty) and at the grid's limit. With ``block_table`` (B, max_pages) the
-    caches are paged, (num_pages, page_size, Hkv, D).
+    caches are paged, (num_pages, page_size, Hkv, D). The non-tensor arguments are built once per kind of call
+    (:func:`_plan_key`) and reused: the host cost of a decode step's every layer after the first is the tensors.
     """
     B, HQ, SQ, D = q.shape
-    paged = block_table is not None
-    if paged:
-        HKV, SMAX = k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]
-    else:
-        HKV, SMAX = k_cache.shape[1], k_cache.shape[2]
-    G = HQ // HKV
     out = torch.empty((B, HQ, SQ, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-
-    BD = padded_dim(D)
-    BM, BN, num_warps, num_stages = _blocks(G, SQ, BD)
-    m_blocks = cdiv(G * SQ, BM)
-    splits = min(num_splits, max(1, cdiv(SMAX, BN)), MAX_GRID_Y)
+    km = key_mask.view(torch.uint8) if key_mask is not None and key_mask.dtype == torch.bool else key_mask
+    key = _plan_key(q, k_cache, v_cache, cache_seqlens, rows, sinks, km, block_table, const, num_splits, window, chunk,
+                    softcap)
+    grid, args, splits, merge = cached_plan(_PLANS, key, lambda: _plan(
+        q, k_cache, v_cache, cache_seqlens, rows, sinks, km, block_table, const, num_splits, window, chunk, softcap))
+    if args["USE_TMA"]:
+        ensure_tma_allocator(q)
     if splits == 1:
-        o_buf, lse_buf, lse_scale = out, lse, LN2
-        o_strides = (0, *out.stride())
-        l_strides = (0, *lse.stride())
+        o_buf, lse_buf = out, lse
     else:
         o_buf = torch.empty((splits, B, HQ, SQ, D), dtype=torch.float32, device=q.device)
         lse_buf = torch.empty((splits, B, HQ, SQ), dtype=torch.float32, device=q.device)
-        lse_scale = 1.0
-        o_strides, l_strides = o_buf.stride(), lse_buf.stride()
-    km = key_mask.view(torch.uint8) if key_mask is not None and key_mask.dtype == torch.bool else key_mask
-    km_strides = (0, 0, 0) if km is None else (km.stride(0), km.stride(1), km.stride(2)) if km.dim() == 3 else (
-        km.stride(0), 0, km.stride(1))
-
-    launch(_decode_split_kernel, (B * HKV, splits, m_blocks),
-           Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens, SCALE=rows, SINKS=sinks, KMASK=km,
-           BT=block_table, **named_strides("q", q, "bhsd"),
-           # paged (num_pages, page_size, Hkv, D): "b" is the page stride, "s" the row-in-page stride
-           **named_strides("k", k_cache, "bshd" if paged else "bhsd"),
-           **named_strides("v", v_cache, "bshd" if paged else "bhsd"), **named_strides("b", block_table, "bp"),
-           **dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"), o_strides)),
-           **dict(zip(("stride_ls", "stride_lb", "stride_lh", "stride_lm"), l_strides)),
-           stride_sl=cache_seqlens.stride(0) if cache_seqlens is not None else 0, **named_strides("r", rows, "bhs"),
-           **dict(zip(("stride_mb", "stride_mq", "stride_ms"), km_strides)),
-           qk_scale=const / softcap if softcap is not None else const * LOG2E,
-           softcap2=softcap * LOG2E if softcap is not None else 0.0, lse_scale=lse_scale,
-           HKV=HKV, SQ=SQ, SMAX=SMAX, NUM_SPLITS=splits, WINDOW=window or 0, CHUNK=chunk or 0,
-           NUM_PAGES=k_cache.shape[0] if paged else 0, PAGED=paged, PAGE=k_cache.shape[1] if paged else 16,
-           G=G, D=D, BD=BD, BM=BM, BN=BN, HAS_SEQLENS=cache_seqlens is not None, HAS_SCALE=rows is not None,
-           HAS_WINDOW=window is not None, HAS_CHUNK=chunk is not None, HAS_SOFTCAP=softcap is not None,
-           ADD_SINKS=sinks is not None and splits == 1, HAS_KMASK=km is not None,
-           KMASK_ROWS=km is not None and km.dim() == 3,
-           USE_TMA=((paged_tma_ok(k_cache, v_cache) and k_cache.shape[1] % BN == 0) if paged
-                    else tma_ok(k_cache, v_cache)),
-           DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype),
-           num_warps=num_warps, num_stages=num_stages)
-    if splits > 1:
-        rows_total = B * HQ * SQ
-        BR = 16
-        launch(_decode_merge_kernel, (cdiv(rows_total, BR),),
-               O_PART=o_buf, LSE_PART=lse_buf, OUT=out, LSE=lse, SINKS=sinks, stride_os=o_buf.stride(0),
-               stride_ls=lse_buf.stride(0), ROWS=rows_total, NUM_SPLITS=splits, HQ=HQ, SQ=SQ, D=D, BD=BD, BR=BR,
-               HAS_SINKS=sinks is not None, num_warps=4)
+    launch(_decode_split_kernel, grid, Q=q, K=k_cache, V=v_cache, O=o_buf, LSE=lse_buf, SEQLENS=cache_seqlens,
+           SCALE=rows, SINKS=sinks, KMASK=km, BT=block_table, **args)
+    if merge is not None:
+        launch(_decode_merge_kernel, merge[0], O_PART=o_buf, LSE_PART=lse_buf, OUT=out, LSE=lse, SINKS=sinks,
+               **merge[1])
     return out, lse

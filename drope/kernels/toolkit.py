@@ -148,6 +148,35 @@ def on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def ensure_tma_allocator(t: torch.Tensor) -> None:
+    """Give Triton an allocator for a launch on ``t`` that uses TMA (a CUDA tensor): Triton's allocator is a context
+    variable, so a launch plan computed in one thread (:func:`cached_plan`) must still set it in another."""
+    if t.device.type == "cuda":
+        _ensure_allocator()
+
+
+PLAN_CAPACITY = 1024
+
+
+def cached_plan(plans: dict, key: tuple, build: Callable[[], tuple]) -> tuple:
+    """The launch plan (a launcher's non-tensor arguments) stored in ``plans`` under ``key``, built by ``build()``
+    the first time: a decode step or a forward asks the same question at every layer, and rebuilding ~60 keyword
+    arguments is most of a launcher's host time. ``key`` must hold everything the plan reads (shapes, strides,
+    dtypes, devices, None-ness, base alignment, flags, :func:`is_recording`); the store is emptied past
+    :data:`PLAN_CAPACITY` entries."""
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= PLAN_CAPACITY:
+            plans.clear()
+        plan = plans[key] = build()
+    return plan
+
+
+def aligned16(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether every tensor's base is 16-byte aligned (what TMA needs beyond strides; part of a plan's key)."""
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
 def _ensure_allocator() -> None:
     """Device-side TMA descriptors live in a small global scratch: give Triton an allocator if none is set."""
     from triton.runtime import _allocation
@@ -254,7 +283,8 @@ def check_device(t: torch.Tensor, op: str) -> None:
     dev = t.device.type
     if dev == "cuda" or (dev == "cpu" and defined_interpreted()) or (dev == "meta" and is_recording()):
         return
-    raise DeviceError(f"drope.kernels.{op} runs on CUDA or CPU tensors, got {t.device}")
+    raise DeviceError(f"drope.kernels.{op}'s Triton kernel runs on CUDA tensors (CPU tensors in Triton's "
+                      f"interpreter, TRITON_INTERPRET=1), got {t.device}")
 
 
 @functools.lru_cache(maxsize=1)
