@@ -154,6 +154,37 @@ def test_decode(feature, paged):
     assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("lengths", ["equal", "capacity"])
+@pytest.mark.parametrize("SQ", [1, 3])
+@pytest.mark.parametrize("feature", ["plain", "window-sinks-rows", "chunk-keymask-rows", "keymask-empty-rows"])
+def test_decode_equal_lengths(feature, SQ, lengths):
+    """Every batch row at one length (a single sequence, a static cache's capacity): the one-problem path, every
+    feature, rows with no visible key (zeros, LSE -inf) included."""
+    B, HQ, HKV, D, smax = 2, 4, 2, 16, 50
+    g = _g(7)
+    q = torch.randn(B, HQ, SQ, D, generator=g)
+    k, v = (torch.randn(B, HKV, smax, D, generator=g) for _ in range(2))
+    L = 37 if lengths == "equal" else smax
+    lens = torch.full((B,), L, dtype=torch.int32) if lengths == "equal" else None
+    mask = torch.rand(B, smax, generator=g) > 0.3
+    if feature == "keymask-empty-rows":
+        mask[1] = False  # batch row 1 sees nothing
+    kw = {"plain": {}, "window-sinks-rows": dict(window=5, sinks=torch.randn(HQ, generator=g),
+                                                 softmax_scale=0.1 + 0.2 * torch.rand(B, SQ, generator=g)),
+          "chunk-keymask-rows": dict(chunk=16, key_mask=mask, softmax_scale=0.1 + 0.2 * torch.rand(B, HQ, SQ,
+                                                                                                generator=g)),
+          "keymask-empty-rows": dict(key_mask=mask)}[feature]
+    with torch.no_grad():
+        out, lse = kernels.decode_attention(q, k, v, cache_seqlens=lens, return_lse=True, **kw)
+    ref, ref_lse = reference.decode_attention(q.double(), k.double(), v.double(), cache_seqlens=lens,
+                                              return_lse=True, **_f64(kw))
+    assert rel_err(out, ref) < 1e-5
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-5
+    if feature == "keymask-empty-rows":
+        assert not fin[1].any() and (out[1] == 0).all()
+
+
 def test_decode_append_and_bad_lengths_or_pages_give_nan_rows():
     B, HQ, HKV, SQ, D, page, pages = 3, 4, 2, 2, 16, 16, 4
     kc, vc, table, _, _ = paged_cache(B, HKV, pages, page, D, "cpu")

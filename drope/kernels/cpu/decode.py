@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import _FLASH, _sinked, _softcapped
+from .attention import _FLASH, _core, _scaled, _sinked, _softcapped
 from .prologue import compute_dtype
 
 __all__ = ["decode"]
@@ -31,11 +31,33 @@ def _logical(cache: torch.Tensor, block_table, n: int):
     return keys, bad.repeat_interleave(page, dim=1)[:, :n]
 
 
+def _uniform_length(cache_seqlens, smax: int, B: int):
+    """The live length every batch row shares (the capacity without ``cache_seqlens``), or None when the rows
+    differ or a length lies outside [0, smax] (the general path then makes those rows NaN)."""
+    if cache_seqlens is None:
+        return smax
+    if B == 0:
+        return None
+    lo, hi = (int(cache_seqlens[0]),) * 2 if B == 1 else (int(x) for x in torch.aminmax(cache_seqlens))
+    return lo if lo == hi and 0 <= lo <= smax else None
+
+
 def decode(q, k_cache, v_cache, cache_seqlens, scale_rows, sinks, key_mask, block_table, scale, window, chunk,
            softcap):
     """(out (B, Hq, Sq, D) in q's dtype, lse fp32 (B, Hq, Sq)) of :func:`drope.kernels.decode_attention`."""
     B, HQ, SQ, D = q.shape
     smax = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[2]
+    L = _uniform_length(cache_seqlens, smax, B)
+    if (L is not None and block_table is None and softcap is None and SQ <= L
+            and (key_mask is None or key_mask.dim() == 2)):
+        # every batch row holds L keys (a single sequence, a static cache's capacity): one bottom-right causal
+        # problem over the first L slots, as the forward runs it (its window / chunk / (B, Smax) key-mask blocks)
+        qs, sc = _scaled(q, scale_rows, scale)
+        out, lse = _core(qs, k_cache[:, :, :L].to(qs.dtype), v_cache[:, :, :L].to(qs.dtype), p0=L - SQ, causal=True,
+                         window=window, chunk=chunk, keys=None if key_mask is None else key_mask[:, :L] != 0,
+                         scale=sc)
+        out = out.to(q.dtype)
+        return _sinked(out, lse, sinks) if sinks is not None else (out, lse)
     lens = torch.full((B,), smax, dtype=torch.int64) if cache_seqlens is None else cache_seqlens.long()
     bad_len = (lens < 0) | (lens > smax)
     lens = torch.where(bad_len, 0, lens)
