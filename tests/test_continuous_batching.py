@@ -69,8 +69,12 @@ def spy_kernels(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("backend", [pytest.param("interpreter", marks=pytest.mark.interpreter), "torch"])
-@pytest.mark.parametrize("kind", list(MODELS))
+# every model on the PyTorch CPU kernels; the fused DroPE case also through the Triton kernels (the interpreter)
+CASES = [(kind, "torch") for kind in MODELS] + [pytest.param("drope-head-norm-length", "interpreter",
+                                                             marks=pytest.mark.interpreter)]
+
+
+@pytest.mark.parametrize("kind,backend", CASES)
 def test_generate_batch_on_drope_kernels_equals_greedy_alone(monkeypatch, kind, backend):
     if backend == "torch":
         monkeypatch.setattr(ops, "cpu_backend", lambda: "torch")
