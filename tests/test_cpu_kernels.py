@@ -156,7 +156,8 @@ def test_decode(feature, paged):
 
 @pytest.mark.parametrize("lengths", ["equal", "capacity"])
 @pytest.mark.parametrize("SQ", [1, 3])
-@pytest.mark.parametrize("feature", ["plain", "window-sinks-rows", "chunk-keymask-rows", "keymask-empty-rows"])
+@pytest.mark.parametrize("feature", ["plain", "window-sinks-rows", "chunk-keymask-rows", "keymask-empty-rows",
+                                     "keymask-live-window"])
 def test_decode_equal_lengths(feature, SQ, lengths):
     """Every batch row at one length (a single sequence, a static cache's capacity): the one-problem path, every
     feature, rows with no visible key (zeros, LSE -inf) included."""
@@ -173,7 +174,9 @@ def test_decode_equal_lengths(feature, SQ, lengths):
                                                  softmax_scale=0.1 + 0.2 * torch.rand(B, SQ, generator=g)),
           "chunk-keymask-rows": dict(chunk=16, key_mask=mask, softmax_scale=0.1 + 0.2 * torch.rand(B, HQ, SQ,
                                                                                                 generator=g)),
-          "keymask-empty-rows": dict(key_mask=mask)}[feature]
+          "keymask-empty-rows": dict(key_mask=mask),
+          # every slot live (a static cache's mask): the mask is dropped, the window still applies
+          "keymask-live-window": dict(key_mask=torch.ones(B, smax, dtype=torch.bool), window=6)}[feature]
     with torch.no_grad():
         out, lse = kernels.decode_attention(q, k, v, cache_seqlens=lens, return_lse=True, **kw)
     ref, ref_lse = reference.decode_attention(q.double(), k.double(), v.double(), cache_seqlens=lens,

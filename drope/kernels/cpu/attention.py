@@ -55,6 +55,9 @@ def plan(SQ: int, SK: int, p0: int, causal: bool, window: Optional[int], chunk: 
     if chunk is not None and last < chunk:
         chunk = None  # one chunk, starting at 0
     if window is None and chunk is None and not masked and p0 >= 0:
+        if SQ == 1:  # one row (a decode step) sees every key up to its position: one unmasked call
+            yield 0, 1, 0, min(p0 + 1, SK), False, False
+            return
         if p0:
             yield 0, SQ, 0, min(p0, SK), False, False  # the keys before the first row: seen by every row
         yield 0, SQ, p0, SK, True, False
@@ -67,7 +70,8 @@ def plan(SQ: int, SK: int, p0: int, causal: bool, window: Optional[int], chunk: 
             e, lo = min(e, start + chunk - p0), start
         if window is not None:
             lo = max(lo, p - window + 1)
-        yield a, e, max(lo, 0), max(min(SK, p0 + e), 0), False, True
+        # a single row sees every key of its band (the band is its window and chunk): a mask only for key masks
+        yield a, e, max(lo, 0), max(min(SK, p0 + e), 0), False, masked or e - a > 1
         a = e
 
 
@@ -89,9 +93,12 @@ def _piece_mask(piece, p0, causal, window, chunk, keys, dtype, device):
     a, e, lo, hi, _, masked = piece
     if not masked:
         return None, None
-    vis = _visible(a, e, lo, hi, p0, causal, window, chunk, device)[None, None]
-    if keys is not None:
-        vis = vis & keys[:, None, None, lo:hi]
+    if e - a == 1 and keys is not None:  # one row sees its whole band (its window and chunk): the key mask alone
+        vis = keys[:, None, None, lo:hi]
+    else:
+        vis = _visible(a, e, lo, hi, p0, causal, window, chunk, device)[None, None]
+        if keys is not None:
+            vis = vis & keys[:, None, None, lo:hi]
     add = torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill_(~vis, float("-inf"))
     return add, vis.any(-1)
 
@@ -110,10 +117,12 @@ def _core(q, k, v, *, p0, causal, window, chunk, keys, scale):
     """(out, lse) of prepared q (B, Hq, Sq, D) against k, v (B, Hkv, Sk, D), logits ``q.k * scale``."""
     B, HQ, SQ, D = q.shape
     pieces = [p for p in plan(SQ, k.shape[2], p0, causal, window, chunk, keys is not None) if p[3] > p[2]]
-    if len(pieces) == 1 and pieces[0][:2] == (0, SQ) and not pieces[0][5]:
-        # one call covers every row (plain causal or full attention): its own output, no copy
-        return _FLASH(q, k[:, :, pieces[0][2]:pieces[0][3]], v[:, :, pieces[0][2]:pieces[0][3]], 0.0, pieces[0][4],
-                      scale=scale)
+    if len(pieces) == 1 and pieces[0][:2] == (0, SQ):
+        # one call covers every row (plain causal, full attention, a decode step): its own output, no copy
+        _, _, lo, hi, flag, _ = pieces[0]
+        mask, has = _piece_mask(pieces[0], p0, causal, window, chunk, keys, q.dtype, q.device)
+        o, l = _FLASH(q, k[:, :, lo:hi], v[:, :, lo:hi], 0.0, flag, attn_mask=mask, scale=scale)
+        return (o, l) if has is None else (o, torch.where(has, l, float("-inf")))
     out = q.new_zeros(B, HQ, SQ, v.shape[-1])
     lse = torch.full((B, HQ, SQ), float("-inf"), dtype=torch.float32)
     done = None

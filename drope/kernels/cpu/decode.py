@@ -52,10 +52,12 @@ def decode(q, k_cache, v_cache, cache_seqlens, scale_rows, sinks, key_mask, bloc
             and (key_mask is None or key_mask.dim() == 2)):
         # every batch row holds L keys (a single sequence, a static cache's capacity): one bottom-right causal
         # problem over the first L slots, as the forward runs it (its window / chunk / (B, Smax) key-mask blocks)
+        keys = None if key_mask is None else key_mask[:, :L] != 0
+        if keys is not None and bool(keys.all()):
+            keys = None  # a static cache's live slots: no mask to build
         qs, sc = _scaled(q, scale_rows, scale)
         out, lse = _core(qs, k_cache[:, :, :L].to(qs.dtype), v_cache[:, :, :L].to(qs.dtype), p0=L - SQ, causal=True,
-                         window=window, chunk=chunk, keys=None if key_mask is None else key_mask[:, :L] != 0,
-                         scale=sc)
+                         window=window, chunk=chunk, keys=keys, scale=sc)
         out = out.to(q.dtype)
         return _sinked(out, lse, sinks) if sinks is not None else (out, lse)
     lens = torch.full((B,), smax, dtype=torch.int64) if cache_seqlens is None else cache_seqlens.long()
