@@ -120,6 +120,37 @@ def test_packed_documents(varlen):
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("feature", ["plain", "window-rows", "chunk-keymask-headscale-sinks", "noncausal-keymask",
+                                     "qnorm-longwindow"])
+def test_one_row_documents(feature):
+    """A continuous-batching step: decode rows (documents of one query row, batched into one call) beside prefill
+    chunks and an empty document, every feature, against the float64 reference."""
+    D, HQ, HKV = 16, 4, 2
+    g = _g(11)
+    # (queries, keys) per document: one-row documents of 1..70 keys (32: a chunk edge) around two multi-row ones and an empty one
+    docs = [(1, 37), (5, 12), (1, 1), (1, 70), (0, 0), (1, 32), (9, 40), (1, 23)]
+    cq = torch.tensor([0] + [sum(d[0] for d in docs[:i + 1]) for i in range(len(docs))], dtype=torch.int32)
+    ck = torch.tensor([0] + [sum(d[1] for d in docs[:i + 1]) for i in range(len(docs))], dtype=torch.int32)
+    T, TK = int(cq[-1]), int(ck[-1])
+    q = torch.randn(1, HQ, T, D, generator=g)
+    k, v = (torch.randn(1, HKV, TK, D, generator=g) for _ in range(2))
+    kw = {"plain": {},
+          "window-rows": dict(window=10, softmax_scale=0.1 + 0.2 * torch.rand(1, T, generator=g)),
+          "chunk-keymask-headscale-sinks": dict(chunk=16, key_mask=torch.rand(1, TK, generator=g) > 0.3,
+                                                softmax_scale=0.1 + 0.2 * torch.rand(HQ, generator=g),
+                                                sinks=torch.randn(HQ, generator=g)),
+          "noncausal-keymask": dict(causal=False, key_mask=torch.rand(1, TK, generator=g) > 0.5),
+          "qnorm-longwindow": dict(window=60, q_norm_weight=0.5 + torch.rand(D, generator=g))}[feature]
+    with torch.no_grad():
+        out, lse = kernels.attention(q, k, v, cu_seqlens=cq, cu_seqlens_k=ck, return_lse=True, **kw)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), cu_seqlens=cq, cu_seqlens_k=ck,
+                                       return_lse=True, **_f64(kw))
+    assert rel_err(out, ref) < 1e-5
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin) and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-5
+    assert (out.double()[~fin[..., None].expand_as(out)] == 0).all()
+
+
 def test_paged_varlen_forward_and_a_bad_table_raises():
     q, k, v, kc, vc, table, cq, ck = paged_documents([(3, 40), (0, 0), (21, 21), (9, 70)], 16, 4, 2, 16, "cpu")
     with torch.no_grad():
