@@ -297,7 +297,7 @@ def check_attention(q, k, v, *, causal, softmax_scale, rope, q_norm_weight, k_no
         shape = check_qkv(q, k, v, kernel=kernel)
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
-    if causal and shape.SQ > shape.SK:
+    if causal and shape.SQ > shape.SK and cu_seqlens_k is None:  # packed apart: checked per document
         raise ValueError(
             f"causal attention needs Sq <= Sk (queries are the last Sq of the Sk positions), got Sq={shape.SQ} > Sk={shape.SK}"
         )

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from drope import flash_attn as fa
+from drope.kernels import ops
 from helpers import cu_seqlens, flash_oracle as oracle, rel_err
 
 pytestmark = pytest.mark.interpreter
@@ -246,16 +247,30 @@ def test_causal_with_more_queries_than_keys_gives_zero_rows():
     out, lse, ref_lse = func_against_oracle(*inputs(2, 13, 5, 4, 2, 16, seed=12), causal=True, window_size=(3, 0))
     assert torch.equal(out[:, :8], torch.zeros_like(out[:, :8])) and torch.isneginf(lse[:, :, :8]).all()
     assert (lse[:, :, 8:].double() - ref_lse[:, :, 8:]).abs().max() < 1e-5
-    # varlen: a sequence with more queries than keys, forward and backward
-    qv, kv_, vv, cq, ck = _varlen([6, 3], [4, 9], seed=13)
+
+
+# varlen with sequences of more queries than keys: in some sequences only, in the totals too (flash-attn's own
+# tests draw such lengths), a sequence with no key at all; forward and backward
+@pytest.mark.parametrize("lq,lk,window", [([6, 3], [4, 9], (-1, -1)), ([7, 3, 2, 5], [2, 0, 3, 1], (-1, -1)),
+                                          ([7, 3, 2, 5], [2, 0, 3, 1], (1, 0)), ([9], [4], (2, 0))],
+                         ids=["some-sequences", "totals", "totals-window", "one-sequence-window"])
+@pytest.mark.parametrize("backend", ["interpreter", "torch"])
+def test_varlen_causal_with_more_queries_than_keys_gives_zero_rows(lq, lk, window, backend, monkeypatch):
+    if backend == "torch":  # the CPU kernels a user without TRITON_INTERPRET runs
+        monkeypatch.setattr(ops, "cpu_backend", lambda: "torch")
+    qv, kv_, vv, cq, ck = _varlen(lq, lk, seed=13)
     ins = [t.clone().requires_grad_() for t in (qv, kv_, vv)]
-    out = fa.flash_attn_varlen_func(*ins, cq, ck, 6, 9, causal=True)
+    out, lse, _ = fa.flash_attn_varlen_func(*ins, cq, ck, max(lq), max(lk), causal=True, window_size=window,
+                                            return_attn_probs=True)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad((out * dout).sum(), ins)
-    for d in range(2):
+    for d in range(len(lq)):
         a, b, ka, kb = int(cq[d]), int(cq[d + 1]), int(ck[d]), int(ck[d + 1])
+        empty = max(lq[d] - lk[d], 0)
+        assert torch.equal(out[a:a + empty], torch.zeros_like(out[a:a + empty]))
+        assert torch.isneginf(lse[:, a:a + empty]).all() and torch.isfinite(lse[:, a + empty:b]).all()
         lv = [t.double().requires_grad_() for t in (qv[None, a:b], kv_[None, ka:kb], vv[None, ka:kb])]
-        ref, _ = oracle(*lv, causal=True)
+        ref, _ = oracle(*lv, causal=True, window_size=window)
         assert rel_err(out[a:b], ref[0]) < 1e-5
         gq, gk, gv = torch.autograd.grad((ref[0] * dout[a:b].double()).sum(), lv)
         assert rel_err(grads[0][a:b], gq[0]) < 1e-4 and rel_err(grads[1][ka:kb], gk[0]) < 1e-4

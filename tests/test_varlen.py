@@ -186,6 +186,16 @@ def test_bad_boundaries_are_refused(bad, match, device):
             fn(*args, **kw)
 
 
+def test_more_queries_than_keys_in_total_names_the_document(device):
+    """Fewer keys than queries in all (5 > 3): the per-document check names the document (not the totals)."""
+    q, k, v, kw = make([(3, 30), (2, 10)], {}, device)
+    k, v = k[:, :, :3], v[:, :, :3]
+    kw = {**kw, "cu_seqlens_k": torch.tensor([0, 2, 3], dtype=torch.int32, device=device)}
+    for fn, args in ((kernels.attention, (q.float(), k.float(), v.float())), (reference.attention, (q, k, v))):
+        with pytest.raises(ValueError, match="document 0 has 3 queries but only 2 keys"):
+            fn(*args, **kw)
+
+
 def test_non_causal_documents_and_empty_keys(device):
     """Non-causal documents see all their keys; a document without keys (nor queries) is skipped cleanly."""
     docs = [(2, 5), (0, 0), (4, 9), (0, 3)]
