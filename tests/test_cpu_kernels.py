@@ -14,6 +14,7 @@ import torch
 
 from drope import flash_attn, kernels, reference
 from drope.kernels import ops
+from drope.kernels.cpu import attention as cpu_attention
 from helpers import assert_rows_close, lowp_attention, rel_err
 from test_paged import paged_cache, paged_documents
 
@@ -61,9 +62,13 @@ def _f64(kw):
                 tuple(t.double() for t in v) if isinstance(v, tuple) else v) for n, v in kw.items()}
 
 
+@pytest.mark.parametrize("heads", ["all-heads", "one-group", "one-head"])
 @pytest.mark.parametrize("feature,B,HQ,HKV,SQ,SK", CASES, ids=[c[0] for c in CASES])
-def test_attention_forward_lse_and_gradients(feature, B, HQ, HKV, SQ, SK):
+def test_attention_forward_lse_and_gradients(feature, B, HQ, HKV, SQ, SK, heads, monkeypatch):
     D = 16
+    # the backward's chunks of query heads: all at once, one GQA group (its KV head), one query head
+    n = {"all-heads": HQ, "one-group": HQ // HKV, "one-head": 1}[heads]
+    monkeypatch.setattr(cpu_attention, "_BWD_CHUNK_ELEMS", n * B * SQ * 2 * D)
     g = _g(hash(feature) % 1000)
     q, k, v = (torch.randn(B, h, s, D, generator=g) for h, s in ((HQ, SQ), (HKV, SK), (HKV, SK)))
     kw = features(feature, B, HQ, HKV, SQ, SK, D)
@@ -97,6 +102,27 @@ def test_attention_low_precision_per_row_rule(feature, dtype):
     low = lowp_attention(q, k, v, **kw)
     assert out.dtype == dtype
     assert_rows_close(out, ref, low, floor=2e-3 if dtype == torch.bfloat16 else 5e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("SQ,SK", [(128, 128), (96, 160)], ids=["square", "bottom-right"])
+def test_low_precision_gradients_within_flash_attention_bound(SQ, SK, dtype):
+    """flash-attention's rule for gradients (its test suite's): max |grad - grad64| <= 2 max |grad_low - grad64| +
+    1e-5 per tensor, grad_low the same computation in the 16-bit dtype. Keys seen by ~100 rows make |dv| ~ 10, where
+    one bf16 ulp is 0.0625: a backward that rounds partial sums to bf16 (aten's own 16-bit CPU backward) fails it."""
+    B, HQ, HKV, D = 4, 6, 2, 64
+    g = _g(11)
+    q, k, v = (torch.randn(B, h, s, D, generator=g).to(dtype) for h, s in ((HQ, SQ), (HKV, SK), (HKV, SK)))
+    dout = torch.randn(B, HQ, SQ, D, generator=g).to(dtype)
+    grads = {}
+    for name, fn, dt in (("kernel", kernels.attention, dtype), ("low", lowp_attention, dtype),
+                         ("f64", reference.attention, torch.float64)):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        grads[name] = torch.autograd.grad(fn(*leaves, causal=True), leaves, dout.to(dt))
+    for name, a, low, ref in zip("qkv", grads["kernel"], grads["low"], grads["f64"]):
+        assert a.dtype == dtype
+        err, base = (a.double() - ref).abs().max().item(), (low.double() - ref).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"d{name}: {err:.3e} > 2 * {base:.3e}"
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["packed", "varlen"])

@@ -35,6 +35,8 @@ _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 BLOCK = 512
 # logits per explicit soft-cap block (fp32): 64 MB
 _SOFTCAP_ELEMS = 1 << 24
+# fp32 elements of one chunk of query heads' q (and out, dout) in the backward: 8 MB
+_BWD_CHUNK_ELEMS = 1 << 21
 
 
 def plan(SQ: int, SK: int, p0: int, causal: bool, window: Optional[int], chunk: Optional[int],
@@ -324,58 +326,81 @@ def attention_forward(q, k, v, q_norm_weight, k_norm_weight, sinks, scale_rows, 
     return out, (lse if return_lse else lse.new_empty((0,)))
 
 
+def _head_chunks(HQ: int, G: int, n: int) -> Iterator[Tuple[int, int, int, int]]:
+    """(first, end) query heads and (first, end) KV heads of chunks of about ``n`` query heads: whole GQA groups,
+    or parts of one group (its one KV head)."""
+    if n >= G:
+        step = n // G * G
+        for h0 in range(0, HQ, step):
+            h1 = min(HQ, h0 + step)
+            yield h0, h1, h0 // G, h1 // G
+        return
+    for hk in range(HQ // G):
+        for j in range(0, G, n):
+            yield hk * G + j, hk * G + min(G, j + n), hk, hk + 1
+
+
 def attention_backward(dout, dlse, q, k, v, out, lse, q_norm_weight, k_norm_weight, sinks, scale_rows, rope_cos,
                        rope_sin, cu_seqlens_q, cu_seqlens_k, key_mask, causal, scale, norm_eps, window, chunk, softcap,
                        needs):
     """``drope::attention_bwd`` on CPU tensors: (dq, dk, dv, d q_norm_weight, d k_norm_weight, d sinks), each None
-    when not asked for (``needs``, in that order). No autograd inside (an operator's kernel runs below it)."""
+    when not asked for (``needs``, in that order). No autograd inside (an operator's kernel runs below it).
+
+    The flash backward runs in fp32 (16-bit operands upcast exactly: aten's 16-bit CPU backward rounds the dk / dv
+    partials to the input dtype, 1 ulp where flash-attn's bound is half that, and is several times slower than its
+    fp32 one on CPUs without native bf16), a chunk of query heads at a time so that the fp32 copies stay small."""
     SQ, SK = q.shape[2], k.shape[2]
     qh, kh = _prepared(q, k, q_norm_weight, k_norm_weight, rope_cos, rope_sin, cu_seqlens_q, cu_seqlens_k, norm_eps,
                        SK)
     qs, sc = _scaled(qh, None if softcap is not None else scale_rows, scale)
-    ks, vs = kh.to(qs.dtype), v.to(qs.dtype)
-    do, o_all = dout.to(qs.dtype), out.to(qs.dtype)
+    f32 = compute_dtype(qs.dtype)
     dsinks = None
     if needs[5] and sinks is not None:
         delta = (dout.float() * out.float()).sum(-1) - (0 if dlse is None else dlse.float())
         p_sink = torch.exp(sinks.float()[None, :, None] - lse).nan_to_num(0.0)
         dsinks = (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)
-    if dlse is not None and softcap is None:
-        # one zero column in q, k, v whose output column is -d lse: delta_i = dO_i . O_i - d lse_i
-        zq, zk = qs.new_zeros(*qs.shape[:3], 1), ks.new_zeros(*ks.shape[:3], 1)
-        qs, ks, vs = torch.cat((qs, zq), -1), torch.cat((ks, zk), -1), torch.cat((vs, zk), -1)
-        o_all = torch.cat((o_all, -dlse.to(qs.dtype)[..., None]), -1)
-        do = torch.cat((do, do.new_ones(*do.shape[:3], 1)), -1)
+    B, HQ, _, D = qs.shape
+    HKV, DV = kh.shape[1], v.shape[-1]
+    dq, dk, dv = (torch.zeros(t.shape, dtype=f32) for t in (qs, kh, v))
     # rows whose LSE is not finite have all-zero probabilities: +inf keeps them zero in the flash backward
     lse_safe = torch.where(torch.isfinite(lse), lse, float("inf"))
-    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qs, ks, vs))
     keys = None if key_mask is None else key_mask != 0
-    for _, a, b, ka, kb in _documents(SQ, SK, cu_seqlens_q, cu_seqlens_k):
-        p0 = (kb - ka) - (b - a)
-        kkeys = None if keys is None else keys[:, ka:kb]
-        if softcap is not None:
-            rows = None if scale_rows is None else (scale_rows * scale)[:, :, a:b, None]
-            g = _softcapped(qs[:, :, a:b], ks[:, :, ka:kb], vs[:, :, ka:kb], p0=p0, causal=causal, window=window,
-                            chunk=chunk, keys=kkeys, scale=scale if rows is None else rows, softcap=softcap,
-                            grad=(do[:, :, a:b], o_all[:, :, a:b], lse[:, :, a:b],
-                                  None if dlse is None else dlse[:, :, a:b]))
-            dq[:, :, a:b] += g[0]
-            dk[:, :, ka:kb] += g[1]
-            dv[:, :, ka:kb] += g[2]
-            continue
-        for piece in plan(b - a, kb - ka, p0, causal, window, chunk, kkeys is not None):
-            pa, pe, lo, hi, flag, _ = piece
-            if hi <= lo:
+    docs = _documents(SQ, SK, cu_seqlens_q, cu_seqlens_k)
+    for h0, h1, k0, k1 in _head_chunks(HQ, HQ // HKV, max(1, _BWD_CHUNK_ELEMS // max(1, B * SQ * (D + DV)))):
+        qc, kc, vc = qs[:, h0:h1].to(f32), kh[:, k0:k1].to(f32), v[:, k0:k1].to(f32)
+        do, o_all = dout[:, h0:h1].to(f32), out[:, h0:h1].to(f32)
+        dl = None if dlse is None else dlse[:, h0:h1]
+        if dl is not None and softcap is None:
+            # one zero column in q, k, v whose output column is -d lse: delta_i = dO_i . O_i - d lse_i
+            zq, zk = qc.new_zeros(*qc.shape[:3], 1), kc.new_zeros(*kc.shape[:3], 1)
+            qc, kc, vc = torch.cat((qc, zq), -1), torch.cat((kc, zk), -1), torch.cat((vc, zk), -1)
+            o_all = torch.cat((o_all, -dl.to(f32)[..., None]), -1)
+            do = torch.cat((do, do.new_ones(*do.shape[:3], 1)), -1)
+        gq_all, gk_all, gv_all = dq[:, h0:h1], dk[:, k0:k1], dv[:, k0:k1]  # views: += writes the outputs
+        for _, a, b, ka, kb in docs:
+            p0 = (kb - ka) - (b - a)
+            kkeys = None if keys is None else keys[:, ka:kb]
+            if softcap is not None:
+                rows = None if scale_rows is None else (scale_rows * scale)[:, h0:h1, a:b, None]
+                g = _softcapped(qc[:, :, a:b], kc[:, :, ka:kb], vc[:, :, ka:kb], p0=p0, causal=causal, window=window,
+                                chunk=chunk, keys=kkeys, scale=scale if rows is None else rows, softcap=softcap,
+                                grad=(do[:, :, a:b], o_all[:, :, a:b], lse[:, h0:h1, a:b],
+                                      None if dl is None else dl[:, :, a:b]))
+                gq_all[:, :, a:b] += g[0]
+                gk_all[:, :, ka:kb] += g[1]
+                gv_all[:, :, ka:kb] += g[2]
                 continue
-            mask, _ = _piece_mask(piece, p0, causal, window, chunk, kkeys, qs.dtype, q.device)
-            r, kk = slice(a + pa, a + pe), slice(ka + lo, ka + hi)
-            gq, gk, gv = _FLASH_BWD(do[:, :, r], qs[:, :, r], ks[:, :, kk], vs[:, :, kk], o_all[:, :, r],
-                                    lse_safe[:, :, r], 0.0, flag, attn_mask=mask, scale=sc)
-            dq[:, :, r] += gq
-            dk[:, :, kk] += gk
-            dv[:, :, kk] += gv
-    D = q.shape[-1]
-    dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :D]
+            for piece in plan(b - a, kb - ka, p0, causal, window, chunk, kkeys is not None):
+                pa, pe, lo, hi, flag, _ = piece
+                if hi <= lo:
+                    continue
+                mask, _ = _piece_mask(piece, p0, causal, window, chunk, kkeys, f32, q.device)
+                r, kk = slice(a + pa, a + pe), slice(ka + lo, ka + hi)
+                gq, gk, gv = _FLASH_BWD(do[:, :, r], qc[:, :, r], kc[:, :, kk], vc[:, :, kk], o_all[:, :, r],
+                                        lse_safe[:, h0:h1, r], 0.0, flag, attn_mask=mask, scale=sc)
+                gq_all[:, :, r] += gq[..., :D]
+                gk_all[:, :, kk] += gk[..., :D]
+                gv_all[:, :, kk] += gv[..., :DV]
     if scale_rows is not None and softcap is None:
         dq = dq * (scale_rows * scale)[..., None]
     pos = _rope_positions(q, rope_cos, cu_seqlens_q)
