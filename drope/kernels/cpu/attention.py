@@ -35,8 +35,8 @@ _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 BLOCK = 512
 # logits per explicit soft-cap block (fp32): 64 MB
 _SOFTCAP_ELEMS = 1 << 24
-# fp32 elements of one chunk of query heads' q (and out, dout) in the backward: 8 MB
-_BWD_CHUNK_ELEMS = 1 << 21
+# fp32 elements of one chunk of query heads' q and out together in the backward (4 MB; dout and dq alike)
+_BWD_CHUNK_ELEMS = 1 << 20
 
 
 def plan(SQ: int, SK: int, p0: int, causal: bool, window: Optional[int], chunk: Optional[int],
@@ -361,7 +361,10 @@ def attention_backward(dout, dlse, q, k, v, out, lse, q_norm_weight, k_norm_weig
         dsinks = (-(p_sink * delta).sum(dim=(0, 2))).to(sinks.dtype)
     B, HQ, _, D = qs.shape
     HKV, DV = kh.shape[1], v.shape[-1]
-    dq, dk, dv = (torch.zeros(t.shape, dtype=f32) for t in (qs, kh, v))
+    # nothing after dq (no row scale to apply, no norm or RoPE to undo): it goes to q's dtype a chunk at a time
+    direct = (scale_rows is None or softcap is not None) and q_norm_weight is None and rope_cos is None
+    dq = torch.empty(q.shape, dtype=q.dtype) if direct else torch.zeros(qs.shape, dtype=f32)
+    dk, dv = (torch.zeros(t.shape, dtype=f32) for t in (kh, v))
     # rows whose LSE is not finite have all-zero probabilities: +inf keeps them zero in the flash backward
     lse_safe = torch.where(torch.isfinite(lse), lse, float("inf"))
     keys = None if key_mask is None else key_mask != 0
@@ -376,7 +379,9 @@ def attention_backward(dout, dlse, q, k, v, out, lse, q_norm_weight, k_norm_weig
             qc, kc, vc = torch.cat((qc, zq), -1), torch.cat((kc, zk), -1), torch.cat((vc, zk), -1)
             o_all = torch.cat((o_all, -dl.to(f32)[..., None]), -1)
             do = torch.cat((do, do.new_ones(*do.shape[:3], 1)), -1)
-        gq_all, gk_all, gv_all = dq[:, h0:h1], dk[:, k0:k1], dv[:, k0:k1]  # views: += writes the outputs
+        # views: += writes the outputs
+        gq_all = torch.zeros((B, h1 - h0, SQ, D), dtype=f32) if direct else dq[:, h0:h1]
+        gk_all, gv_all = dk[:, k0:k1], dv[:, k0:k1]
         for _, a, b, ka, kb in docs:
             p0 = (kb - ka) - (b - a)
             kkeys = None if keys is None else keys[:, ka:kb]
@@ -401,11 +406,16 @@ def attention_backward(dout, dlse, q, k, v, out, lse, q_norm_weight, k_norm_weig
                 gq_all[:, :, r] += gq[..., :D]
                 gk_all[:, :, kk] += gk[..., :D]
                 gv_all[:, :, kk] += gv[..., :DV]
-    if scale_rows is not None and softcap is None:
-        dq = dq * (scale_rows * scale)[..., None]
+        if direct:
+            dq[:, h0:h1] = gq_all
     pos = _rope_positions(q, rope_cos, cu_seqlens_q)
-    dq, dwq = qk_hat_backward(dq, q, q_norm_weight, rope_cos, rope_sin, pos, SK - SQ, norm_eps, needs[0],
-                              needs[3] and q_norm_weight is not None)
+    if direct:
+        dq, dwq = (dq if needs[0] else None), None
+    else:
+        if scale_rows is not None and softcap is None:
+            dq = dq * (scale_rows * scale)[..., None]
+        dq, dwq = qk_hat_backward(dq, q, q_norm_weight, rope_cos, rope_sin, pos, SK - SQ, norm_eps, needs[0],
+                                  needs[3] and q_norm_weight is not None)
     dk, dwk = qk_hat_backward(dk, k, k_norm_weight, rope_cos, rope_sin, pos, 0, norm_eps, needs[1],
                               needs[4] and k_norm_weight is not None)
     return dq, dk, (dv.to(v.dtype) if needs[2] else None), dwq, dwk, dsinks
